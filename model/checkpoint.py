@@ -1,0 +1,135 @@
+"""Checkpoint files: the architecture description, the weights and metadata in one file.
+
+A checkpoint alone rebuilds its model. Layout (a ``torch.save`` dictionary of plain
+types and tensors, loadable with ``weights_only=True``)::
+
+    {"format": "omnet-checkpoint", "format_version": 1,
+     "config": ArchConfig.to_dict(), "state_dict": {...},
+     "metadata": {...}}   # free-form: training summary, validation figures, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.network import ArchConfig, build_model
+
+FORMAT = "omnet-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: unreadable, not ours, or an incompatible version."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model and what the file said about it."""
+
+    model: nn.Module
+    config: ArchConfig
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else "unsaved"
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: ArchConfig,
+    metadata: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Writes ``model`` with its ``config`` and ``metadata`` to ``path`` (atomically).
+
+    Args:
+        half: store floating-point weights as float16 (they are restored to float32
+            on load); halves the file for bundling.
+    """
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state_dict": state,
+        "metadata": dict(metadata or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuilds the model stored in ``path`` (in eval mode, on ``device``).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not an omnet checkpoint, or
+            written by an incompatible format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}); is it an omnet .pt file?"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an omnet checkpoint (no '{FORMAT}' marker)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version!r}; this omnet reads version "
+            f"{FORMAT_VERSION}. Use the omnet release that wrote it, or retrain."
+        )
+    try:
+        config = ArchConfig.from_dict(payload["config"])
+        model = build_model(config)
+        state = {
+            k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
+        }
+        model.load_state_dict(state)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged or inconsistent: {exc}") from exc
+    model.to(device).eval()
+    return Checkpoint(
+        model=model,
+        config=config,
+        metadata=dict(payload.get("metadata") or {}),
+        path=path,
+        sha256=file_sha256(path),
+    )

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.network import ArchConfig, build_model
+
+
+@pytest.mark.parametrize("variant", ["omnet_cga", "omnet_se", "mc_cascade"])
+def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, variant):
+    torch.manual_seed(0)
+    config = ArchConfig(variant=variant, width=4)
+    model = build_model(config)
+    model.train()
+    model.forward_train([torch.randn(2, 4, 16, 32, 32), None, None])  # move BN statistics
+    model.eval()
+    x = torch.randn(2, 4, 16, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = save_checkpoint(tmp_path / "m.pt", model, config, {"epochs": 3})
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == config
+    assert ckpt.metadata == {"epochs": 3}
+    assert len(ckpt.sha256) == 64
+    with torch.no_grad():
+        got = ckpt.model(x)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path):
+    config = ArchConfig(width=4)
+    model = build_model(config).eval()
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "h.pt", model, config, half=True))
+    assert all(p.dtype == torch.float32 for p in ckpt.model.parameters())
+    x = torch.randn(1, 4, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.model(x).coarse, model(x).coarse, rtol=1e-2, atol=1e-2)
+
+
+def test_incompatible_format_version_fails_clearly(tmp_path):
+    config = ArchConfig(width=4)
+    path = save_checkpoint(tmp_path / "m.pt", build_model(config), config)
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(CheckpointError, match="not an omnet checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
