@@ -1,0 +1,100 @@
+"""Fusing the three task outputs into one BraTS label map, as the cascade does.
+
+Paper section III-A: task 1 finds the coarse whole tumour; that mask is dilated by 5
+voxels; inside it task 2 labels the voxels (whole tumour, edema, core); inside task 2's
+core task 3 decides enhancing tumour vs NCR/NET. Choices the paper leaves open:
+
+- coarse whole tumour: the merged tumour-class probability of task 1 (NCR/NET + ED +
+  ET) exceeds 0.5, i.e. exceeds the merged non-tumour probability;
+- dilation: a Euclidean ball of radius 5 voxels (every voxel within 5 voxel edges of the
+  coarse mask, measured on the voxel grid);
+- task 2: the voxel's arg-max class among its five; a tumour class is kept only inside
+  the dilated mask (ties break towards the lower class index);
+- task 3: inside task 2's core (arg-max NCR/NET or ET), ET where P(ET) > 0.5, else
+  NCR/NET; task 3 never touches edema or voxels outside the core;
+- no tumour outside the brain mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, TaskClass
+from model.tiling import TaskProbabilities
+
+DILATION_VOXELS = 5
+
+#: Channels of :func:`fused_probabilities`, by the BraTS label each stands for.
+FUSED_CHANNEL_LABELS = (0, NCR_NET, EDEMA, ENHANCING)
+
+
+def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Voxels within ``radius`` voxel edges (Euclidean) of ``mask``; a new array."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    r = int(np.ceil(radius))
+    hits = np.nonzero(mask)
+    box = tuple(
+        slice(max(int(h.min()) - r, 0), min(int(h.max()) + r + 1, n))
+        for h, n in zip(hits, mask.shape, strict=True)
+    )
+    out = np.zeros_like(mask)
+    out[box] = ndimage.distance_transform_edt(~mask[box]) <= radius
+    return out
+
+
+def coarse_tumour(probs: TaskProbabilities) -> np.ndarray:
+    """Task 1's whole tumour: merged tumour probability > 0.5."""
+    return probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0) > 0.5
+
+
+def fuse(
+    probs: TaskProbabilities,
+    brain: np.ndarray | None = None,
+    dilation: float = DILATION_VOXELS,
+) -> np.ndarray:
+    """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
+
+    Args:
+        probs: task probabilities on one grid (X, Y, Z).
+        brain: optional brain mask; no tumour is labelled outside it.
+        dilation: radius in voxels of the dilation of task 1's coarse tumour.
+    """
+    region = dilate(coarse_tumour(probs), dilation)
+    if brain is not None:
+        region &= np.asarray(brain, dtype=bool)
+    task2 = np.argmax(probs.tumour, axis=0)
+    labels = np.zeros(task2.shape, dtype=np.uint8)
+    labels[region & (task2 == TaskClass.EDEMA)] = EDEMA
+    core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
+    enhancing = probs.enhancing[1] > 0.5
+    labels[core & enhancing] = ENHANCING
+    labels[core & ~enhancing] = NCR_NET
+    return labels
+
+
+def fused_probabilities(
+    probs: TaskProbabilities,
+    brain: np.ndarray | None = None,
+    dilation: float = DILATION_VOXELS,
+) -> np.ndarray:
+    """Per-voxel probabilities of background, NCR/NET, edema and ET (float32, 4 x grid).
+
+    Inside the dilated coarse tumour: background = P2(background) + P2(normal),
+    edema = P2(edema), and task 2's core probability P2(NCR/NET) + P2(ET) split by
+    task 3 into ET (times P3(ET)) and NCR/NET (times 1 - P3(ET)). Outside it (and
+    outside the brain) background is 1. The four channels sum to 1.
+    """
+    region = dilate(coarse_tumour(probs), dilation)
+    if brain is not None:
+        region &= np.asarray(brain, dtype=bool)
+    p2, p_et = probs.tumour, probs.enhancing[1]
+    core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+    out = np.zeros((4, *p2.shape[1:]), dtype=np.float32)
+    out[0] = np.where(region, p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL], 1.0)
+    out[1] = np.where(region, core * (1.0 - p_et), 0.0)
+    out[2] = np.where(region, p2[TaskClass.EDEMA], 0.0)
+    out[3] = np.where(region, core * p_et, 0.0)
+    return out

@@ -1,0 +1,166 @@
+"""Whole-case segmentation: a loaded case in, a BraTS label map on its own grid out.
+
+Stages (each timed): reorient to the closest canonical (RAS) orientation, so that the
+network always sees axial slices along its depth axis whatever the file's orientation;
+pre-process (brain mask, z-score inside it, crop to the brain); overlap-tile inference
+of the three tasks; fusion; post-processing; paste back onto the grid and undo the
+reorientation. Geometry never changes: the result has the input's shape, and writing
+it with :func:`model.nifti_io.save_labels` keeps the input's affine and header.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
+from model.nifti_io import Case
+from model.postprocess import postprocess
+from model.preprocess import paste, preprocess
+from model.tiling import PAPER_TILING, Predictor, ProgressCallback, TaskProbabilities, TileLayout
+
+logger = logging.getLogger(__name__)
+
+_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class SegmentationOptions:
+    """What to compute beyond the label map.
+
+    Attributes:
+        remove_small: post-processing step 1 (small-component removal).
+        relabel_edema: post-processing step 2 (K-means edema relabelling).
+        probabilities: also return the fused per-class probabilities.
+        dilation: radius (voxels) of the dilation of task 1's coarse tumour.
+    """
+
+    remove_small: bool = True
+    relabel_edema: bool = True
+    probabilities: bool = False
+    dilation: float = DILATION_VOXELS
+
+
+@dataclass
+class Segmentation:
+    """The result of segmenting one case, on the case's own grid.
+
+    Attributes:
+        labels: uint8 (X, Y, Z), BraTS 2018 convention (0, 1, 2, 4).
+        probabilities: float32 (4, X, Y, Z) for background, NCR/NET, edema and ET, or None.
+        timings: seconds per stage.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(..., X, Y, Z) in the file's orientation -> closest RAS orientation."""
+    ornt = nib.orientations.io_orientation(affine)
+    return _apply(volume, ornt)
+
+
+def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_canonical`."""
+    back = nib.orientations.ornt_transform(_RAS, nib.orientations.io_orientation(affine))
+    return _apply(volume, back)
+
+
+def _apply(volume: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    lead = volume.ndim - 3
+    if lead == 0:
+        return np.ascontiguousarray(nib.orientations.apply_orientation(volume, ornt))
+    moved = np.moveaxis(volume, tuple(range(lead)), tuple(range(-lead, 0)))  # channels last
+    out = nib.orientations.apply_orientation(moved, ornt)
+    return np.ascontiguousarray(np.moveaxis(out, tuple(range(-lead, 0)), tuple(range(lead))))
+
+
+def segment_images(
+    images: np.ndarray,
+    affine: np.ndarray,
+    predictor: Predictor,
+    options: SegmentationOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> Segmentation:
+    """Segments four modality volumes (4, X, Y, Z) on a grid described by ``affine``."""
+    options = options or SegmentationOptions()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    canonical = to_canonical(images, affine)
+    prep = preprocess(canonical)
+    timings["preprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    probs: TaskProbabilities = predictor.predict(prep.images, prep.mask, progress)
+    timings["inference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    labels = fuse(probs, prep.mask, options.dilation)
+    fused = (
+        fused_probabilities(probs, prep.mask, options.dilation) if options.probabilities else None
+    )
+    del probs
+    timings["fusion"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if options.remove_small or options.relabel_edema:
+        labels = postprocess(
+            labels,
+            prep.images,
+            remove_small=options.remove_small,
+            relabel_edema=options.relabel_edema,
+        )
+    timings["postprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    labels = from_canonical(paste(labels, prep), affine)
+    if fused is not None:
+        full = paste(fused, prep)
+        full[0][np.all(full == 0, axis=0)] = 1.0  # outside the crop: background
+        fused = from_canonical(full, affine)
+    timings["paste"] = time.perf_counter() - start
+    return Segmentation(labels=labels, probabilities=fused, timings=timings)
+
+
+def segment_case(
+    case: Case,
+    predictor: Predictor,
+    options: SegmentationOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> Segmentation:
+    """Segments a loaded :class:`~model.nifti_io.Case` on its own grid."""
+    return segment_images(case.images, case.affine, predictor, options, progress)
+
+
+def load_predictor(
+    checkpoints: Sequence[str | Path],
+    device: str = "auto",
+    batch_size: int = 16,
+    layout: TileLayout = PAPER_TILING,
+) -> tuple[Predictor, list[Checkpoint]]:
+    """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`.
+
+    Raises:
+        CheckpointError: a file cannot be used.
+        ValueError: a checkpoint holds a single ``mc`` network, which predicts one task
+            only (use an ``mc_cascade`` checkpoint for the MC baseline).
+    """
+    loaded = [load_checkpoint(path) for path in checkpoints]
+    for ckpt in loaded:
+        if ckpt.config.variant == "mc":
+            raise ValueError(
+                f"checkpoint {ckpt.name} holds one single-task 'mc' network; whole-case "
+                "segmentation needs all three tasks (an OM-Net or 'mc_cascade' checkpoint)"
+            )
+    predictor = Predictor([c.model for c in loaded], device, batch_size, layout)
+    return predictor, loaded

@@ -1,0 +1,305 @@
+"""Tests for model/fusion.py on hand-set task probabilities.
+
+Probabilities are dyadic fractions where a threshold is tested (0.5, 0.5 + 2**-10, ...)
+so that float32 sums are exact and "exactly 0.5" really is 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.fusion import (
+    DILATION_VOXELS,
+    FUSED_CHANNEL_LABELS,
+    coarse_tumour,
+    dilate,
+    fuse,
+    fused_probabilities,
+)
+from model.labels import EDEMA, ENHANCING, NCR_NET, TaskClass
+from model.tiling import TaskProbabilities
+
+EPS = 2.0**-10
+
+
+def _onehot(cls: int, n: int) -> np.ndarray:
+    p = np.zeros(n, np.float32)
+    p[cls] = 1.0
+    return p
+
+
+def _probs(
+    shape=(15, 15, 15),
+    coarse: int = TaskClass.NORMAL,
+    tumour: int = TaskClass.NORMAL,
+    p_et: float = 0.0,
+) -> TaskProbabilities:
+    """Every voxel certain of one class per task; task 3's P(ET) = ``p_et``."""
+    return TaskProbabilities(
+        coarse=np.broadcast_to(_onehot(coarse, 5)[:, None, None, None], (5, *shape)).copy(),
+        tumour=np.broadcast_to(_onehot(tumour, 5)[:, None, None, None], (5, *shape)).copy(),
+        enhancing=np.stack(
+            [np.full(shape, 1.0 - p_et, np.float32), np.full(shape, p_et, np.float32)]
+        ),
+    )
+
+
+def _set(volume: np.ndarray, voxel, values) -> None:
+    volume[(slice(None), *voxel)] = np.asarray(values, np.float32)
+
+
+def _ball(shape, centre, radius: float) -> np.ndarray:
+    """Voxels whose Euclidean distance to ``centre`` is at most ``radius`` (brute force)."""
+    grid = np.indices(shape)
+    d2 = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True))
+    return d2 <= radius**2
+
+
+def _random_probs(shape=(10, 9, 8), seed: int = 0) -> TaskProbabilities:
+    """Random probabilities of every class, drawn per voxel from a flat Dirichlet."""
+    rng = np.random.default_rng(seed)
+    return TaskProbabilities(
+        *(
+            rng.dirichlet(np.ones(c), size=shape).astype(np.float32).transpose(3, 0, 1, 2)
+            for c in (5, 5, 2)
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Task 1: the coarse whole tumour
+
+
+def test_coarse_tumour_needs_merged_probability_above_half():
+    probs = _probs(shape=(3, 1, 1))
+    # merged tumour = 0.25 + 0.125 + 0.125 = 0.5 exactly: not tumour.
+    _set(probs.coarse, (0, 0, 0), [0.25, 0.25, 0.25, 0.125, 0.125])
+    # merged = 0.5 + EPS: tumour, although no single tumour class beats "normal".
+    _set(probs.coarse, (1, 0, 0), [0.0, 0.5 - EPS, 0.25, 0.25 + EPS, 0.0])
+    # each tumour class small, but together 0.75.
+    _set(probs.coarse, (2, 0, 0), [0.125, 0.125, 0.25, 0.25, 0.25])
+    np.testing.assert_array_equal(coarse_tumour(probs)[:, 0, 0], [False, True, True])
+
+
+@pytest.mark.parametrize(("merged", "expected_voxels"), [(0.5, 0), (0.5 + EPS, 515)])
+def test_exactly_half_gives_no_tumour_in_fuse(merged, expected_voxels):
+    probs = _probs(tumour=TaskClass.EDEMA)  # task 2 would call every voxel edema
+    _set(probs.coarse, (7, 7, 7), [0.0, 1.0 - merged, merged, 0.0, 0.0])
+    labels = fuse(probs)
+    # 515 = lattice points of a ball of radius 5 (x^2 + y^2 + z^2 <= 25).
+    assert int(np.count_nonzero(labels)) == expected_voxels
+    assert set(np.unique(labels)) <= {0, EDEMA}
+
+
+# --------------------------------------------------------------------------------------
+# Dilation by 5 voxels
+
+
+def test_dilation_radius_five_by_hand():
+    shape, centre = (15, 15, 15), (7, 7, 7)
+    probs = _probs(shape, tumour=TaskClass.EDEMA)
+    _set(probs.coarse, centre, _onehot(TaskClass.ENHANCING, 5))
+    labels = fuse(probs)
+    inside = {
+        (12, 7, 7): "5 along X",
+        (7, 2, 7): "5 along -Y",
+        (10, 11, 7): "(3, 4, 0): 5",
+        (7, 10, 3): "(0, 3, -4): 5",
+        (10, 10, 9): "(3, 3, 2): sqrt(22)",
+        (9, 9, 11): "(2, 2, 4): sqrt(24)",
+    }
+    outside = {
+        (13, 7, 7): "6 along X",
+        (11, 10, 8): "(4, 3, 1): sqrt(26)",
+        (10, 10, 10): "(3, 3, 3): sqrt(27)",
+        (12, 8, 7): "(5, 1, 0): sqrt(26)",
+        (11, 11, 7): "(4, 4, 0): sqrt(32)",
+    }
+    for voxel, why in inside.items():
+        assert labels[voxel] == EDEMA, why
+    for voxel, why in outside.items():
+        assert labels[voxel] == 0, why
+    np.testing.assert_array_equal(labels == EDEMA, _ball(shape, centre, DILATION_VOXELS))
+    assert int(np.count_nonzero(labels)) == 515
+
+
+def test_dilation_at_the_grid_corner():
+    shape = (9, 9, 9)
+    probs = _probs(shape, tumour=TaskClass.EDEMA)
+    _set(probs.coarse, (0, 0, 0), _onehot(TaskClass.NCR_NET, 5))
+    labels = fuse(probs)
+    assert labels[5, 0, 0] == EDEMA and labels[3, 4, 0] == EDEMA and labels[0, 0, 5] == EDEMA
+    assert labels[6, 0, 0] == 0 and labels[4, 3, 1] == 0
+    np.testing.assert_array_equal(labels == EDEMA, _ball(shape, (0, 0, 0), 5))
+
+
+def test_dilation_of_two_separate_seeds_and_other_radii():
+    shape = (30, 12, 12)
+    mask = np.zeros(shape, bool)
+    mask[3, 5, 5] = mask[25, 6, 6] = True
+    for radius in (1, 2.5, 5):
+        expected = _ball(shape, (3, 5, 5), radius) | _ball(shape, (25, 6, 6), radius)
+        np.testing.assert_array_equal(dilate(mask, radius), expected)
+    assert np.count_nonzero(dilate(mask, 1)) == 2 * 7  # centre + 6 face neighbours
+
+
+def test_dilate_returns_a_new_array():
+    mask = np.zeros((5, 5, 5), bool)
+    mask[2, 2, 2] = True
+    for radius in (0, 3):
+        out = dilate(mask, radius)
+        assert out is not mask
+        out[:] = True
+        assert np.count_nonzero(mask) == 1
+    empty = np.zeros((4, 4, 4), bool)
+    assert not dilate(empty, 5).any()
+
+
+def test_dilation_argument_of_fuse():
+    probs = _probs(tumour=TaskClass.EDEMA)
+    _set(probs.coarse, (7, 7, 7), _onehot(TaskClass.EDEMA, 5))
+    assert int(np.count_nonzero(fuse(probs, dilation=0))) == 1
+    assert int(np.count_nonzero(fuse(probs, dilation=1))) == 7
+    np.testing.assert_array_equal(fuse(probs, dilation=3) == EDEMA, _ball((15,) * 3, (7,) * 3, 3))
+
+
+# --------------------------------------------------------------------------------------
+# Task 2 inside the dilated region, task 3 inside task 2's core
+
+
+def test_task2_labels_outside_the_dilated_region_are_dropped():
+    probs = _probs()
+    _set(probs.coarse, (2, 7, 7), _onehot(TaskClass.EDEMA, 5))
+    for voxel, cls in {
+        (4, 7, 7): TaskClass.NCR_NET,  # distance 2: kept
+        (7, 7, 7): TaskClass.EDEMA,  # distance 5: kept
+        (8, 7, 7): TaskClass.EDEMA,  # distance 6: dropped
+        (13, 7, 7): TaskClass.NCR_NET,  # distance 11: dropped
+        (2, 7, 1): TaskClass.ENHANCING,  # distance 6: dropped
+    }.items():
+        _set(probs.tumour, voxel, _onehot(cls, 5))
+    labels = fuse(probs)
+    expected = np.zeros(labels.shape, np.uint8)
+    expected[4, 7, 7] = NCR_NET
+    expected[7, 7, 7] = EDEMA
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_task2_background_and_normal_are_not_tumour():
+    probs = _probs(coarse=TaskClass.ENHANCING)  # whole grid is coarse tumour
+    probs.tumour[:] = 0
+    probs.tumour[TaskClass.BACKGROUND, :7] = 1.0
+    probs.tumour[TaskClass.NORMAL, 7:] = 1.0
+    assert not fuse(probs).any()
+
+
+def test_task3_decides_et_only_inside_task2_core():
+    shape = (8, 1, 1)
+    probs = _probs(shape, coarse=TaskClass.EDEMA)
+    cases = [
+        # (task 2 class, P3(ET), expected label)
+        (TaskClass.EDEMA, 0.9, EDEMA),  # edema never becomes ET
+        (TaskClass.NORMAL, 0.9, 0),  # nor does normal tissue
+        (TaskClass.NCR_NET, 0.9, ENHANCING),  # task 2's NCR/NET turned ET by task 3
+        (TaskClass.ENHANCING, 0.1, NCR_NET),  # task 2's ET turned NCR/NET by task 3
+        (TaskClass.ENHANCING, 0.5, NCR_NET),  # exactly 0.5: not ET
+        (TaskClass.NCR_NET, 0.5 + EPS, ENHANCING),
+        (TaskClass.ENHANCING, 0.5 + EPS, ENHANCING),
+        (TaskClass.BACKGROUND, 1.0, 0),
+    ]
+    for x, (cls, p_et, _) in enumerate(cases):
+        _set(probs.tumour, (x, 0, 0), _onehot(cls, 5))
+        _set(probs.enhancing, (x, 0, 0), [1.0 - p_et, p_et])
+    labels = fuse(probs)
+    np.testing.assert_array_equal(labels[:, 0, 0], [want for _, _, want in cases])
+
+
+def test_task3_outside_the_region_changes_nothing():
+    probs = _probs(tumour=TaskClass.NCR_NET, p_et=0.9)  # task 1 sees no tumour anywhere
+    assert not fuse(probs).any()
+
+
+def test_task2_ties_break_towards_lower_class():
+    shape = (3, 1, 1)
+    probs = _probs(shape, coarse=TaskClass.NCR_NET, p_et=0.0)
+    _set(probs.tumour, (0, 0, 0), [0.0, 0.5, 0.0, 0.5, 0.0])  # normal vs edema -> normal
+    _set(probs.tumour, (1, 0, 0), [0.0, 0.0, 0.5, 0.5, 0.0])  # NCR vs edema -> NCR/NET
+    _set(probs.tumour, (2, 0, 0), [0.0, 0.0, 0.0, 0.5, 0.5])  # edema vs ET -> edema
+    np.testing.assert_array_equal(fuse(probs)[:, 0, 0], [0, NCR_NET, EDEMA])
+
+
+def test_brain_mask_excludes_tumour():
+    probs = _probs(coarse=TaskClass.EDEMA, tumour=TaskClass.NCR_NET, p_et=0.75)
+    brain = np.zeros((15, 15, 15), bool)
+    brain[3:12, 2:9, 5:] = True
+    labels = fuse(probs, brain)
+    np.testing.assert_array_equal(labels, np.where(brain, ENHANCING, 0))
+    fused = fused_probabilities(probs, brain)
+    np.testing.assert_array_equal(fused[0, ~brain], 1.0)
+    np.testing.assert_array_equal(fused[1:, ~brain], 0.0)
+    np.testing.assert_allclose(fused[:, brain].T, [[0.0, 0.25, 0.0, 0.75]] * int(brain.sum()))
+
+
+def test_label_map_type_and_values():
+    shape = (10, 9, 8)
+    labels = fuse(_random_probs(shape))
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    assert set(np.unique(labels)) <= {0, NCR_NET, EDEMA, ENHANCING}
+    assert len(np.unique(labels)) == 4  # random probabilities give every label
+
+
+# --------------------------------------------------------------------------------------
+# Fused probabilities
+
+
+def test_fused_probabilities_by_hand():
+    shape = (15, 15, 15)
+    probs = _probs(shape)
+    _set(probs.coarse, (7, 7, 7), _onehot(TaskClass.NCR_NET, 5))
+    inside, outside = (9, 7, 7), (7, 7, 13)  # distance 2 and 6
+    for voxel in (inside, outside):
+        _set(probs.tumour, voxel, [0.1, 0.2, 0.3, 0.25, 0.15])
+        _set(probs.enhancing, voxel, [0.4, 0.6])
+    fused = fused_probabilities(probs)
+    assert fused.shape == (4, *shape) and fused.dtype == np.float32
+    # background = 0.1 + 0.2; core = 0.3 + 0.15 = 0.45 split 0.4 / 0.6 by task 3.
+    np.testing.assert_allclose(fused[(slice(None), *inside)], [0.3, 0.18, 0.25, 0.27], atol=1e-6)
+    np.testing.assert_array_equal(fused[(slice(None), *outside)], [1.0, 0.0, 0.0, 0.0])
+    # Elsewhere in the region task 2 says "normal" with certainty.
+    np.testing.assert_array_equal(fused[:, 7, 7, 7], [1.0, 0.0, 0.0, 0.0])
+    assert FUSED_CHANNEL_LABELS == (0, NCR_NET, EDEMA, ENHANCING)
+
+
+def test_fused_probabilities_sum_to_one_and_match_formula():
+    probs = _random_probs()
+    brain = np.ones(probs.coarse.shape[1:], bool)
+    brain[0] = False
+    fused = fused_probabilities(probs, brain)
+    np.testing.assert_allclose(fused.sum(axis=0), 1.0, atol=1e-6)
+    assert fused.min() >= 0.0
+    region = dilate(coarse_tumour(probs), DILATION_VOXELS) & brain
+    assert region.any() and (~region).any()
+    p2, p_et = probs.tumour, probs.enhancing[1]
+    core = p2[2] + p2[4]
+    expected = np.stack([p2[0] + p2[1], core * (1 - p_et), p2[3], core * p_et])
+    np.testing.assert_allclose(fused[:, region], expected[:, region], atol=1e-6)
+    np.testing.assert_array_equal(fused[0, ~region], 1.0)
+    np.testing.assert_array_equal(fused[1:, ~region], 0.0)
+
+
+def test_inputs_are_not_modified():
+    probs = _random_probs(seed=1)
+    brain = np.zeros(probs.coarse.shape[1:], bool)
+    brain[2:8, 1:7, 1:6] = True
+    before = [a.copy() for a in probs]
+    brain_before = brain.copy()
+    mask = coarse_tumour(probs)
+    mask_before = mask.copy()
+    fuse(probs, brain)
+    fused_probabilities(probs, brain)
+    dilate(mask, 5)
+    for a, b in zip(probs, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(brain, brain_before)
+    np.testing.assert_array_equal(mask, mask_before)
