@@ -1,0 +1,452 @@
+"""Curriculum training of OM-Net with online training-data transfer (paper III-B, IV-C).
+
+Stages: task 1 alone, then tasks 1 + 2, then all three (1 / 1 / 18 epochs by default);
+per-task batches go through the shared backbone together and are sliced back per task
+(``forward_train``). SGD with momentum 0.99, weight decay 5e-4, learning rate 1e-3
+halved every 4 epochs; per-voxel cross-entropy per task, weights 1:1:1.
+
+Ablations of Table I: ``curriculum=False`` trains every task from the first step
+(OM-Net0 without transfer, OM-Net^d with it); the ``mc_cascade`` variant trains three
+independent single-task networks (no curriculum, no transfer); ``omnet_se``,
+``omnet_cga`` and ``omnet_cga_minus`` change the network.
+
+An epoch is ``steps_per_epoch`` steps of freshly sampled patches. A run directory holds
+``config.json``, ``state.pt`` (everything needed to resume: weights, optimiser,
+position in the schedule, sampler and torch random states, history), ``train.jsonl``
+(one JSON record per logged step and per validation), ``best.pt`` and ``last.pt``
+(model checkpoints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F_
+from torch import nn
+
+from model.checkpoint import save_checkpoint
+from model.data import PatchSampler, TaskBatch
+from model.metrics import evaluate_case
+from model.network import ArchConfig, build_model
+from model.nifti_io import Case
+from model.pipeline import SegmentationOptions, segment_case
+from model.tiling import TILINGS, Predictor, to_network
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+TASK_NAMES = ("coarse", "tumour", "enhancing")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run's recipe; saved in the run directory and the checkpoints."""
+
+    variant: str = "omnet_cga"
+    width: int = 32
+    dropout: float = 0.5
+    stage_epochs: tuple[int, int, int] = (1, 1, 18)
+    curriculum: bool = True
+    transfer: bool = True
+    steps_per_epoch: int = 1000
+    batch_per_task: int = 20
+    lr: float = 1e-3
+    momentum: float = 0.99
+    weight_decay: float = 5e-4
+    lr_halve_every: int = 4
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    val_tiling: str = "paper"
+    val_every: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.stage_epochs) != 3 or any(e < 0 for e in self.stage_epochs):
+            raise ValueError(f"stage_epochs must be three counts >= 0; got {self.stage_epochs}")
+        if sum(self.stage_epochs) < 1:
+            raise ValueError("stage_epochs must add up to at least one epoch")
+        for name in (
+            "steps_per_epoch",
+            "batch_per_task",
+            "lr_halve_every",
+            "checkpoint_every",
+            "val_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.val_tiling not in TILINGS:
+            raise ValueError(
+                f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
+            )
+        if self.variant == "mc":
+            raise ValueError("variant 'mc' is one network; train the MC baseline as 'mc_cascade'")
+        ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
+
+    @property
+    def epochs(self) -> int:
+        return sum(self.stage_epochs)
+
+    @property
+    def arch(self) -> ArchConfig:
+        return ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
+
+    def active_tasks(self, epoch: int) -> tuple[bool, bool, bool]:
+        """Tasks trained in ``epoch`` (0-based)."""
+        if not self.curriculum or self.variant == "mc_cascade":
+            return (True, True, True)
+        s1, s2, _ = self.stage_epochs
+        if epoch < s1:
+            return (True, False, False)
+        if epoch < s1 + s2:
+            return (True, True, False)
+        return (True, True, True)
+
+    def learning_rate(self, epoch: int) -> float:
+        return self.lr * 0.5 ** (epoch // self.lr_halve_every)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stage_epochs"] = list(self.stage_epochs)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "stage_epochs" in known:
+            known["stage_epochs"] = tuple(known["stage_epochs"])
+        return cls(**known)
+
+
+def task_losses(
+    outputs: Sequence[torch.Tensor | None], batch: TaskBatch, device: torch.device
+) -> list[torch.Tensor | None]:
+    """Per-voxel cross-entropy of each active task (network layout (B, C, Z, X, Y))."""
+    losses: list[torch.Tensor | None] = []
+    for scores, target in zip(outputs, batch.targets, strict=True):
+        if scores is None or target is None:
+            losses.append(None)
+            continue
+        t = torch.from_numpy(target).to(device).permute(0, 3, 1, 2)  # (B, X, Y, Z) -> (B, Z, X, Y)
+        losses.append(F_.cross_entropy(scores.float(), t))
+    return losses
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; everything in it is saved in ``state.pt``."""
+
+    epoch: int = 0
+    step: int = 0  # within the epoch
+    global_step: int = 0
+    patches_seen: int = 0
+    seconds: float = 0.0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainingInterruptedError(Exception):
+    """Training stopped early (signal or time budget) after saving its state."""
+
+
+class Trainer:
+    """Trains one network on a sampler; checkpoints, validates, resumes.
+
+    Args:
+        config: the recipe.
+        sampler: draws the patches.
+        run_dir: where state, logs and checkpoints go.
+        validation: (case, reference labels) pairs to validate on at the end of each epoch
+            with the whole-case pipeline.
+        device: torch device.
+        data_summary: free-form description of the training data, stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        sampler: PatchSampler,
+        run_dir: str | Path,
+        validation: Sequence[tuple[Case, np.ndarray]] = (),
+        device: str | torch.device = "cpu",
+        data_summary: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.sampler = sampler
+        self.run_dir = Path(run_dir)
+        self.validation = list(validation)
+        self.device = torch.device(device)
+        self.data_summary = dict(data_summary or {})
+        torch.manual_seed(config.seed)
+        self.model: nn.Module = build_model(config.arch).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        self.state = TrainState()
+        self._stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ persistence
+    def save_state(self) -> Path:
+        payload = {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "state": asdict(self.state),
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "state.pt"
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".state.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def load_state(self, path: str | Path | None = None) -> None:
+        path = Path(path) if path else self.run_dir / "state.pt"
+        payload = torch.load(path, map_location=self.device, weights_only=False)
+        if payload.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"{path} is a training state of version {payload.get('version')!r}; "
+                f"expected {STATE_VERSION}"
+            )
+        saved = TrainConfig.from_dict(payload["config"])
+        if saved != self.config:
+            raise ValueError(
+                f"{path} was written by a run with another configuration; "
+                "resume with that run's config.json"
+            )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.sampler.load_state_dict(payload["sampler"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.state = TrainState(**payload["state"])
+
+    def _metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "training": {
+                "config": self.config.to_dict(),
+                "epochs_done": self.state.epoch,
+                "steps": self.state.global_step,
+                "patches_seen": self.state.patches_seen,
+                "train_seconds": round(self.state.seconds, 1),
+                "device": str(self.device),
+                "data": self.data_summary,
+            },
+            **(extra or {}),
+        }
+
+    def save_model(self, name: str, extra: dict[str, Any] | None = None) -> Path:
+        return save_checkpoint(
+            self.run_dir / name, self.model, self.config.arch, self._metadata(extra)
+        )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "train.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, active: Sequence[bool]) -> dict[str, float]:
+        batch = self.sampler.sample(active)
+        self.model.train()
+        inputs = [
+            None if b is None else to_network(torch.from_numpy(b).to(self.device))
+            for b in batch.images
+        ]
+        outputs = self.model.forward_train(inputs)
+        losses = task_losses(outputs, batch, self.device)
+        total = torch.stack([loss for loss in losses if loss is not None]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.state.patches_seen += sum(0 if b is None else len(b) for b in batch.images)
+        record = {
+            f"loss_{name}": float(loss.detach())
+            for name, loss in zip(TASK_NAMES, losses, strict=True)
+            if loss is not None
+        }
+        record.update(
+            {f"transfer_{n}": t for n, t in zip(TASK_NAMES, batch.transferred, strict=True) if t}
+        )
+        return record
+
+    def validate(self) -> dict[str, Any]:
+        """Dice (WT, TC, ET) on the validation cases with the whole-case pipeline."""
+        predictor = Predictor([self.model], self.device, layout=TILINGS[self.config.val_tiling])
+        options = SegmentationOptions(remove_small=False, relabel_edema=False)
+        per_case = {}
+        for case, reference in self.validation:
+            seg = segment_case(case, predictor, options)
+            scores = evaluate_case(seg.labels, reference, case.spacing)
+            per_case[case.name] = {r: m.dice for r, m in scores.items()}
+        self.model.train()
+        mean = {r: float(np.mean([c[r] for c in per_case.values()])) for r in ("WT", "TC", "ET")}
+        return {"dice": mean, "cases": per_case}
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self._stop_reason = signal.Signals(signum).name
+
+    def fit(
+        self,
+        max_seconds: float | None = None,
+        max_steps: int | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> TrainState:
+        """Trains until the schedule ends, ``max_steps`` more steps, or ``max_seconds``.
+
+        Raises:
+            TrainingInterruptedError: stopped by SIGINT/SIGTERM or a budget; state saved.
+        """
+        cfg, st = self.config, self.state
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        started, steps_done = time.monotonic(), 0
+        last_save = st.global_step
+        try:
+            while st.epoch < cfg.epochs:
+                active = cfg.active_tasks(st.epoch)
+                lr = cfg.learning_rate(st.epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                while st.step < cfg.steps_per_epoch:
+                    if (
+                        self._stop_reason is None
+                        and max_seconds is not None
+                        and time.monotonic() - started >= max_seconds
+                    ):
+                        self._stop_reason = "time budget"
+                    if (
+                        self._stop_reason is None
+                        and max_steps is not None
+                        and steps_done >= max_steps
+                    ):
+                        self._stop_reason = "step budget"
+                    if self._stop_reason is not None:
+                        self.save_state()
+                        raise TrainingInterruptedError(self._stop_reason)
+                    t0 = time.monotonic()
+                    record = self.train_step(active)
+                    st.seconds += time.monotonic() - t0
+                    st.step += 1
+                    st.global_step += 1
+                    steps_done += 1
+                    record.update(epoch=st.epoch, step=st.global_step, lr=lr)
+                    if progress is not None:
+                        progress(record)
+                    if st.global_step % cfg.log_every == 0:
+                        self._log(
+                            {
+                                "kind": "step",
+                                **record,
+                                "patches_seen": st.patches_seen,
+                                "seconds": round(st.seconds, 2),
+                            }
+                        )
+                    if st.global_step - last_save >= cfg.checkpoint_every:
+                        self.save_state()
+                        last_save = st.global_step
+                self._end_epoch(active)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.save_state()
+        return st
+
+    def _end_epoch(self, active: Sequence[bool]) -> None:
+        st = self.state
+        record: dict[str, Any] = {
+            "kind": "epoch",
+            "epoch": st.epoch,
+            "step": st.global_step,
+            "active": list(active),
+        }
+        extra: dict[str, Any] = {}
+        last = st.epoch + 1 == self.config.epochs
+        if self.validation and ((st.epoch + 1) % self.config.val_every == 0 or last):
+            val = self.validate()
+            record["validation"] = val
+            extra["validation"] = {"epoch": st.epoch, **val}
+            score = float(np.mean(list(val["dice"].values())))
+            if score > st.best_score:
+                st.best_score, st.best_epoch = score, st.epoch
+                self.save_model("best.pt", extra)
+        st.history.append(record)
+        self._log(record)
+        st.epoch += 1
+        st.step = 0
+        self.save_model("last.pt", extra)
+        self.save_state()
+
+
+# --------------------------------------------------------------------------- runs
+BUNDLED_SPLIT = "brats2018"
+
+
+def split_cases(
+    case_dirs: Sequence[Path],
+    val_names: Sequence[str] | None = None,
+    train_names: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+) -> tuple[list[Path], list[Path]]:
+    """Splits case folders into (train, validation); the two never share a case.
+
+    With ``val_names`` those cases validate (every one must exist) and ``train_names``
+    (default: all the others) train. Without, the bundled BraTS 2018 split is used when
+    all its cases are present, else the last ``val_fraction`` of the cases ordered by a
+    hash of their names (at least one) validate: a fixed split for a fixed set of names.
+    """
+    by_name = {p.name: p for p in case_dirs}
+    if val_names is None:
+        bundled_val = read_split_file(f"{BUNDLED_SPLIT}_val.txt")
+        bundled_train = read_split_file(f"{BUNDLED_SPLIT}_train.txt")
+        if set(bundled_val) | set(bundled_train) <= set(by_name):
+            val_names, train_names = bundled_val, train_names or bundled_train
+        else:
+            ordered = sorted(by_name, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+            count = max(1, round(len(ordered) * val_fraction)) if len(ordered) > 1 else 0
+            val_names = sorted(ordered[len(ordered) - count :])
+    missing = [n for n in [*val_names, *(train_names or [])] if n not in by_name]
+    if missing:
+        raise ValueError(f"split names cases that are not in the data folder: {missing[:5]}")
+    val_set = set(val_names)
+    if train_names is None:
+        train_names = [n for n in sorted(by_name) if n not in val_set]
+    overlap = val_set & set(train_names)
+    if overlap:
+        raise ValueError(f"cases in both the training and validation split: {sorted(overlap)[:5]}")
+    if not train_names:
+        raise ValueError("no training cases left after the validation split")
+    return [by_name[n] for n in train_names], [by_name[n] for n in sorted(val_set)]
+
+
+def read_split_file(name: str) -> list[str]:
+    """A split file shipped with the package (``model/splits/<name>``)."""
+    from model.data import SPLITS_DIR, read_split
+
+    return read_split(SPLITS_DIR / name)
