@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from service import train_command
+from service import serve, train_command
 
 if TYPE_CHECKING:
     from model.metrics import RegionMetrics
@@ -174,7 +174,6 @@ def _phantom(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- segment
 #: Where the bundled model is installed, relative to the ``model`` package.
-BUNDLED_CHECKPOINT = Path("weights") / "omnet_cga.pt"
 
 #: Command-line spelling of the four modality options; also load_case's mapping keys.
 _MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
@@ -182,9 +181,9 @@ _MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
 
 def bundled_checkpoint_path() -> Path:
     """Where the bundled model lives when installed: ``model/weights/omnet_cga.pt``."""
-    import model as model_package
+    from model import weights
 
-    return Path(model_package.__file__).resolve().parent / BUNDLED_CHECKPOINT
+    return Path(weights.__file__).resolve().parent / weights.BUNDLED_NAME
 
 
 def default_checkpoint() -> Path:
@@ -776,6 +775,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 command("train", "train OM-Net on a folder of BraTS cases (resumable)", train_command.configure)(
     train_command.run
 )
+command("serve", "run the HTTP API and one worker", serve.configure_serve)(serve.serve)
+command("worker", "run a segmentation worker (Celery)", serve.configure_worker)(serve.worker)
 
 
 # --------------------------------------------------------------------------- entry point

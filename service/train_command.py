@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         case = load_case(data / name)
         validation.append((case, load_labels(find_label_file(data / name), like=case)))
 
-    sampler = PatchSampler(cases, config.batch_per_task, config.transfer, seed=config.seed)
+    sampler = PatchSampler(cases, config.batch_per_task, config.online_transfer, seed=config.seed)
     summary = {
         "folder": run_info["data"],
         "train_cases": len(cases),

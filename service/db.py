@@ -1,0 +1,388 @@
+"""Job records and worker registrations, shared by every API process and worker.
+
+SQLAlchemy Core over SQLite by default (a file in the shared storage folder, WAL mode)
+or any other database URL (PostgreSQL in a larger deployment). Every state change is
+one conditional UPDATE, so several API processes and workers can share the records
+without locks of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=False, index=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("progress", sa.Float, nullable=False, default=0.0),
+    sa.Column("stage", sa.String(32), nullable=True),
+    sa.Column("options", sa.Text, nullable=False),
+    sa.Column("inputs", sa.Text, nullable=False),
+    sa.Column("queue", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False, index=True),
+    sa.Column("started_at", sa.DateTime, nullable=True),
+    sa.Column("finished_at", sa.DateTime, nullable=True),
+    sa.Column("heartbeat_at", sa.DateTime, nullable=True),
+    sa.Column("expires_at", sa.DateTime, nullable=True, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("worker", sa.String(200), nullable=True),
+    sa.Column("model_name", sa.String(200), nullable=True),
+    sa.Column("model_sha256", sa.String(64), nullable=True),
+    sa.Column("error_code", sa.String(64), nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("result", sa.Text, nullable=True),
+    sa.UniqueConstraint("owner", "idempotency_key", name="uq_owner_idempotency"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("device", sa.String(32), nullable=False),
+    sa.Column("queue", sa.String(64), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("seen_at", sa.DateTime, nullable=False),
+)
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (SQLite keeps no time zones; every stored time is UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass
+class Job:
+    """One job record."""
+
+    id: str
+    owner: str
+    state: str
+    created_at: datetime
+    options: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    progress: float = 0.0
+    stage: str | None = None
+    queue: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    expires_at: datetime | None = None
+    attempts: int = 0
+    worker: str | None = None
+    model_name: str | None = None
+    model_sha256: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    result: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Job:
+        data = dict(row._mapping)
+        data["options"] = json.loads(data["options"])
+        data["inputs"] = json.loads(data["inputs"])
+        data["result"] = json.loads(data["result"]) if data["result"] else None
+        return cls(**data)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class JobStore:
+    """Reads and changes job records; every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ---------------------------------------------------------------- jobs
+    def create(
+        self,
+        owner: str,
+        options: dict[str, Any],
+        inputs: dict[str, str],
+        queue: str,
+        idempotency_key: str | None = None,
+        job_id: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Inserts a queued job; with an idempotency key already used by ``owner``, returns
+        that job instead. Returns (job, created)."""
+        job_id = job_id or str(uuid.uuid4())
+        now = utcnow()
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    jobs.insert().values(
+                        id=job_id,
+                        owner=owner,
+                        idempotency_key=idempotency_key,
+                        state=QUEUED,
+                        progress=0.0,
+                        options=json.dumps(options),
+                        inputs=json.dumps(inputs),
+                        queue=queue,
+                        created_at=now,
+                        attempts=0,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            existing = self.by_idempotency_key(owner, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return existing, False
+        job = self.get(job_id)
+        assert job is not None  # just inserted
+        return job, True
+
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return Job.from_row(row) if row else None
+
+    def by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        query = sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return Job.from_row(row) if row else None
+
+    def list(self, owner: str, limit: int, offset: int) -> tuple[list[Job], int]:
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.owner == owner)
+            .order_by(jobs.c.created_at.desc(), jobs.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        count = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.owner == owner)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+            total = conn.execute(count).scalar_one()
+        return [Job.from_row(r) for r in rows], int(total)
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 + queued jobs created before ``job``; None when it is not queued."""
+        if job.state != QUEUED:
+            return None
+        query = (
+            sa.select(sa.func.count())
+            .select_from(jobs)
+            .where(jobs.c.state == QUEUED, jobs.c.created_at < job.created_at)
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one()) + 1
+
+    def counts(self) -> dict[str, int]:
+        query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        with self.engine.connect() as conn:
+            found = dict(conn.execute(query).all())
+        return {s: int(found.get(s, 0)) for s in STATES}
+
+    def durations(self, limit: int = 1000) -> list[float]:
+        """Seconds from creation to finish of the latest succeeded jobs."""
+        query = (
+            sa.select(jobs.c.created_at, jobs.c.finished_at)
+            .where(jobs.c.state == SUCCEEDED)
+            .order_by(jobs.c.finished_at.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(f - c).total_seconds() for c, f in conn.execute(query).all()]
+
+    def claim(self, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+        """Marks the job running for ``worker`` if it is queued, or running under a worker
+        silent for ``stale_after_s``. Returns the job when claimed, else None."""
+        now = utcnow()
+        stale = now - timedelta(seconds=stale_after_s)
+        with self._tx() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    sa.or_(
+                        jobs.c.state == QUEUED,
+                        sa.and_(jobs.c.state == RUNNING, jobs.c.heartbeat_at < stale),
+                    ),
+                )
+                .values(
+                    state=RUNNING,
+                    worker=worker,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=jobs.c.attempts + 1,
+                    progress=0.0,
+                    stage="starting",
+                )
+            )
+        return self.get(job_id) if result.rowcount == 1 else None
+
+    def heartbeat(self, job_id: str, worker: str, progress: float, stage: str) -> str | None:
+        """Records progress of a running job; returns the job's state (None if gone)."""
+        with self._tx() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker == worker)
+                .values(progress=progress, stage=stage, heartbeat_at=utcnow())
+            )
+            row = conn.execute(
+                sa.select(jobs.c.state, jobs.c.worker).where(jobs.c.id == job_id)
+            ).first()
+        if row is None:
+            return None
+        return row.state if row.worker == worker or row.state != RUNNING else "taken_over"
+
+    def finish(
+        self,
+        job_id: str,
+        worker: str,
+        state: str,
+        retention: timedelta,
+        result: dict[str, Any] | None = None,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        model_name: str | None = None,
+        model_sha256: str | None = None,
+    ) -> bool:
+        """Moves a job this worker runs to a final state; False if it is no longer its job."""
+        now = utcnow()
+        with self._tx() as conn:
+            res = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker == worker)
+                .values(
+                    state=state,
+                    finished_at=now,
+                    expires_at=now + retention,
+                    progress=1.0 if state == SUCCEEDED else jobs.c.progress,
+                    stage=None,
+                    result=json.dumps(result) if result is not None else None,
+                    error_code=error_code,
+                    error_message=error_message,
+                    model_name=model_name,
+                    model_sha256=model_sha256,
+                )
+            )
+        return res.rowcount == 1
+
+    def fail_unstarted(self, job_id: str, code: str, message: str, retention: timedelta) -> bool:
+        """Fails a job that is still queued (e.g. its message could not be sent)."""
+        now = utcnow()
+        with self._tx() as conn:
+            res = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+                .values(
+                    state=FAILED,
+                    finished_at=now,
+                    expires_at=now + retention,
+                    error_code=code,
+                    error_message=message,
+                )
+            )
+        return res.rowcount == 1
+
+    def cancel(self, job_id: str, owner: str, retention: timedelta) -> Job | None:
+        """Cancels a queued or running job of ``owner``; returns the job after the change."""
+        now = utcnow()
+        with self._tx() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.owner == owner, jobs.c.state.in_(ACTIVE))
+                .values(state=CANCELLED, finished_at=now, expires_at=now + retention, stage=None)
+            )
+        return self.get(job_id, owner)
+
+    def delete(self, job_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute(jobs.delete().where(jobs.c.id == job_id))
+
+    def expired(self, now: datetime | None = None) -> list[str]:
+        query = sa.select(jobs.c.id).where(jobs.c.expires_at < (now or utcnow()))
+        with self.engine.connect() as conn:
+            return [r.id for r in conn.execute(query).all()]
+
+    def orphans(self, stale_after_s: float) -> list[Job]:
+        """Queued jobs, and running jobs whose worker went silent: candidates to re-send."""
+        stale = utcnow() - timedelta(seconds=stale_after_s)
+        query = sa.select(jobs).where(
+            sa.or_(
+                jobs.c.state == QUEUED,
+                sa.and_(jobs.c.state == RUNNING, jobs.c.heartbeat_at < stale),
+            )
+        )
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(query).all()]
+
+    # ---------------------------------------------------------------- workers
+    def register_worker(self, name: str, device: str, queue: str, model: dict[str, Any]) -> None:
+        now = utcnow()
+        values = dict(device=device, queue=queue, model=json.dumps(model), seen_at=now)
+        with self._tx() as conn:
+            updated = conn.execute(workers.update().where(workers.c.name == name).values(**values))
+            if updated.rowcount == 0:
+                conn.execute(workers.insert().values(name=name, started_at=now, **values))
+
+    def worker_seen(self, name: str) -> None:
+        with self._tx() as conn:
+            conn.execute(workers.update().where(workers.c.name == name).values(seen_at=utcnow()))
+
+    def remove_worker(self, name: str) -> None:
+        with self._tx() as conn:
+            conn.execute(workers.delete().where(workers.c.name == name))
+
+    def live_workers(self, within_s: float) -> list[dict[str, Any]]:
+        since = utcnow() - timedelta(seconds=within_s)
+        query = sa.select(workers).where(workers.c.seen_at >= since).order_by(workers.c.name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [{**dict(r._mapping), "model": json.loads(r.model)} for r in rows]
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))

@@ -1,0 +1,367 @@
+"""The /v1/jobs routes: submit, follow, download, cancel and list segmentation jobs."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from model.nifti_io import MODALITIES, InputError, load_case, load_labels
+from service.config import Settings
+from service.db import ACTIVE, CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, JobStore
+from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
+from service.errors import ApiError
+from service.schemas import (
+    ErrorBody,
+    ErrorDetail,
+    JobCreated,
+    JobLinks,
+    JobOptions,
+    JobPage,
+    JobStatus,
+    ModelRef,
+)
+from service.storage import Storage
+from service.uploads import parse_bool, store_upload
+from worker.app import TASK_SEGMENT
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+FILE_FIELDS = (*MODALITIES, "image", "reference")
+OPTION_FIELDS = tuple(JobOptions.model_fields)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 503)
+}
+
+
+def _links(request: Request, job: Job) -> JobLinks:
+    base = str(request.url_for("get_job", job_id=job.id))
+    links = JobLinks(self=base)
+    if job.state == SUCCEEDED and job.result:
+        files = job.result.get("files", {})
+        links.segmentation = f"{base}/segmentation"
+        links.metrics = f"{base}/metrics"
+        if "probabilities" in files:
+            links.probabilities = f"{base}/probabilities"
+        if "preview" in files:
+            links.preview = f"{base}/preview.png"
+    return links
+
+
+def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
+    metrics = None
+    if job.result:
+        metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
+    return JobStatus(
+        id=job.id,
+        state=job.state,  # type: ignore[arg-type]
+        progress=round(job.progress, 4),
+        stage=job.stage,
+        queue_position=store.queue_position(job),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        expires_at=job.expires_at,
+        attempts=job.attempts,
+        options=JobOptions(**job.options),
+        model=ModelRef(name=job.model_name, sha256=job.model_sha256) if job.model_name else None,
+        error=ErrorDetail(code=job.error_code, message=job.error_message or "")
+        if job.error_code
+        else None,
+        links=_links(request, job),
+        metrics=metrics,
+    )
+
+
+def _parse_options(values: dict[str, str]) -> JobOptions:
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "label_convention":
+            if value.strip() not in ("3", "4"):
+                raise ApiError(
+                    400, "bad_option", f"option 'label_convention' must be 4 or 3; got {value!r}"
+                )
+            parsed[name] = int(value)
+        else:
+            parsed[name] = parse_bool(name, value)
+    return JobOptions(**parsed)
+
+
+def _check_files(files: dict[str, UploadFile]) -> None:
+    if "image" in files:
+        extra = [m for m in MODALITIES if m in files]
+        if extra:
+            raise ApiError(
+                400,
+                "conflicting_inputs",
+                f"send either one 4D 'image' or the four modalities, not both (also got {extra})",
+            )
+        return
+    missing = [m for m in MODALITIES if m not in files]
+    if missing:
+        raise ApiError(
+            400,
+            "missing_modality",
+            f"missing {', '.join(missing)}: send the four modalities as files t1, t1ce, t2 and "
+            "flair (or one 4D file as 'image', modalities in that order)",
+        )
+
+
+def _validate_and_store(
+    files: dict[str, UploadFile], staging: Path, settings: Settings
+) -> dict[str, Path]:
+    """Stores each upload after its cheap checks, then reads and checks them together."""
+    max_volume = int(settings.max_volume_mb * 2**20)
+    paths = {
+        name: store_upload(name, upload.filename, upload.file, staging, max_volume)
+        for name, upload in files.items()
+    }
+    try:
+        if "image" in paths:
+            case = load_case(paths["image"])
+        else:
+            case = load_case({m: paths[m] for m in MODALITIES})
+        if "reference" in paths:
+            load_labels(paths["reference"], like=case)
+    except InputError as exc:
+        message = str(exc).replace(f"{staging}/", "")
+        raise ApiError(422, exc.code, message) from exc
+    return paths
+
+
+def _queue(settings: Settings, store: JobStore) -> str:
+    live = store.live_workers(3 * settings.worker_heartbeat_s)
+    return settings.queue("cuda" if any(w["device"] == "cuda" for w in live) else "cpu")
+
+
+def _created(request: Request, response: Response, store: JobStore, job: Job) -> JobCreated:
+    url = str(request.url_for("get_job", job_id=job.id))
+    response.headers["Location"] = url
+    return JobCreated(
+        id=job.id,
+        state=job.state,  # type: ignore[arg-type]
+        status_url=url,
+        queue_position=store.queue_position(job),
+        created_at=job.created_at,
+    )
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobCreated,
+    responses=ERRORS,
+    summary="Submit a case for segmentation",
+    description=(
+        "multipart/form-data with files t1, t1ce, t2, flair (.nii or .nii.gz; or one 4D "
+        "'image'), an optional 'reference' label map, and option fields: "
+        + ", ".join(OPTION_FIELDS)
+        + ". An Idempotency-Key header makes a retried POST return the same job."
+    ),
+)
+async def create_job(
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    storage: StorageDep,
+    celery: CeleryDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobCreated:
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
+        raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
+    if idempotency_key:
+        existing = store.by_idempotency_key(owner, idempotency_key)
+        if existing is not None:
+            return _created(request, response, store, existing)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(
+            415,
+            "not_multipart",
+            "send the files as multipart/form-data (curl -F t1=@t1.nii.gz ...)",
+        )
+    try:
+        form = await request.form(max_files=len(FILE_FIELDS), max_fields=len(OPTION_FIELDS) + 2)
+    except MultiPartException as exc:
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be read: {exc}") from exc
+    try:
+        files: dict[str, UploadFile] = {}
+        values: dict[str, str] = {}
+        for name, value in form.multi_items():
+            if name not in FILE_FIELDS and name not in OPTION_FIELDS:
+                raise ApiError(
+                    400,
+                    "unknown_option",
+                    f"unknown field {name!r}; files: {', '.join(FILE_FIELDS)}; "
+                    f"options: {', '.join(OPTION_FIELDS)}",
+                )
+            if name in files or name in values:
+                raise ApiError(400, "duplicate_field", f"field {name!r} was sent twice")
+            if isinstance(value, UploadFile):
+                if name not in FILE_FIELDS:
+                    raise ApiError(
+                        400, "bad_option", f"option {name!r} must be a value, not a file"
+                    )
+                files[name] = value
+            else:
+                if name not in OPTION_FIELDS:
+                    raise ApiError(400, "missing_file", f"field {name!r} must be a file upload")
+                values[name] = value
+        options = _parse_options(values)
+        _check_files(files)
+        staging = storage.staging_dir()
+        try:
+            paths = await run_in_threadpool(_validate_and_store, files, staging, settings)
+            job_id = str(uuid.uuid4())
+            storage.adopt(staging, job_id)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        await form.close()
+
+    inputs = {name: storage.key(storage.inputs_dir(job_id) / p.name) for name, p in paths.items()}
+    queue = _queue(settings, store)
+    job, created = store.create(
+        owner, options.model_dump(), inputs, queue, idempotency_key, job_id=job_id
+    )
+    if not created:  # a concurrent retry with the same key won the race
+        storage.delete_job(job_id)
+        return _created(request, response, store, job)
+    try:
+        celery.send_task(TASK_SEGMENT, args=[job.id], queue=queue)
+    except Exception as exc:
+        store.delete(job.id)
+        storage.delete_job(job.id)
+        raise ApiError(
+            503,
+            "queue_unavailable",
+            "the job queue cannot be reached, nothing was queued; try again shortly",
+        ) from exc
+    return _created(request, response, store, job)
+
+
+def _owned(store: JobStore, job_id: str, owner: str) -> Job:
+    job = store.get(job_id, owner)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id} for this API key")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, responses=ERRORS, summary="Job status")
+def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobStatus:
+    return _status(request, store, _owned(store, job_id, owner))
+
+
+@router.get("/jobs", response_model=JobPage, responses=ERRORS, summary="Your jobs, newest first")
+def list_jobs(
+    request: Request,
+    store: StoreDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    jobs, total = store.list(owner, limit, offset)
+    return JobPage(
+        items=[_status(request, store, j) for j in jobs], total=total, limit=limit, offset=offset
+    )
+
+
+def _result_file(storage: Storage, job: Job, kind: str) -> Path:
+    if job.state != SUCCEEDED:
+        detail = f"job {job.id} is {job.state}"
+        if job.state in ACTIVE:
+            raise ApiError(409, "not_ready", f"{detail}; poll its status until it succeeds")
+        raise ApiError(409, "no_result", f"{detail}; it has no results")
+    key = (job.result or {}).get("files", {}).get(kind)
+    if key is None:
+        raise ApiError(
+            404, "not_requested", f"job {job.id} did not produce {kind}; ask for it when submitting"
+        )
+    path = storage.path(key)
+    if not path.is_file():
+        raise ApiError(404, "expired", f"the {kind} of job {job.id} is no longer stored")
+    return path
+
+
+@router.get(
+    "/jobs/{job_id}/segmentation",
+    response_class=FileResponse,
+    responses=ERRORS,
+    summary="Label map (NIfTI, on the input's grid)",
+)
+def get_segmentation(
+    job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep
+) -> FileResponse:
+    job = _owned(store, job_id, owner)
+    path = _result_file(storage, job, "segmentation")
+    return FileResponse(path, media_type="application/gzip", filename=f"{job.id}_seg.nii.gz")
+
+
+@router.get(
+    "/jobs/{job_id}/probabilities",
+    response_class=FileResponse,
+    responses=ERRORS,
+    summary="Probabilities of background, NCR/NET, edema and ET (4D NIfTI)",
+)
+def get_probabilities(
+    job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep
+) -> FileResponse:
+    job = _owned(store, job_id, owner)
+    path = _result_file(storage, job, "probabilities")
+    return FileResponse(
+        path, media_type="application/gzip", filename=f"{job.id}_probabilities.nii.gz"
+    )
+
+
+@router.get("/jobs/{job_id}/metrics", responses=ERRORS, summary="Region volumes and scores (JSON)")
+def get_metrics(job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep) -> JSONResponse:
+    job = _owned(store, job_id, owner)
+    _result_file(storage, job, "metrics")
+    return JSONResponse((job.result or {}).get("metrics", {}))
+
+
+@router.get(
+    "/jobs/{job_id}/preview.png",
+    response_class=FileResponse,
+    responses=ERRORS,
+    summary="Overlay preview (PNG)",
+)
+def get_preview(job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep) -> FileResponse:
+    job = _owned(store, job_id, owner)
+    return FileResponse(_result_file(storage, job, "preview"), media_type="image/png")
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    responses={**ERRORS, 204: {"description": "a finished job and its files were deleted"}},
+    response_model=JobStatus,
+    summary="Cancel a queued or running job, or delete a finished one; its files are deleted",
+)
+def delete_job(
+    request: Request,
+    job_id: str,
+    settings: SettingsDep,
+    store: StoreDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+) -> Any:
+    job = _owned(store, job_id, owner)
+    if job.state in (QUEUED, "running"):
+        job = store.cancel(job_id, owner, timedelta(hours=settings.retention_hours)) or job
+        storage.delete_job(job_id)
+        if job.state == CANCELLED:
+            return _status(request, store, job)
+    storage.delete_job(job_id)
+    if job.state in (SUCCEEDED, FAILED, CANCELLED):
+        store.delete(job_id)
+    return Response(status_code=204)

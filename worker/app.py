@@ -1,0 +1,64 @@
+"""The Celery application, configured from :class:`service.config.Settings`.
+
+Redis is the broker and result store when ``OMNET_BROKER_URL`` is set. Without it the
+embedded mode needs no server: Celery's filesystem transport (messages are files in the
+storage folder) with results in SQLite.
+
+Delivery guarantees: late acknowledgement (a job is acknowledged when it ends, not when
+it starts), one job prefetched per worker, a job whose worker process dies is rejected
+back to the queue, and Redis re-delivers unacknowledged jobs after the visibility
+timeout (longer than the longest job). Job records add a claim with a heartbeat so a
+re-delivered job runs once (see :mod:`worker.runner`).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.config import Settings, get_settings
+
+TASK_SEGMENT = "omnet.segment"
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.embedded:
+        broker_dir = (settings.storage_dir / "broker").resolve()
+        for sub in ("queue", "processed"):
+            (broker_dir / sub).mkdir(parents=True, exist_ok=True)
+        broker = "filesystem://"
+        transport_options: dict[str, object] = {
+            "data_folder_in": str(broker_dir / "queue"),
+            "data_folder_out": str(broker_dir / "queue"),
+            "processed_folder": str(broker_dir / "processed"),
+            "store_processed": False,
+        }
+        backend = settings.result_backend or (
+            f"db+sqlite:///{(settings.storage_dir / 'celery-results.sqlite').resolve()}"
+        )
+    else:
+        broker = settings.broker_url or ""
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        backend = settings.result_backend or broker
+    app = Celery("omnet", broker=broker, backend=backend, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options if not settings.embedded else {},
+        result_expires=int(settings.retention_hours * 3600),
+        task_default_queue=settings.queue("cpu"),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_time_limit=int(settings.job_time_limit_s + 120),
+        task_soft_time_limit=int(settings.job_time_limit_s + 60),
+    )
+    return app
+
+
+app = make_celery(get_settings())
