@@ -169,6 +169,10 @@ class Predictor:
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )
+        if self.device.type == "cuda":
+            # Same input, same output: no autotuned (run-dependent) convolution algorithms.
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> list[torch.Tensor]:
