@@ -23,13 +23,14 @@ TASK_SEGMENT = "omnet.segment"
 def make_celery(settings: Settings) -> Celery:
     if settings.embedded:
         broker_dir = (settings.storage_dir / "broker").resolve()
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (broker_dir / sub).mkdir(parents=True, exist_ok=True)
         broker = "filesystem://"
         transport_options: dict[str, object] = {
             "data_folder_in": str(broker_dir / "queue"),
             "data_folder_out": str(broker_dir / "queue"),
             "processed_folder": str(broker_dir / "processed"),
+            "control_folder": str(broker_dir / "control"),
             "store_processed": False,
         }
         backend = settings.result_backend or (
