@@ -61,10 +61,13 @@ def serve(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
     settings = get_settings()
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
     worker = None
     if not args.no_worker:
         env = {**os.environ, "OMNET_STORAGE_DIR": str(settings.storage_dir.resolve())}
-        cmd = worker_command(settings.device, "solo", 1, "omnet-embedded@%h")
+        # The worker picks its queue itself: the API process never imports torch.
+        cmd = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
+        cmd += ["--name", "omnet-embedded@%h"]
         worker = subprocess.Popen(cmd, env=env)
         mode = (
             "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
@@ -73,6 +76,13 @@ def serve(args: argparse.Namespace) -> int:
             f"omnet serve: worker pid {worker.pid}, {mode}, storage {settings.storage_dir}",
             file=sys.stderr,
         )
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown; this handler turns it into
+    # SystemExit so that the worker below is stopped too.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:

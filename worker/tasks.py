@@ -19,6 +19,7 @@ logger = get_task_logger(__name__)
 
 @lru_cache(maxsize=1)
 def _store() -> JobStore:
+    get_settings().storage_dir.mkdir(parents=True, exist_ok=True)
     return JobStore(get_settings().database)
 
 
