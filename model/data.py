@@ -130,14 +130,16 @@ def cache_case(case_dir: Path, out: Path) -> Path:
     return dest
 
 
-def _is_cached(folder: Path) -> bool:
+def _is_cached(folder: Path, source: Path) -> bool:
+    """A complete cache entry of this version, made from this very case folder."""
     meta = folder / "meta.json"
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("version") == CACHE_VERSION
+        info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
+    return info.get("version") == CACHE_VERSION and info.get("source") == str(source)
 
 
 def build_cache(
@@ -150,7 +152,7 @@ def build_cache(
     cases = []
     for i, case_dir in enumerate(case_dirs):
         folder = cache / Path(case_dir).name
-        if not _is_cached(folder):
+        if not _is_cached(folder, Path(case_dir)):
             cache_case(Path(case_dir), cache)
         cases.append(CachedCase.open(folder))
         if progress is not None:

@@ -84,10 +84,17 @@ class TrainConfig:
             "batch_per_task",
             "lr_halve_every",
             "checkpoint_every",
+            "log_every",
             "val_every",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1); got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
         if self.val_tiling not in TILINGS:
             raise ValueError(
                 f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
@@ -114,6 +121,11 @@ class TrainConfig:
         if epoch < s1 + s2:
             return (True, True, False)
         return (True, True, True)
+
+    @property
+    def online_transfer(self) -> bool:
+        """Whether the sampler transfers patches between tasks (never for ``mc_cascade``)."""
+        return self.transfer and self.variant != "mc_cascade"
 
     def learning_rate(self, epoch: int) -> float:
         return self.lr * 0.5 ** (epoch // self.lr_halve_every)
@@ -242,7 +254,7 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.sampler.load_state_dict(payload["sampler"])
-        torch.set_rng_state(payload["torch_rng"])
+        torch.set_rng_state(payload["torch_rng"].cpu())  # map_location moved it to the device
         self.state = TrainState(**payload["state"])
 
     def _metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -387,6 +399,7 @@ class Trainer:
             "active": list(active),
         }
         extra: dict[str, Any] = {}
+        is_best = False
         last = st.epoch + 1 == self.config.epochs
         if self.validation and ((st.epoch + 1) % self.config.val_every == 0 or last):
             val = self.validate()
@@ -395,11 +408,13 @@ class Trainer:
             score = float(np.mean(list(val["dice"].values())))
             if score > st.best_score:
                 st.best_score, st.best_epoch = score, st.epoch
-                self.save_model("best.pt", extra)
+                is_best = True
         st.history.append(record)
         self._log(record)
         st.epoch += 1
         st.step = 0
+        if is_best:  # saved after the count, so that its epochs_done includes this epoch
+            self.save_model("best.pt", extra)
         self.save_model("last.pt", extra)
         self.save_state()
 

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "val_cases": run_info["val_cases"],
     }
     trainer = Trainer(config, sampler, run_dir, validation, device, summary)
-    if args.resume:
+    if args.resume and (run_dir / "state.pt").exists():  # stopped before its first save
         trainer.load_state()
         print(
             f"resuming {run_dir} at epoch {trainer.state.epoch + 1}, "
