@@ -11,7 +11,7 @@ stored as ``.npy`` files that training memory-maps::
 
 A training step then reads only the patches it needs (a few MB), never whole volumes:
 the page cache holds what is hot, and the process's own memory stays small. A BraTS
-case takes about 30 MB in the cache.
+case takes about 55 MB in the cache.
 
 Sampling (spec "Training"). Patches are 32 x 32 x 16 voxels; centres are drawn uniformly
 (a case at random, then a candidate voxel of that case at random) from: task 1, the
