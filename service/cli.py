@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from service import serve, train_command
+from service import export_command, serve, train_command
 
 if TYPE_CHECKING:
     from model.metrics import RegionMetrics
@@ -777,6 +777,9 @@ command("train", "train OM-Net on a folder of BraTS cases (resumable)", train_co
 )
 command("serve", "run the HTTP API and one worker", serve.configure_serve)(serve.serve)
 command("worker", "run a segmentation worker (Celery)", serve.configure_worker)(serve.worker)
+command(
+    "export", "write a compact (half-precision) copy of a checkpoint", export_command.configure
+)(export_command.run)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -8,6 +8,7 @@ without locks of their own.
 
 from __future__ import annotations
 
+import builtins
 import json
 import uuid
 from collections.abc import Iterator
@@ -221,10 +222,10 @@ class JobStore:
     def counts(self) -> dict[str, int]:
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
         with self.engine.connect() as conn:
-            found = dict(conn.execute(query).all())
+            found: dict[str, int] = {s: n for s, n in conn.execute(query).all()}
         return {s: int(found.get(s, 0)) for s in STATES}
 
-    def durations(self, limit: int = 1000) -> list[float]:
+    def durations(self, limit: int = 1000) -> builtins.list[float]:
         """Seconds from creation to finish of the latest succeeded jobs."""
         query = (
             sa.select(jobs.c.created_at, jobs.c.finished_at)
@@ -342,12 +343,12 @@ class JobStore:
         with self._tx() as conn:
             conn.execute(jobs.delete().where(jobs.c.id == job_id))
 
-    def expired(self, now: datetime | None = None) -> list[str]:
+    def expired(self, now: datetime | None = None) -> builtins.list[str]:
         query = sa.select(jobs.c.id).where(jobs.c.expires_at < (now or utcnow()))
         with self.engine.connect() as conn:
             return [r.id for r in conn.execute(query).all()]
 
-    def orphans(self, stale_after_s: float) -> list[Job]:
+    def orphans(self, stale_after_s: float) -> builtins.list[Job]:
         """Queued jobs, and running jobs whose worker went silent: candidates to re-send."""
         stale = utcnow() - timedelta(seconds=stale_after_s)
         query = sa.select(jobs).where(
@@ -376,7 +377,7 @@ class JobStore:
         with self._tx() as conn:
             conn.execute(workers.delete().where(workers.c.name == name))
 
-    def live_workers(self, within_s: float) -> list[dict[str, Any]]:
+    def live_workers(self, within_s: float) -> builtins.list[dict[str, Any]]:
         since = utcnow() - timedelta(seconds=within_s)
         query = sa.select(workers).where(workers.c.seen_at >= since).order_by(workers.c.name)
         with self.engine.connect() as conn:

@@ -122,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
     validation = []
     for name in run_info["val_cases"]:
         case = load_case(data / name)
-        validation.append((case, load_labels(find_label_file(data / name), like=case)))
+        label_file = find_label_file(data / name)
+        if label_file is None:
+            raise ValueError(f"validation case {name} has no label map (<case>_seg.nii.gz)")
+        validation.append((case, load_labels(label_file, like=case)))
 
     sampler = PatchSampler(cases, config.batch_per_task, config.online_transfer, seed=config.seed)
     summary = {

@@ -16,8 +16,9 @@ from __future__ import annotations
 from celery import Celery
 
 from service.config import Settings, get_settings
+from worker.names import TASK_SEGMENT
 
-TASK_SEGMENT = "omnet.segment"
+__all__ = ["TASK_SEGMENT", "app", "make_celery"]
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -51,7 +52,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options if not settings.embedded else {},
-        result_expires=int(settings.retention_hours * 3600),
+        result_expires=max(1, int(settings.retention_hours * 3600)),
         task_default_queue=settings.queue("cpu"),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -12,7 +12,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from model.nifti_io import MODALITIES, InputError, load_case, load_labels
 from service.config import Settings
@@ -31,7 +33,7 @@ from service.schemas import (
 )
 from service.storage import Storage
 from service.uploads import parse_bool, store_upload
-from worker.app import TASK_SEGMENT
+from worker.names import TASK_SEGMENT
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -191,8 +193,19 @@ async def create_job(
         )
     try:
         form = await request.form(max_files=len(FILE_FIELDS), max_fields=len(OPTION_FIELDS) + 2)
-    except MultiPartException as exc:
-        raise ApiError(400, "bad_multipart", f"the multipart body cannot be read: {exc}") from exc
+    except (MultiPartException, StarletteHTTPException) as exc:
+        # Starlette turns its parser's MultiPartException into an HTTPException(400).
+        detail = getattr(exc, "detail", None) or exc
+        raise ApiError(
+            400, "bad_multipart", f"the multipart body cannot be read: {detail}"
+        ) from exc
+    except ClientDisconnect as exc:
+        raise ApiError(
+            400,
+            "upload_incomplete",
+            "the connection closed before the whole upload arrived; nothing was queued, "
+            "send it again",
+        ) from exc
     try:
         files: dict[str, UploadFile] = {}
         values: dict[str, str] = {}

@@ -1,0 +1,365 @@
+"""Real service processes for the service tests: uvicorn APIs, Celery workers, `omnet serve`.
+
+A :class:`Stack` is one deployment: a storage folder, a queue prefix and the environment
+variables every process of it reads (``OMNET_*``). Its processes run in their own process
+groups with their output in log files, so a test can SIGKILL a worker, restart an API,
+and show the logs' tails when something fails.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import nibabel as nib
+import numpy as np
+
+from service.db import Job, JobStore
+
+T = TypeVar("T")
+
+MODALITY_FIELDS = ("t1", "t1ce", "t2", "flair")
+GZ = "application/gzip"
+API_KEYS = {"alice": "k1", "bob": "k2"}
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+PYTHON = sys.executable
+#: The ``omnet`` command of this interpreter's environment (``.venv/bin/omnet``).
+OMNET = (
+    [str(Path(PYTHON).with_name("omnet"))]
+    if Path(PYTHON).with_name("omnet").exists()
+    else [PYTHON, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"]
+)
+
+#: Live stacks, so that a failing test can attach their logs to its report.
+ACTIVE: list[Stack] = []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    stack: Stack | None = None,
+    interval: float = 0.2,
+) -> T:
+    """Calls ``probe`` until it returns something truthy; fails after ``timeout`` seconds
+    with ``what``, the last value seen and the stack's log tails."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            logs = f"\n{stack.tails()}" if stack else ""
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}{logs}"
+            )
+        time.sleep(interval)
+
+
+def _no_server_errors(response: httpx.Response) -> None:
+    """Event hook of every test client: no request may end in an unhandled server error."""
+    if response.status_code == 500:
+        response.read()
+        raise AssertionError(
+            f"{response.request.method} {response.request.url} answered 500: {response.text}"
+        )
+
+
+@dataclass
+class Proc:
+    """One service process (and its children) in its own process group."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Sends ``sig`` to the whole process group (``omnet serve`` has a worker child)."""
+        if self.alive():
+            with suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+        if sig == signal.SIGKILL:
+            self.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (a Celery worker finishes its job and unregisters), then SIGKILL."""
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout)
+        with suppress(ProcessLookupError, PermissionError):  # children left behind
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+
+@dataclass
+class Api:
+    """A running API process and how to talk to it."""
+
+    proc: Proc
+    url: str
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    def client(self, owner: str | None = "alice", **headers: str) -> httpx.Client:
+        """An HTTP client sending ``owner``'s API key (none when ``owner`` is None)."""
+        if owner is not None:
+            headers = {"X-API-Key": API_KEYS[owner], **headers}
+        client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=60.0,
+            event_hooks={"response": [_no_server_errors]},
+        )
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.proc.stop()
+
+
+class Stack:
+    """The processes of one deployment, sharing a storage folder and a queue prefix."""
+
+    def __init__(self, name: str, root: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.root = root
+        self.storage = root / "storage"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.logs = root / "logs"
+        self.logs.mkdir(exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OMNET_")}
+        self.env = {
+            **base,
+            "PYTHONUNBUFFERED": "1",
+            "OMNET_STORAGE_DIR": str(self.storage),
+            **env,
+        }
+        self.procs: list[Proc] = []
+        self.apis: list[Api] = []
+        self._store: JobStore | None = None
+        ACTIVE.append(self)
+
+    # ------------------------------------------------------------------ processes
+    def spawn(self, name: str, cmd: list[str], **env: str) -> Proc:
+        log = self.logs / f"{name}.log"
+        n = 1
+        while log.exists():
+            n += 1
+            log = self.logs / f"{name}-{n}.log"
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                cmd,
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_api(self, name: str = "api", **env: str) -> Api:
+        """A uvicorn process serving ``service.app:create_app`` (settings from the env)."""
+        port = free_port()
+        cmd = [PYTHON, "-m", "uvicorn", "--factory", "service.app:create_app"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
+        api = Api(self.spawn(name, cmd, **env), f"http://127.0.0.1:{port}")
+        self.apis.append(api)
+        return api
+
+    def start_serve(self, name: str = "serve", **env: str) -> Api:
+        """``omnet serve``: the API and an embedded worker in one command."""
+        port = free_port()
+        proc = self.spawn(name, [*OMNET, "serve", "--port", str(port)], **env)
+        api = Api(proc, f"http://127.0.0.1:{port}")
+        self.apis.append(api)
+        return api
+
+    def start_worker(self, name: str = "worker", **env: str) -> Proc:
+        """``omnet worker --pool solo --device cpu`` (it execs Celery: one process)."""
+        cmd = [*OMNET, "worker", "--pool", "solo", "--device", "cpu", "--name", f"{name}@%h"]
+        return self.spawn(name, cmd, **env)
+
+    def wait_api(self, api: Api, timeout: float = 90.0) -> Api:
+        def up() -> bool:
+            if not api.proc.alive():
+                raise AssertionError(f"{api.proc.name} exited:\n{api.proc.tail()}")
+            try:
+                return httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout, f"{api.proc.name} to answer /healthz", self)
+        return api
+
+    def wait_worker(self, worker: Proc, timeout: float = 120.0) -> str:
+        """Waits until ``worker`` has registered (model loaded); returns its record name."""
+        name = f"{socket.gethostname()}:{worker.pid}"
+
+        def registered() -> bool:
+            if not worker.alive():
+                raise AssertionError(f"{worker.name} exited:\n{worker.tail()}")
+            return any(w["name"] == name for w in self.store.live_workers(3.0))
+
+        wait_until(registered, timeout, f"{worker.name} to register as {name}", self)
+        return name
+
+    def close(self) -> None:
+        for api in self.apis:
+            api.close()
+        for proc in self.procs:
+            proc.stop()
+        if self._store is not None:
+            self._store.engine.dispose()
+        if self in ACTIVE:
+            ACTIVE.remove(self)
+
+    def tails(self, lines: int = 40) -> str:
+        parts = []
+        for proc in self.procs:
+            state = "running" if proc.alive() else f"exited {proc.popen.returncode}"
+            parts.append(f"----- {self.name}/{proc.name} ({state}), {proc.log}\n{proc.tail(lines)}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ job records
+    @property
+    def store(self) -> JobStore:
+        """The stack's job records, read directly (what the API does not show)."""
+        if self._store is None:
+            self._store = JobStore(f"sqlite:///{self.storage / 'jobs.sqlite'}")
+        return self._store
+
+    def record(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.storage / "jobs" / job_id
+
+    def wait_state(
+        self, client: httpx.Client, job_id: str, states: tuple[str, ...], timeout: float = 90.0
+    ) -> dict[str, Any]:
+        """Polls GET /v1/jobs/{id} until its state is one of ``states``."""
+        seen: dict[str, Any] = {}
+
+        def reached() -> dict[str, Any] | None:
+            response = client.get(f"/v1/jobs/{job_id}")
+            assert response.status_code == 200, response.text
+            seen.update(response.json())
+            if seen["state"] in states:
+                return dict(seen)
+            if seen["state"] in FINAL_STATES:
+                raise AssertionError(
+                    f"job {job_id} ended {seen['state']}, not {states}: {seen}\n{self.tails()}"
+                )
+            return None
+
+        return wait_until(reached, timeout, f"job {job_id} to be {'/'.join(states)}", self, 0.25)
+
+
+@contextmanager
+def stack(name: str, root: Path, env: dict[str, str]) -> Iterator[Stack]:
+    """A :class:`Stack` whose processes are always stopped at the end."""
+    s = Stack(name, root, env)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- inputs
+def nifti_gz(data: np.ndarray, affine: np.ndarray) -> bytes:
+    """A .nii.gz file's bytes."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), compresslevel=1)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A synthetic case as the bytes of its five .nii.gz files, plus its grid."""
+
+    data: dict[str, bytes]  # t1, t1ce, t2, flair, reference
+    images: dict[str, np.ndarray]
+    labels: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+
+    def files(
+        self, with_reference: bool = False, **replace: tuple[str, bytes] | None
+    ) -> list[tuple[str, tuple[str, bytes, str]]]:
+        """Multipart files for httpx: the four modalities (and the reference), with
+        ``replace={field: (filename, bytes)}`` swapped in and ``field=None`` left out."""
+        fields = [*MODALITY_FIELDS, "reference"] if with_reference else list(MODALITY_FIELDS)
+        out = []
+        for name in [*fields, *(k for k in replace if k not in fields)]:
+            item = replace[name] if name in replace else (f"case_{name}.nii.gz", self.data[name])
+            if item is not None:
+                out.append((name, (item[0], item[1], GZ)))
+        return out
+
+
+def base_env(checkpoint: Path, **extra: str) -> dict[str, str]:
+    """Settings shared by every test deployment (fast liveness, tiny model, two keys)."""
+    return {
+        "OMNET_CHECKPOINT": str(checkpoint),
+        "OMNET_API_KEYS": "k1:alice,k2:bob",
+        "OMNET_WORKER_HEARTBEAT_S": "1",
+        "OMNET_STALE_AFTER_S": "3",
+        "OMNET_VISIBILITY_TIMEOUT_S": "6",
+        "OMNET_DEVICE": "cpu",
+        "OMNET_TILING": "fast",
+        **extra,
+    }
+
+
+def redis_env(redis_url: str, prefix: str, checkpoint: Path, **extra: str) -> dict[str, str]:
+    return base_env(checkpoint, OMNET_BROKER_URL=redis_url, OMNET_QUEUE_PREFIX=prefix, **extra)
+
+
+def queued_messages(redis_url: str, queue: str) -> int:
+    """Messages waiting in a Redis queue (every priority list of it)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(
+            int(client.llen(key))
+            for key in client.scan_iter(match=f"{queue}*")
+            if client.type(key) == b"list"
+        )
+    finally:
+        client.close()

@@ -1,0 +1,422 @@
+"""Bad requests are answered 4xx with a JSON error code, and nothing is queued.
+
+One real API process (uvicorn) on Redis, with small limits (2 MB requests, 8 MB
+volumes) and no worker, so every accepted job would stay visible in the Redis queue.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.service.support import (
+    Api,
+    Phantom,
+    Stack,
+    nifti_gz,
+    queued_messages,
+    redis_env,
+    wait_until,
+)
+from tests.service.support import stack as make_stack
+
+MAX_UPLOAD_MB = 2
+MAX_VOLUME_MB = 8
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, redis_url, queue_prefix, tiny_checkpoint) -> Iterator[Stack]:
+    env = redis_env(
+        redis_url,
+        f"{queue_prefix}-errors",
+        tiny_checkpoint,
+        OMNET_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB),
+        OMNET_MAX_VOLUME_MB=str(MAX_VOLUME_MB),
+    )
+    with make_stack("errors", tmp_path_factory.mktemp("errors"), env) as s:
+        s.wait_api(s.start_api())
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api(deployment: Stack) -> Api:
+    return deployment.apis[0]
+
+
+@pytest.fixture(scope="module")
+def queue(queue_prefix: str) -> str:
+    return f"{queue_prefix}-errors.cpu"
+
+
+def _assert_nothing_queued(deployment: Stack, api: Api, redis_url: str, queue: str) -> None:
+    for owner in ("alice", "bob"):
+        listing = api.client(owner).get("/v1/jobs")
+        assert listing.status_code == 200
+        assert listing.json()["total"] == 0, f"{owner} has jobs: {listing.json()}"
+    assert queued_messages(redis_url, queue) == 0
+    assert not list((deployment.storage / "jobs").iterdir()), "job folders were created"
+    staging = deployment.storage / "staging"
+    leftovers = list(staging.iterdir()) if staging.exists() else []
+    assert not leftovers, f"uploads left in staging: {leftovers}"
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _header_only(shape: tuple[int, ...], dtype: type = np.int16) -> bytes:
+    """A NIfTI header declaring ``shape``, followed by a few bytes of data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 1024)
+
+
+def _with_values(ph: Phantom, field_name: str, edit: Callable[[np.ndarray], np.ndarray]) -> bytes:
+    if field_name == "reference":
+        return nifti_gz(edit(ph.labels.copy()), ph.affine)
+    return nifti_gz(edit(ph.images[field_name].astype(np.float32)), ph.affine)
+
+
+def _nan(volume: np.ndarray) -> np.ndarray:
+    volume[10, 10, 10] = np.nan
+    return volume
+
+
+def _bad_label(labels: np.ndarray) -> np.ndarray:
+    labels[labels == 2] = 7
+    return labels
+
+
+def _corrupt(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return (
+        data[:middle] + bytes(b ^ 0x5A for b in data[middle : middle + 512]) + data[middle + 512 :]
+    )
+
+
+@dataclass
+class Bad:
+    """A bad request: how to build it and the answer it must get."""
+
+    name: str
+    status: int
+    code: str
+    files: Callable[[Phantom], list[Any]]
+    data: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _files(**replace: tuple[str, bytes] | None) -> Callable[[Phantom], list[Any]]:
+    return lambda ph: ph.files(with_reference=True, **replace)
+
+
+def _dynamic(
+    make: Callable[[Phantom], dict[str, tuple[str, bytes] | None]],
+) -> Callable[[Phantom], list[Any]]:
+    return lambda ph: ph.files(with_reference=True, **make(ph))
+
+
+TEXT = b"patient_id,age\n123,45\n" * 20
+BAD = [
+    Bad("missing_modality", 400, "missing_modality", _files(flair=None)),
+    Bad("text_named_nii_gz", 400, "not_nifti", _files(t1=("t1.nii.gz", TEXT))),
+    Bad("text_named_nii", 400, "not_nifti", _files(t1=("t1.nii", TEXT))),
+    Bad(
+        "not_a_nifti_name", 400, "not_nifti", _dynamic(lambda ph: {"t1": ("t1.png", ph.data["t1"])})
+    ),
+    Bad("reference_not_nifti", 400, "not_nifti", _files(reference=("seg.nii.gz", TEXT))),
+    Bad("empty_file", 400, "empty_file", _files(t2=("t2.nii.gz", b""))),
+    Bad(
+        "corrupt_gzip",
+        400,
+        "corrupt_gzip",
+        _dynamic(lambda ph: {"t1": ("t1.nii.gz", _corrupt(ph.data["t1"]))}),
+    ),
+    Bad(
+        "truncated_gzip",
+        400,
+        "corrupt_gzip",
+        _dynamic(
+            lambda ph: {"t1ce": ("t1ce.nii.gz", ph.data["t1ce"][: len(ph.data["t1ce"]) // 2])}
+        ),
+    ),
+    Bad(
+        "decompression_bomb",
+        413,
+        "volume_too_large",
+        _files(flair=("flair.nii.gz", gzip.compress(b"\0" * (3 * MAX_VOLUME_MB // 2 * 2**20)))),
+    ),
+    Bad(
+        "declared_huge_volume",
+        413,
+        "volume_too_large",
+        _files(t1=("t1.nii.gz", _header_only((1024, 1024, 1024)))),
+    ),
+    Bad(
+        "upload_too_large",
+        413,
+        "upload_too_large",
+        _files(t1=("t1.nii.gz", os.urandom((MAX_UPLOAD_MB + 1) * 2**20))),
+    ),
+    Bad(
+        "shape_mismatch",
+        422,
+        "shape_mismatch",
+        _dynamic(
+            lambda ph: {"t2": ("t2.nii.gz", nifti_gz(ph.images["t2"][:, :, :-2].copy(), ph.affine))}
+        ),
+    ),
+    Bad(
+        "affine_mismatch",
+        422,
+        "affine_mismatch",
+        _dynamic(
+            lambda ph: {"t2": ("t2.nii.gz", nifti_gz(ph.images["t2"], ph.affine + _shift(5.0)))}
+        ),
+    ),
+    Bad(
+        "not_3d",
+        422,
+        "not_3d",
+        _dynamic(
+            lambda ph: {
+                "t1": ("t1.nii.gz", nifti_gz(np.stack([ph.images["t1"]] * 2, axis=-1), ph.affine))
+            }
+        ),
+    ),
+    Bad(
+        "non_finite",
+        422,
+        "non_finite",
+        _dynamic(lambda ph: {"t1": ("t1.nii.gz", _with_values(ph, "t1", _nan))}),
+    ),
+    Bad(
+        "empty_volume",
+        422,
+        "empty_volume",
+        _dynamic(lambda ph: {"flair": ("flair.nii.gz", _with_values(ph, "flair", np.zeros_like))}),
+    ),
+    Bad(
+        "bad_labels",
+        422,
+        "bad_labels",
+        _dynamic(
+            lambda ph: {"reference": ("seg.nii.gz", _with_values(ph, "reference", _bad_label))}
+        ),
+    ),
+    Bad(
+        "reference_shape_mismatch",
+        422,
+        "shape_mismatch",
+        _dynamic(
+            lambda ph: {"reference": ("seg.nii.gz", nifti_gz(ph.labels[:-1].copy(), ph.affine))}
+        ),
+    ),
+    Bad("unknown_option", 400, "unknown_option", _files(), data={"colour": "red"}),
+    Bad(
+        "unknown_file_field",
+        400,
+        "unknown_option",
+        _dynamic(lambda ph: {"t1_extra": ("x.nii.gz", ph.data["t1"])}),
+    ),
+    Bad("bad_bool_option", 400, "bad_option", _files(), data={"postprocess": "maybe"}),
+    Bad("bad_label_convention", 400, "bad_option", _files(), data={"label_convention": "5"}),
+    Bad("option_sent_as_file", 400, "bad_option", _files(preview=("preview.txt", b"true"))),
+    Bad("file_sent_as_value", 400, "missing_file", _files(t1=None), data={"t1": "t1.nii.gz"}),
+    Bad(
+        "dot_dot_filename",
+        400,
+        "bad_filename",
+        _dynamic(lambda ph: {"t1": ("../t1.nii.gz", ph.data["t1"])}),
+    ),
+    Bad(
+        "absolute_filename",
+        400,
+        "bad_filename",
+        _dynamic(lambda ph: {"t2": ("/etc/t2.nii.gz", ph.data["t2"])}),
+    ),
+    Bad(
+        "backslash_filename",
+        400,
+        "bad_filename",
+        _dynamic(lambda ph: {"flair": ("..\\flair.nii.gz", ph.data["flair"])}),
+    ),
+    Bad(
+        "hidden_filename",
+        400,
+        "bad_filename",
+        _dynamic(lambda ph: {"t1ce": (".t1ce.nii.gz", ph.data["t1ce"])}),
+    ),
+    Bad(
+        "image_and_modalities",
+        400,
+        "conflicting_inputs",
+        _dynamic(lambda ph: {"image": ("image.nii.gz", ph.data["t1"])}),
+    ),
+    Bad(
+        "long_idempotency_key",
+        400,
+        "bad_idempotency_key",
+        _files(),
+        headers={"Idempotency-Key": "x" * 201},
+    ),
+]
+
+
+def _shift(mm: float) -> np.ndarray:
+    shift = np.zeros((4, 4))
+    shift[0, 3] = mm
+    return shift
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b.name for b in BAD])
+def test_bad_upload_is_refused_and_nothing_queued(bad, api, phantom, deployment, redis_url, queue):
+    client = api.client("alice", **bad.headers)
+    response = client.post("/v1/jobs", files=bad.files(phantom), data=bad.data)
+    assert response.status_code == bad.status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == bad.code, error
+    assert len(error["message"]) > 10
+    _assert_nothing_queued(deployment, api, redis_url, queue)
+
+
+def _multipart(fields: list[tuple[str, str, bytes]], boundary: str) -> list[bytes]:
+    parts = []
+    for name, filename, data in fields:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: application/gzip\r\n\r\n'
+        )
+        parts += [head.encode(), data, b"\r\n"]
+    parts.append(f"--{boundary}--\r\n".encode())
+    return parts
+
+
+def test_streamed_upload_over_limit_without_length(api, phantom, deployment, redis_url, queue):
+    """A chunked body (no Content-Length) is counted as it arrives and refused."""
+    boundary = "omnet-test-boundary"
+    fields = [(m, f"{m}.nii.gz", phantom.data[m]) for m in ("t1ce", "t2", "flair")]
+    fields.append(("t1", "t1.nii.gz", os.urandom((MAX_UPLOAD_MB + 1) * 2**20)))
+    parts = _multipart(fields, boundary)
+
+    def chunks() -> Iterator[bytes]:
+        for part in parts:
+            for start in range(0, len(part), 64 * 1024):
+                yield part[start : start + 64 * 1024]
+
+    client = api.client("alice", **{"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post("/v1/jobs", content=chunks())
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "upload_too_large"
+    _assert_nothing_queued(deployment, api, redis_url, queue)
+
+
+@pytest.mark.parametrize(
+    ("owner_key", "code"), [(None, "missing_api_key"), ("not-a-key", "invalid_api_key")]
+)
+def test_submit_without_valid_key_is_401(
+    owner_key, code, api, phantom, deployment, redis_url, queue
+):
+    client = api.client(None, **({"X-API-Key": owner_key} if owner_key else {}))
+    response = client.post("/v1/jobs", files=phantom.files())
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == code
+    if owner_key is None:
+        assert response.headers["www-authenticate"] == "ApiKey"
+    for path in ("/v1/jobs", "/v1/model", f"/v1/jobs/{'0' * 36}"):
+        answer = client.get(path)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (401, code), path
+    _assert_nothing_queued(deployment, api, redis_url, queue)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"json": {"t1": "t1.nii.gz"}}, 415, "not_multipart"),
+        ({"data": {"postprocess": "true"}}, 415, "not_multipart"),
+        ({"content": b"\x1f\x8b" + b"\0" * 64}, 415, "not_multipart"),
+        (
+            {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}},
+            400,
+            "bad_multipart",
+        ),
+        (
+            {"files": [("postprocess", (None, b"true"))] * 9},
+            400,
+            "bad_multipart",
+        ),
+    ],
+    ids=["json", "urlencoded", "raw", "no_boundary", "too_many_fields"],
+)
+def test_malformed_bodies(kwargs, status, code, api, deployment, redis_url, queue):
+    response = api.client("alice").post("/v1/jobs", **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    _assert_nothing_queued(deployment, api, redis_url, queue)
+
+
+def _posts_answered(api: Api, status: int) -> float:
+    text = api.client(None).get("/metrics").text
+    line = f'omnet_http_requests_total{{method="POST",route="/v1/jobs",status="{status}"}} '
+    found = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+    return found[0] if found else 0.0
+
+
+def test_upload_cut_short_is_not_a_server_error(api, deployment, redis_url, queue):
+    """The client closes the connection in the middle of its body."""
+    before = _posts_answered(api, 400)
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="t1"; filename="t1.nii.gz"\r\n'
+        b"Content-Type: application/gzip\r\n\r\n" + b"\x1f\x8b" + b"x" * 5000
+    )
+    host, port = api.url.removeprefix("http://").split(":")
+    request = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nX-API-Key: k1\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request + head)
+        time.sleep(0.3)
+    wait_until(
+        lambda: _posts_answered(api, 400) == before + 1,
+        10,
+        "the cut-short upload to be answered 400",
+        deployment,
+    )
+    _assert_nothing_queued(deployment, api, redis_url, queue)
+
+
+def test_control_a_good_upload_is_queued(api, phantom, redis_url, queue):
+    """The same instance accepts a normal case: the checks above could have seen a job."""
+    client = api.client("alice")
+    response = client.post(
+        "/v1/jobs",
+        files=phantom.files(with_reference=True),
+        data={"label_convention": "3", "probabilities": "yes", "preview": "0"},
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "queued"
+    assert client.get("/v1/jobs").json()["total"] == 1
+    assert api.client("bob").get("/v1/jobs").json()["total"] == 0
+    assert queued_messages(redis_url, queue) == 1
+
+
+def test_no_request_was_answered_500(api):
+    metrics = api.client(None).get("/metrics").text
+    answered = [
+        line for line in metrics.splitlines() if line.startswith("omnet_http_requests_total{")
+    ]
+    assert any('status="400"' in line for line in answered)
+    assert any('status="413"' in line for line in answered)
+    assert any('status="422"' in line for line in answered)
+    assert not [line for line in answered if 'status="5' in line], answered
