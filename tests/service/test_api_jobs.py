@@ -119,6 +119,9 @@ def test_health_readiness_and_model(api, worker, checkpoint_sha256, queue_prefix
 def test_cancel_queued_job_while_worker_is_busy(deployment, api, phantom, submitted, worker):
     """A job queued behind others is cancelled: its files go, and the worker skips it."""
     bob = api.client("bob")
+    # A backlog that outlasts the uploads below, so the job is still queued when cancelled.
+    backlog = [bob.post("/v1/jobs", files=phantom.files()) for _ in range(10)]
+    assert all(r.status_code == 202 for r in backlog)
     response = bob.post("/v1/jobs", files=phantom.files())
     assert response.status_code == 202
     job_id = response.json()["id"]
