@@ -73,6 +73,8 @@ class TrainConfig:
     log_every: int = 10
     val_tiling: str = "paper"
     val_every: int = 1
+    task1_tumour_fraction: float = 0.0
+    init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.stage_epochs) != 3 or any(e < 0 for e in self.stage_epochs):
@@ -95,6 +97,10 @@ class TrainConfig:
             raise ValueError(f"momentum must lie in [0, 1); got {self.momentum}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if not 0.0 <= self.task1_tumour_fraction <= 1.0:
+            raise ValueError(
+                f"task1_tumour_fraction must lie in [0, 1]; got {self.task1_tumour_fraction}"
+            )
         if self.val_tiling not in TILINGS:
             raise ValueError(
                 f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
@@ -205,6 +211,8 @@ class Trainer:
         self.data_summary = dict(data_summary or {})
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model(config.arch).to(self.device)
+        if config.init_checkpoint:
+            self._initialise_from(config.init_checkpoint)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=config.lr,
@@ -213,6 +221,18 @@ class Trainer:
         )
         self.state = TrainState()
         self._stop_reason: str | None = None
+
+    def _initialise_from(self, path: str) -> None:
+        """Starts from the weights of another checkpoint of the same architecture."""
+        from model.checkpoint import load_checkpoint
+
+        source = load_checkpoint(path)
+        if source.config != self.config.arch:
+            raise ValueError(
+                f"init checkpoint {path} is {source.config.variant} width {source.config.width}; "
+                f"this run trains {self.config.variant} width {self.config.width}"
+            )
+        self.model.load_state_dict(source.model.state_dict())
 
     # ------------------------------------------------------------------ persistence
     def save_state(self) -> Path:

@@ -40,6 +40,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="cache folder (default: RUN/../cache)")
     p.add_argument("--val-tiling", default="paper", choices=["paper", "fast"])
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and last)")
+    p.add_argument(
+        "--task1-tumour-fraction",
+        type=float,
+        default=0.0,
+        help="share of task-1 patches centred in the dilated tumour (0 = the paper)",
+    )
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between saves")
@@ -68,6 +75,8 @@ def _new_run(args: argparse.Namespace) -> dict:
         checkpoint_every=args.checkpoint_every,
         val_tiling=args.val_tiling,
         val_every=args.val_every,
+        task1_tumour_fraction=args.task1_tumour_fraction,
+        init_checkpoint=str(args.init.resolve()) if args.init else None,
     )
     cases = find_cases(args.data)
     if not cases:
@@ -127,7 +136,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"validation case {name} has no label map (<case>_seg.nii.gz)")
         validation.append((case, load_labels(label_file, like=case)))
 
-    sampler = PatchSampler(cases, config.batch_per_task, config.online_transfer, seed=config.seed)
+    sampler = PatchSampler(
+        cases,
+        config.batch_per_task,
+        config.online_transfer,
+        seed=config.seed,
+        task1_tumour_fraction=config.task1_tumour_fraction,
+    )
     summary = {
         "folder": run_info["data"],
         "train_cases": len(cases),

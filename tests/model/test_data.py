@@ -405,3 +405,28 @@ def test_state_dict_reproduces_the_next_batch(hand_case):
         np.testing.assert_array_equal(a, b)
     # The draws do move on: the following batch differs.
     assert any(not np.array_equal(a, b) for a, b in zip(first.images, second.images, strict=True))
+
+
+def test_task1_tumour_fraction_moves_task1_centres_into_the_tumour_region():
+    target = np.zeros((60, 60, 40), dtype=np.uint8)
+    target[HALF[0] : 60 - HALF[0], HALF[1] : 60 - HALF[1], HALF[2] : 40 - HALF[2]] = 1
+    target[28:32, 28:32, 18:22] = 3  # edema
+    images = np.zeros((4, *target.shape), dtype=np.float16)
+    tumour = np.argwhere(target == 3).astype(np.int16)
+    case = CachedCase(
+        "c", images, target, (np.argwhere(target > 0).astype(np.int16), tumour, tumour)
+    )
+    centre = tuple(HALF)
+
+    def tumour_centred(fraction: float) -> float:
+        sampler = PatchSampler(
+            [case], batch_per_task=200, transfer=False, seed=1, task1_tumour_fraction=fraction
+        )
+        batch = sampler.sample((True, False, False))
+        return float(np.mean([t[centre] == 3 for t in batch.targets[0]]))
+
+    assert tumour_centred(1.0) == 1.0
+    assert tumour_centred(0.0) < 0.05
+    assert 0.35 < tumour_centred(0.5) < 0.65
+    with pytest.raises(ValueError, match="task1_tumour_fraction"):
+        PatchSampler([case], task1_tumour_fraction=1.5)

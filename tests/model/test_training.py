@@ -426,3 +426,18 @@ def test_split_by_names():
         split_cases(_dirs(["a", "b"]), val_names=["z"])
     with pytest.raises(ValueError, match="both"):
         split_cases(_dirs(["a", "b"]), val_names=["a"], train_names=["a", "b"])
+
+
+def test_a_run_can_start_from_another_checkpoint(tmp_path, cases):
+    from model.checkpoint import save_checkpoint
+    from model.network import ArchConfig, build_model
+
+    torch.manual_seed(7)
+    source = build_model(ArchConfig(width=4))
+    path = save_checkpoint(tmp_path / "init.pt", source, ArchConfig(width=4))
+    config = TrainConfig(width=4, init_checkpoint=str(path))
+    trainer = Trainer(config, _sampler(cases), tmp_path / "run")
+    for key, value in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="width"):
+        Trainer(TrainConfig(width=8, init_checkpoint=str(path)), _sampler(cases), tmp_path / "r2")
