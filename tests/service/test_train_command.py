@@ -133,8 +133,8 @@ def test_sampler_transfer_follows_the_switches(
     seen = {}
 
     class Recording(model.data.PatchSampler):
-        def __init__(self, cases, batch_per_task, transfer, seed):
-            super().__init__(cases, batch_per_task, transfer, seed)
+        def __init__(self, cases, batch_per_task, transfer, seed, **options):
+            super().__init__(cases, batch_per_task, transfer, seed, **options)
             seen.update(transfer=self.transfer, batch=self.batch_per_task, cases=len(cases))
             raise _SamplerBuiltError("sampler built")  # no need to train
 
