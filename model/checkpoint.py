@@ -71,6 +71,12 @@ def save_checkpoint(
         "state_dict": state,
         "metadata": dict(metadata or {}),
     }
+    return atomic_save(payload, path)
+
+
+def atomic_save(payload: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it, so that
+    a reader never sees a half-written file (and a crash leaves the old one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -24,9 +24,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +36,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import atomic_save, save_checkpoint
 from model.data import PatchSampler, TaskBatch
 from model.metrics import evaluate_case
 from model.network import ArchConfig, build_model
@@ -245,17 +243,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "state": asdict(self.state),
         }
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "state.pt"
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".state.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_save(payload, self.run_dir / "state.pt")
 
     def load_state(self, path: str | Path | None = None) -> None:
         path = Path(path) if path else self.run_dir / "state.pt"
