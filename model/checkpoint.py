@@ -83,6 +83,7 @@ def atomic_save(payload: Any, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are read by services
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
