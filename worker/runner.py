@@ -143,6 +143,8 @@ class _Heartbeat(threading.Thread):
                 logger.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
 
     def check(self) -> None:
+        if self.stop_reason is None and time.monotonic() > self.deadline:
+            self.stop_reason = "time_limit"
         if self.stop_reason is not None:
             raise JobStoppedError(self.stop_reason)
 
