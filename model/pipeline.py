@@ -21,7 +21,7 @@ import numpy as np
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
-from model.nifti_io import Case
+from model.nifti_io import MODALITIES, Case, save_labels, save_probabilities
 from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
 from model.tiling import PAPER_TILING, Predictor, ProgressCallback, TaskProbabilities, TileLayout
@@ -164,3 +164,24 @@ def load_predictor(
             )
     predictor = Predictor([c.model for c in loaded], device, batch_size, layout)
     return predictor, loaded
+
+
+def write_segmentation(
+    seg: Segmentation,
+    case: Case,
+    labels_path: Path,
+    probabilities_path: Path | None = None,
+    preview_path: Path | None = None,
+    et_label: int = 4,
+) -> dict[str, Path]:
+    """Writes a case's label map, its probabilities (when computed and a path is given)
+    and a FLAIR overlay preview (when a path is given); returns kind -> written file."""
+    from model.preview import save_preview
+
+    written = {"segmentation": save_labels(seg.labels, case, labels_path, et_label)}
+    if seg.probabilities is not None and probabilities_path is not None:
+        written["probabilities"] = save_probabilities(seg.probabilities, case, probabilities_path)
+    if preview_path is not None:
+        flair = case.images[MODALITIES.index("flair")]
+        written["preview"] = save_preview(flair, seg.labels, case.affine, preview_path)
+    return written

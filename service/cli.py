@@ -394,15 +394,11 @@ def _segment_one(
     from model.labels import ENHANCING
     from model.metrics import evaluate_case, region_volumes_ml
     from model.nifti_io import (
-        MODALITIES,
         find_label_file,
         load_case,
         load_labels,
-        save_labels,
-        save_probabilities,
     )
-    from model.pipeline import segment_case
-    from model.preview import save_preview
+    from model.pipeline import segment_case, write_segmentation
 
     start = time.perf_counter()
     case = load_case(job.source, name=job.name)
@@ -429,20 +425,15 @@ def _segment_one(
         timings["evaluate"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    outputs = {
-        "labels": save_labels(
-            seg.labels, case, out_dir / f"{case.name}_seg.nii.gz", args.label_convention
-        )
-    }
-    if seg.probabilities is not None:
-        outputs["probabilities"] = save_probabilities(
-            seg.probabilities, case, out_dir / f"{case.name}_probabilities.nii.gz"
-        )
-    if args.preview:
-        flair = case.images[MODALITIES.index("flair")]
-        outputs["preview"] = save_preview(
-            flair, seg.labels, case.affine, out_dir / f"{case.name}_preview.png"
-        )
+    written = write_segmentation(
+        seg,
+        case,
+        out_dir / f"{case.name}_seg.nii.gz",
+        out_dir / f"{case.name}_probabilities.nii.gz",
+        out_dir / f"{case.name}_preview.png" if args.preview else None,
+        args.label_convention,
+    )
+    outputs = {"labels" if k == "segmentation" else k: p for k, p in written.items()}
     timings["write"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
 

@@ -29,11 +29,8 @@ from model.nifti_io import (
     InputError,
     load_case,
     load_labels,
-    save_labels,
-    save_probabilities,
 )
-from model.pipeline import SegmentationOptions, load_predictor, segment_case
-from model.preview import save_preview
+from model.pipeline import SegmentationOptions, load_predictor, segment_case, write_segmentation
 from model.tiling import TILINGS, Predictor
 from service.config import Settings
 from service.db import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, JobStore
@@ -181,22 +178,15 @@ def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
 
     out = storage.outputs_dir(job.id)
     out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "segmentation": storage.key(
-            save_labels(
-                seg.labels, case, storage.output(job.id, "segmentation"), opts["label_convention"]
-            )
-        )
-    }
-    if seg.probabilities is not None:
-        files["probabilities"] = storage.key(
-            save_probabilities(seg.probabilities, case, storage.output(job.id, "probabilities"))
-        )
-    if opts["preview"]:
-        flair = case.images[MODALITIES.index("flair")]
-        files["preview"] = storage.key(
-            save_preview(flair, seg.labels, case.affine, storage.output(job.id, "preview"))
-        )
+    written = write_segmentation(
+        seg,
+        case,
+        storage.output(job.id, "segmentation"),
+        storage.output(job.id, "probabilities"),
+        storage.output(job.id, "preview") if opts["preview"] else None,
+        opts["label_convention"],
+    )
+    files = {kind: storage.key(path) for kind, path in written.items()}
     metrics: dict[str, Any] = {
         "volumes_ml": region_volumes_ml(seg.labels, case.spacing, ENHANCING),
         "label_convention": opts["label_convention"],
