@@ -241,6 +241,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # CUDA has its own generator; keep it so that a resumed GPU run matches too.
+            "cuda_rng": torch.cuda.get_rng_state(self.device)
+            if self.device.type == "cuda"
+            else None,
             "state": asdict(self.state),
         }
         return atomic_save(payload, self.run_dir / "state.pt")
@@ -263,6 +267,8 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.sampler.load_state_dict(payload["sampler"])
         torch.set_rng_state(payload["torch_rng"].cpu())  # map_location moved it to the device
+        if payload.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(payload["cuda_rng"].cpu(), self.device)
         self.state = TrainState(**payload["state"])
 
     def _metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
