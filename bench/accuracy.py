@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from model.data import SPLITS_DIR, read_split
+from model.data import SPLITS_DIR, default_data_dir, read_split
 from model.fusion import fuse
 from model.labels import ENHANCING
 from model.metrics import evaluate_case, summarise
@@ -27,14 +26,11 @@ from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
 from model.tiling import TILINGS
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", nargs="+", required=True)
-    default_data = Path(os.environ.get("OMNET_DATA_DIR", REPO.parent / "shared" / "data"))
-    parser.add_argument("--data", type=Path, default=default_data / "brats2018")
+    parser.add_argument("--data", type=Path, default=default_data_dir() / "brats2018")
     parser.add_argument("--split", type=Path, default=SPLITS_DIR / "brats2018_val.txt")
     parser.add_argument("--tilings", nargs="+", default=["paper", "fast"], choices=sorted(TILINGS))
     parser.add_argument("--device", default="auto")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import sys
@@ -31,15 +30,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV = "OMNET_DATA_DIR"
 STAGES = ("load", "preprocess", "inference", "fusion", "postprocess", "paste", "write")
 
 
 def default_case() -> Path:
     """The first BraTS 2018 case folder under the data folder."""
-    value = os.environ.get(DATA_ENV)
-    root = (Path(value) if value else REPO_ROOT.parent / "shared" / "data") / "brats2018"
+    from model.data import DATA_ENV, default_data_dir
+
+    root = default_data_dir() / "brats2018"
     cases = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not cases:
         sys.exit(f"no case folder under {root}; pass CASE or set {DATA_ENV}")

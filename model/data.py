@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,15 @@ TRANSFER_TUMOUR = 0.40  # eq. 1
 TRANSFER_CORE = 0.50  # eq. 2
 CACHE_VERSION = 1
 SPLITS_DIR = Path(__file__).parent / "splits"
+#: Environment variable naming the folder of real data sets (``<it>/brats2018/<case>/``).
+DATA_ENV = "OMNET_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """The real-data folder: ``$OMNET_DATA_DIR``, by default ``../shared/data`` beside the
+    source checkout (where tests and benchmarks look for BraTS cases)."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # --------------------------------------------------------------------------- splits

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.checkpoint import atomic_save, save_checkpoint
+from model.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from model.data import PatchSampler, TaskBatch
 from model.metrics import evaluate_case
 from model.network import ArchConfig, build_model
@@ -222,8 +222,6 @@ class Trainer:
 
     def _initialise_from(self, path: str) -> None:
         """Starts from the weights of another checkpoint of the same architecture."""
-        from model.checkpoint import load_checkpoint
-
         source = load_checkpoint(path)
         if source.config != self.config.arch:
             raise ValueError(

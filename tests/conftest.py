@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-DATA_ENV = "OMNET_DATA_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from model.data import DATA_ENV
+from model.data import default_data_dir as data_dir
 
-
-def data_dir() -> Path:
-    """The real-data folder: ``$OMNET_DATA_DIR``, by default ``<repo>/../shared/data``."""
-    value = os.environ.get(DATA_ENV)
-    return Path(value) if value else REPO_ROOT.parent / "shared" / "data"
+__all__ = ["DATA_ENV", "data_dir"]
 
 
 @pytest.fixture(scope="session")
