@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -35,9 +36,9 @@ STAGES = ("load", "preprocess", "inference", "fusion", "postprocess", "paste", "
 
 def default_case() -> Path:
     """The first BraTS 2018 case folder under the data folder."""
-    from model.data import DATA_ENV, default_data_dir
+    from model.data import DATA_ENV, resolve_data_dir
 
-    root = default_data_dir() / "brats2018"
+    root = resolve_data_dir(os.environ.get(DATA_ENV)) / "brats2018"
     cases = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not cases:
         sys.exit(f"no case folder under {root}; pass CASE or set {DATA_ENV}")

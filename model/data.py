@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from model.augment import AugmentConfig, augment_patch
 from model.fusion import dilate
 from model.labels import CORE_CLASSES, TUMOUR_CLASSES, TaskClass, labels_to_task_target
-from model.nifti_io import InputError, find_label_file, load_case, load_labels
+from model.nifti_io import InputError, find_cases, find_label_file, load_case, load_labels
 from model.pipeline import to_canonical
 from model.preprocess import preprocess
 
@@ -51,13 +52,14 @@ TRANSFER_CORE = 0.50  # eq. 2
 CACHE_VERSION = 1
 SPLITS_DIR = Path(__file__).parent / "splits"
 #: Environment variable naming the folder of real data sets (``<it>/brats2018/<case>/``).
+#: Entry points (tests, benchmarks) read it and pass its value to :func:`resolve_data_dir`.
 DATA_ENV = "OMNET_DATA_DIR"
 
 
-def default_data_dir() -> Path:
-    """The real-data folder: ``$OMNET_DATA_DIR``, by default ``../shared/data`` beside the
-    source checkout (where tests and benchmarks look for BraTS cases)."""
-    value = os.environ.get(DATA_ENV)
+def resolve_data_dir(value: str | None) -> Path:
+    """The real-data folder: ``value`` when given (the caller's ``$OMNET_DATA_DIR``), else
+    ``../shared/data`` beside the source checkout (where tests and benchmarks look for
+    BraTS cases). An empty ``value`` counts as not given."""
     return Path(value) if value else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -70,6 +72,41 @@ def read_split(path: str | Path) -> list[str]:
         if line:
             names.append(line)
     return names
+
+
+_BRATS_SITE = re.compile(r"brats\d\d_([a-z0-9]+)_", re.IGNORECASE)  # Brats18_TCIA01_378_1
+_BRATS_YEAR = re.compile(r"brats(20\d\d)_", re.IGNORECASE)  # BraTS2021_00006
+
+
+def institution_group(case_name: str) -> str:
+    """The institution group a BraTS case name carries: ``Brats18_TCIA01_378_1`` ->
+    ``TCIA01``, ``Brats18_2013_20_1`` -> ``2013``, ``Brats18_CBICA_AMH_1`` -> ``CBICA``;
+    names of releases without a site field (``BraTS2021_00006``) give the release
+    (``BraTS2021``), and any other name gives ``other``."""
+    site = _BRATS_SITE.match(case_name)
+    if site:
+        return site.group(1)
+    year = _BRATS_YEAR.match(case_name)
+    return f"BraTS{year.group(1)}" if year else "other"
+
+
+def find_cases_in(folders: Sequence[str | Path]) -> dict[str, Path]:
+    """Case folders (every modality present) of several data folders, by case name.
+
+    Raises:
+        InputError: ``not_found`` when a folder does not exist.
+        ValueError: one case name appears in two folders (or twice in the list).
+    """
+    cases: dict[str, Path] = {}
+    for folder in folders:
+        for case in find_cases(folder):
+            if case.name in cases:
+                raise ValueError(
+                    f"case {case.name} is in both {cases[case.name].parent} and "
+                    f"{case.parent}; a case name may appear only once across --data folders"
+                )
+            cases[case.name] = case
+    return cases
 
 
 # --------------------------------------------------------------------------- cache
@@ -87,27 +124,32 @@ class CachedCase:
         images = np.load(folder / "images.npy", mmap_mode="r")
         target = np.load(folder / "target.npy", mmap_mode="r")
         centres = tuple(np.load(folder / f"centres_{k}.npy") for k in (1, 2, 3))
-        return cls(folder.name, images, target, centres)  # type: ignore[arg-type]
+        return cls(folder.name, images, target, centres)
 
 
 def _task_centres(target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     brain = target != TaskClass.BACKGROUND
     tumour = np.isin(target, TUMOUR_CLASSES)
     core = np.isin(target, CORE_CLASSES)
-    regions = (brain, dilate(tumour, TUMOUR_DILATION) & brain, core)
-    return tuple(np.argwhere(r).astype(np.int16) for r in regions)  # type: ignore[return-value]
+    task2 = dilate(tumour, TUMOUR_DILATION) & brain
+    return _voxel_list(brain), _voxel_list(task2), _voxel_list(core)
+
+
+def _voxel_list(mask: np.ndarray) -> np.ndarray:
+    """The ``(N, 3)`` int16 coordinates of the true voxels of ``mask``."""
+    return np.argwhere(mask).astype(np.int16)
 
 
 def cache_case(case_dir: Path, out: Path) -> Path:
     """Normalises one BraTS case folder (images + labels) into ``out/<case>/``.
 
     Raises:
-        InputError: the case cannot be read, or has no label file.
+        InputError: the case cannot be read, or has no label file (``not_found``).
     """
     label_file = find_label_file(case_dir)
     if label_file is None:
         raise InputError(
-            "missing_modality",
+            "not_found",
             f"case {case_dir.name} has no label map (<case>_seg.nii.gz); training needs one",
             case_dir,
         )
@@ -221,6 +263,9 @@ class PatchSampler:
             (about 4 %) when the training budget is far below the paper's.
         transfer: online training-data transfer on or off.
         seed: seed of the sampler's own random generator (its state is checkpointed).
+        augment: patch augmentation (:mod:`model.augment`), or None (the paper) for none.
+            Its draws come from a second generator (seeded from ``seed``, checkpointed
+            too), so the patch positions are the same with and without it.
     """
 
     def __init__(
@@ -230,6 +275,7 @@ class PatchSampler:
         transfer: bool = True,
         seed: int = 0,
         task1_tumour_fraction: float = 0.0,
+        augment: AugmentConfig | None = None,
     ) -> None:
         if not cases:
             raise ValueError("cases must hold at least one cached case")
@@ -244,6 +290,8 @@ class PatchSampler:
         self.transfer = transfer
         self.task1_tumour_fraction = task1_tumour_fraction
         self.rng = np.random.default_rng(seed)
+        self.augment = augment
+        self.augment_rng = np.random.default_rng([seed, 1])
         self._eligible = [
             [i for i, c in enumerate(self.cases) if len(c.centres[k])] for k in range(3)
         ]
@@ -269,10 +317,11 @@ class PatchSampler:
         c = centres[int(self.rng.integers(len(centres)))].astype(int)
         # Centres are in padded coordinates; the padding of HALF makes every patch fit.
         box = tuple(slice(x - h, x - h + p) for x, h, p in zip(c, HALF, PATCH, strict=True))
-        return (
-            np.asarray(case.images[(slice(None), *box)], dtype=np.float32),
-            np.asarray(case.target[box], dtype=np.int64),
-        )
+        images = np.asarray(case.images[(slice(None), *box)], dtype=np.float32)
+        target = np.asarray(case.target[box], dtype=np.int64)
+        if self.augment is not None:
+            images, target = augment_patch(images, target, self.augment_rng, self.augment)
+        return images, target
 
     def sample(self, active: Sequence[bool]) -> TaskBatch:
         """One step's patches for the active tasks (a sequence of three booleans)."""
@@ -307,7 +356,12 @@ class PatchSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
+        return {
+            "rng": self.rng.bit_generator.state,
+            "augment_rng": self.augment_rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
+        if "augment_rng" in state:  # states written before augmentation existed lack it
+            self.augment_rng.bit_generator.state = state["augment_rng"]

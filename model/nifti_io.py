@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from model.atomic import atomic_write
 from model.labels import ENHANCING, LabelError, from_brats2018, to_brats2018
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,13 @@ FILE_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 LABEL_SUFFIXES: tuple[str, ...] = ("_seg", "-seg")
 
-NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
+#: Accepted NIfTI file endings: plain, gzip- or bzip2-compressed (nibabel reads all three).
+NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii.bz2", ".nii")
+#: First bytes of each compressed NIfTI ending's container.
+_COMPRESSION_MAGIC: dict[str, tuple[bytes, str]] = {
+    ".gz": (b"\x1f\x8b", "gzip"),
+    ".bz2": (b"BZh", "bzip2"),
+}
 
 #: Accepted voxel edge lengths in mm; anything outside is taken as a broken header.
 MIN_VOXEL_MM = 0.1
@@ -120,7 +126,8 @@ class Case:
     @property
     def shape(self) -> tuple[int, int, int]:
         """The spatial grid ``(X, Y, Z)``."""
-        return tuple(int(n) for n in self.images.shape[1:])  # type: ignore[return-value]
+        _, x, y, z = self.images.shape
+        return int(x), int(y), int(z)
 
 
 # --------------------------------------------------------------------------- file names
@@ -135,18 +142,35 @@ def _split_nifti_name(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def nifti_stem(path: PathLike) -> str | None:
+    """A NIfTI file's name without its ending (``.nii``, ``.nii.gz``, ``.nii.bz2``);
+    None for any other name."""
+    parts = _split_nifti_name(Path(path))
+    return parts[0] if parts else None
+
+
+def strip_label_suffix(stem: str) -> str:
+    """A label file's stem without its ``_seg`` / ``-seg`` ending (the case name)."""
+    for suffix in LABEL_SUFFIXES:
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
 def _match_suffix(stem: str, suffixes: tuple[str, ...]) -> bool:
     # Suffixes are matched at the very end of the stem, so "_t1" never matches "_t1ce".
     lower = stem.lower()
     return any(lower.endswith(s) for s in suffixes)
 
 
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and _split_nifti_name(p) is not None
-    )
+def _nifti_files(folder: Path) -> dict[Path, str]:
+    """The folder's visible NIfTI files, in name order, each with its stem."""
+    files: dict[Path, str] = {}
+    for p in sorted(folder.iterdir()):
+        parts = _split_nifti_name(p)
+        if p.is_file() and not p.name.startswith(".") and parts is not None:
+            files[p] = parts[0]
+    return files
 
 
 def _check_folder(folder: PathLike) -> Path:
@@ -162,10 +186,8 @@ def _check_folder(folder: PathLike) -> Path:
 
 
 def _match_modalities(folder: Path) -> dict[str, list[Path]]:
-    files = _nifti_files(folder)
     found: dict[str, list[Path]] = {m: [] for m in MODALITIES}
-    for p in files:
-        stem = _split_nifti_name(p)[0]  # type: ignore[index]
+    for p, stem in _nifti_files(folder).items():
         for modality, suffixes in FILE_SUFFIXES.items():
             if _match_suffix(stem, suffixes):
                 found[modality].append(p)
@@ -179,7 +201,7 @@ def _expected_names(modality: str) -> str:
 def find_case_files(folder: PathLike) -> dict[str, Path]:
     """Finds the four modality files of a BraTS case folder by name.
 
-    Recognised names (``.nii`` or ``.nii.gz``): ``<case>_t1``, ``<case>_t1ce``,
+    Recognised names (``.nii``, ``.nii.gz`` or ``.nii.bz2``): ``<case>_t1``, ``<case>_t1ce``,
     ``<case>_t2``, ``<case>_flair`` (BraTS 2018-2021) and ``<case>-t1n``, ``<case>-t1c``,
     ``<case>-t2w``, ``<case>-t2f`` (BraTS 2023). Matching is case-insensitive and on the
     end of the name, so ``_t1`` never picks up a ``_t1ce`` file. Hidden files are ignored.
@@ -219,7 +241,7 @@ def find_case_files(folder: PathLike) -> dict[str, Path]:
 
 
 def find_label_file(folder: PathLike) -> Path | None:
-    """Finds the label map ``<case>_seg`` / ``<case>-seg`` (``.nii`` or ``.nii.gz``).
+    """Finds the label map ``<case>_seg`` / ``<case>-seg`` (``.nii``, ``.nii.gz`` or ``.nii.bz2``).
 
     Returns:
         The file, or ``None`` when the folder holds no label map.
@@ -228,9 +250,7 @@ def find_label_file(folder: PathLike) -> Path | None:
         InputError: ``not_found`` (no such folder) or ``ambiguous_files``.
     """
     path = _check_folder(folder)
-    matches = [
-        p for p in _nifti_files(path) if _match_suffix(_split_nifti_name(p)[0], LABEL_SUFFIXES)
-    ]
+    matches = [p for p, stem in _nifti_files(path).items() if _match_suffix(stem, LABEL_SUFFIXES)]
     if len(matches) > 1:
         raise InputError(
             "ambiguous_files",
@@ -274,18 +294,20 @@ def _open_image(path: Path, modality: str | None) -> nib.Nifti1Image:
     if _split_nifti_name(path) is None:
         raise InputError(
             "not_nifti",
-            f"{what} is not a NIfTI file: the name must end in .nii or .nii.gz; "
+            f"{what} is not a NIfTI file: the name must end in .nii, .nii.gz or .nii.bz2; "
             "convert it to NIfTI (e.g. with dcm2niix) and send it again",
             path,
         )
-    if path.name.lower().endswith(".gz"):
+    for ending, (magic, kind) in _COMPRESSION_MAGIC.items():
+        if not path.name.lower().endswith(ending):
+            continue
         with open(path, "rb") as f:
-            magic = f.read(2)
-        if magic != b"\x1f\x8b":
+            head = f.read(len(magic))
+        if head != magic:
             raise InputError(
                 "not_nifti",
-                f"{what} is named .nii.gz but is not gzip-compressed NIfTI data; send the "
-                "original NIfTI file, or name an uncompressed one .nii",
+                f"{what} is named .nii{ending} but is not {kind}-compressed NIfTI data; send "
+                "the original NIfTI file, or name an uncompressed one .nii",
                 path,
             )
     try:
@@ -319,7 +341,7 @@ def _raw_zooms(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     again without those fixes so that a broken header is reported instead.
     """
     try:
-        with nib.openers.ImageOpener(path) as f:
+        with nib.openers.ImageOpener(str(path)) as f:
             raw = type(img.header).from_fileobj(f, check=False)
         return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
     except Exception:  # pragma: no cover - the header was read once already
@@ -654,24 +676,12 @@ def _output_header(case: Case, dtype: type) -> nib.Nifti1Header:
 
 
 def _atomic_save(img: nib.Nifti1Image, path: PathLike) -> Path:
-    """Writes ``img`` to a temporary file next to ``path``, then renames it into place.
-
-    Readers never see a half-written file; missing parent folders are created.
-    """
+    """Writes ``img`` with :func:`model.atomic.atomic_write` (readers never see a
+    half-written file; missing parent folders are created)."""
     target = Path(path)
-    parts = _split_nifti_name(target)
-    if parts is None:
-        raise ValueError(f"path must end in .nii or .nii.gz, got {str(target)!r}")
-    stem, ext = parts
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{ext}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    if _split_nifti_name(target) is None:
+        raise ValueError(f"path must end in .nii, .nii.gz or .nii.bz2, got {str(target)!r}")
+    return atomic_write(target, lambda tmp: nib.save(img, tmp))
 
 
 def _image_class(header: nib.Nifti1Header) -> type[nib.Nifti1Image]:

@@ -11,7 +11,8 @@ independent single-task networks (no curriculum, no transfer); ``omnet_se``,
 ``omnet_cga`` and ``omnet_cga_minus`` change the network.
 
 An epoch is ``steps_per_epoch`` steps of freshly sampled patches. A run directory holds
-``config.json``, ``state.pt`` (everything needed to resume: weights, optimiser,
+``run.json`` (the run's configuration, data folders and split, written by ``omnet train``
+when it starts the run), ``state.pt`` (everything needed to resume: weights, optimiser,
 position in the schedule, sampler and torch random states, history), ``train.jsonl``
 (one JSON record per logged step and per validation), ``best.pt`` and ``last.pt``
 (model checkpoints).
@@ -26,7 +27,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F_
-from torch import nn
 
 from model.checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from model.data import PatchSampler, TaskBatch
+from model.data import PatchSampler, TaskBatch, institution_group
 from model.metrics import evaluate_case
-from model.network import ArchConfig, build_model
+from model.network import ArchConfig, MCCascade, OMNet, build_model
 from model.nifti_io import Case
 from model.pipeline import SegmentationOptions, segment_case
 from model.tiling import TILINGS, Predictor, to_network
@@ -72,6 +72,7 @@ class TrainConfig:
     val_tiling: str = "paper"
     val_every: int = 1
     task1_tumour_fraction: float = 0.0
+    augment: bool = False
     init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -179,6 +180,34 @@ class TrainingInterruptedError(Exception):
     """Training stopped early (signal or time budget) after saving its state."""
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """The limits of one :meth:`Trainer.fit` call, counted from ``started``."""
+
+    started: float  # time.monotonic() at the start
+    max_seconds: float | None
+    max_steps: int | None
+
+    def exhausted(self, steps_done: int) -> str | None:
+        """Which budget has run out (``"time budget"``, ``"step budget"``), or None."""
+        if self.max_seconds is not None and time.monotonic() - self.started >= self.max_seconds:
+            return "time budget"
+        if self.max_steps is not None and steps_done >= self.max_steps:
+            return "step budget"
+        return None
+
+
+def _build_trainable(arch: ArchConfig) -> OMNet | MCCascade:
+    """The network to train: one of the variants with per-task batches (``forward_train``)."""
+    model = build_model(arch)
+    if not isinstance(model, (OMNet, MCCascade)):
+        raise ValueError(
+            f"variant {arch.variant!r} takes no per-task batches; train the MC baseline as "
+            "'mc_cascade'"
+        )
+    return model
+
+
 class Trainer:
     """Trains one network on a sampler; checkpoints, validates, resumes.
 
@@ -208,7 +237,7 @@ class Trainer:
         self.device = torch.device(device)
         self.data_summary = dict(data_summary or {})
         torch.manual_seed(config.seed)
-        self.model: nn.Module = build_model(config.arch).to(self.device)
+        self.model = _build_trainable(config.arch).to(self.device)
         if config.init_checkpoint:
             self._initialise_from(config.init_checkpoint)
         self.optimizer = torch.optim.SGD(
@@ -259,7 +288,7 @@ class Trainer:
         if saved != self.config:
             raise ValueError(
                 f"{path} was written by a run with another configuration; "
-                "resume with that run's config.json"
+                "resume with that run's run.json, which holds the configuration it started with"
             )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -319,7 +348,12 @@ class Trainer:
         return record
 
     def validate(self) -> dict[str, Any]:
-        """Dice (WT, TC, ET) on the validation cases with the whole-case pipeline."""
+        """Dice (WT, TC, ET) on the validation cases with the whole-case pipeline.
+
+        Returns the mean over cases (``dice``), the mean per institution group
+        (``groups``), the mean of the group means (``dice_by_group``: every
+        institution counts the same, whatever its number of cases) and per-case figures.
+        """
         predictor = Predictor([self.model], self.device, layout=TILINGS[self.config.val_tiling])
         options = SegmentationOptions(remove_small=False, relabel_edema=False)
         per_case = {}
@@ -328,8 +362,7 @@ class Trainer:
             scores = evaluate_case(seg.labels, reference, case.spacing)
             per_case[case.name] = {r: m.dice for r, m in scores.items()}
         self.model.train()
-        mean = {r: float(np.mean([c[r] for c in per_case.values()])) for r in ("WT", "TC", "ET")}
-        return {"dice": mean, "cases": per_case}
+        return summarise_validation(per_case)
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         self._stop_reason = signal.Signals(signum).name
@@ -342,65 +375,96 @@ class Trainer:
     ) -> TrainState:
         """Trains until the schedule ends, ``max_steps`` more steps, or ``max_seconds``.
 
+        Args:
+            max_seconds: wall-clock budget of this call, or None for none.
+            max_steps: step budget of this call, or None for none.
+            progress: called with every step's record (losses, epoch, step, lr).
+
+        Returns:
+            The training state at the end of the schedule (also saved).
+
         Raises:
             TrainingInterruptedError: stopped by SIGINT/SIGTERM or a budget; state saved.
         """
         cfg, st = self.config, self.state
-        handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                handlers[sig] = signal.signal(sig, self._request_stop)
-        started, steps_done = time.monotonic(), 0
-        last_save = st.global_step
-        try:
+        with self._stop_on_signals():
+            budget = _Budget(time.monotonic(), max_seconds, max_steps)
+            steps_done, last_save = 0, st.global_step
             while st.epoch < cfg.epochs:
                 active = cfg.active_tasks(st.epoch)
-                lr = cfg.learning_rate(st.epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = self._set_learning_rate(st.epoch)
                 while st.step < cfg.steps_per_epoch:
-                    if (
-                        self._stop_reason is None
-                        and max_seconds is not None
-                        and time.monotonic() - started >= max_seconds
-                    ):
-                        self._stop_reason = "time budget"
-                    if (
-                        self._stop_reason is None
-                        and max_steps is not None
-                        and steps_done >= max_steps
-                    ):
-                        self._stop_reason = "step budget"
-                    if self._stop_reason is not None:
-                        self.save_state()
-                        raise TrainingInterruptedError(self._stop_reason)
-                    t0 = time.monotonic()
-                    record = self.train_step(active)
-                    st.seconds += time.monotonic() - t0
-                    st.step += 1
-                    st.global_step += 1
+                    self._stop_if_requested(budget, steps_done)
+                    self._step_and_record(active, lr, progress)
                     steps_done += 1
-                    record.update(epoch=st.epoch, step=st.global_step, lr=lr)
-                    if progress is not None:
-                        progress(record)
-                    if st.global_step % cfg.log_every == 0:
-                        self._log(
-                            {
-                                "kind": "step",
-                                **record,
-                                "patches_seen": st.patches_seen,
-                                "seconds": round(st.seconds, 2),
-                            }
-                        )
                     if st.global_step - last_save >= cfg.checkpoint_every:
                         self.save_state()
                         last_save = st.global_step
                 self._end_epoch(active)
+        self.save_state()
+        return st
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT and SIGTERM ask for a stop at the next step.
+
+        The previous handlers come back on leaving. Off the main thread no handler can be
+        installed, and the block runs without.
+        """
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                handlers[sig] = signal.signal(sig, self._request_stop)
+        try:
+            yield
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        self.save_state()
-        return st
+
+    def _set_learning_rate(self, epoch: int) -> float:
+        """Sets the schedule's learning rate for ``epoch`` on the optimiser; returns it."""
+        lr = self.config.learning_rate(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _stop_if_requested(self, budget: _Budget, steps_done: int) -> None:
+        """Saves the state and stops when a signal arrived or ``budget`` has run out.
+
+        Raises:
+            TrainingInterruptedError: with the reason (signal name, or which budget).
+        """
+        if self._stop_reason is None:
+            self._stop_reason = budget.exhausted(steps_done)
+        if self._stop_reason is not None:
+            self.save_state()
+            raise TrainingInterruptedError(self._stop_reason)
+
+    def _step_and_record(
+        self,
+        active: Sequence[bool],
+        lr: float,
+        progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        """One training step and its bookkeeping: time, counters, progress, the step log."""
+        st = self.state
+        t0 = time.monotonic()
+        record = self.train_step(active)
+        st.seconds += time.monotonic() - t0
+        st.step += 1
+        st.global_step += 1
+        record.update(epoch=st.epoch, step=st.global_step, lr=lr)
+        if progress is not None:
+            progress(record)
+        if st.global_step % self.config.log_every == 0:
+            self._log(
+                {
+                    "kind": "step",
+                    **record,
+                    "patches_seen": st.patches_seen,
+                    "seconds": round(st.seconds, 2),
+                }
+            )
 
     def _end_epoch(self, active: Sequence[bool]) -> None:
         st = self.state
@@ -417,7 +481,8 @@ class Trainer:
             val = self.validate()
             record["validation"] = val
             extra["validation"] = {"epoch": st.epoch, **val}
-            score = float(np.mean(list(val["dice"].values())))
+            # Groups weigh equally, so a well-scored home site cannot hide another's failure.
+            score = float(np.mean(list(val["dice_by_group"].values())))
             if score > st.best_score:
                 st.best_score, st.best_epoch = score, st.epoch
                 is_best = True
@@ -431,8 +496,30 @@ class Trainer:
         self.save_state()
 
 
+REGIONS = ("WT", "TC", "ET")
+
+
+def summarise_validation(per_case: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Mean Dice per region over cases, per institution group, and over group means."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for name, scores in per_case.items():
+        groups.setdefault(institution_group(name), []).append(scores)
+    by_group = {
+        g: {r: float(np.mean([c[r] for c in cases])) for r in REGIONS}
+        for g, cases in sorted(groups.items())
+    }
+    return {
+        "dice": {r: float(np.mean([c[r] for c in per_case.values()])) for r in REGIONS},
+        "dice_by_group": {r: float(np.mean([g[r] for g in by_group.values()])) for r in REGIONS},
+        "groups": by_group,
+        "cases": per_case,
+    }
+
+
 # --------------------------------------------------------------------------- runs
-BUNDLED_SPLIT = "brats2018"
+#: Shipped splits tried in order when none is given: the first whose cases are all
+#: present is used.
+BUNDLED_SPLITS = ("multisite", "brats2018")
 
 
 def split_cases(
@@ -444,16 +531,20 @@ def split_cases(
     """Splits case folders into (train, validation); the two never share a case.
 
     With ``val_names`` those cases validate (every one must exist) and ``train_names``
-    (default: all the others) train. Without, the bundled BraTS 2018 split is used when
-    all its cases are present, else the last ``val_fraction`` of the cases ordered by a
-    hash of their names (at least one) validate: a fixed split for a fixed set of names.
+    (default: all the others) train. Without, the first shipped split of
+    :data:`BUNDLED_SPLITS` whose cases are all present is used (the multi-institution
+    split over all 34 real cases, else the BraTS 2018 one), else the last
+    ``val_fraction`` of the cases ordered by a hash of their names (at least one)
+    validate: a fixed split for a fixed set of names.
     """
     by_name = {p.name: p for p in case_dirs}
     if val_names is None:
-        bundled_val = read_split_file(f"{BUNDLED_SPLIT}_val.txt")
-        bundled_train = read_split_file(f"{BUNDLED_SPLIT}_train.txt")
-        if set(bundled_val) | set(bundled_train) <= set(by_name):
-            val_names, train_names = bundled_val, train_names or bundled_train
+        for split in BUNDLED_SPLITS:
+            bundled_val = read_split_file(f"{split}_val.txt")
+            bundled_train = read_split_file(f"{split}_train.txt")
+            if set(bundled_val) | set(bundled_train) <= set(by_name):
+                val_names, train_names = bundled_val, train_names or bundled_train
+                break
         else:
             ordered = sorted(by_name, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
             count = max(1, round(len(ordered) * val_fraction)) if len(ordered) > 1 else 0

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from model.data import DATA_ENV
-from model.data import default_data_dir as data_dir
+from model.data import DATA_ENV, resolve_data_dir
 
 __all__ = ["DATA_ENV", "data_dir"]
+
+
+def data_dir() -> Path:
+    """The real-data folder: ``$OMNET_DATA_DIR``, by default ``../shared/data`` beside the
+    source checkout."""
+    return resolve_data_dir(os.environ.get(DATA_ENV))
 
 
 @pytest.fixture(scope="session")

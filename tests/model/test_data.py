@@ -162,8 +162,9 @@ def test_cache_case_without_labels_raises(phantom_dir, tmp_path):
     for path in phantom_dir.iterdir():
         if not path.name.endswith("_seg.nii.gz"):
             (folder / path.name.replace(NAME, "nolabels")).write_bytes(path.read_bytes())
-    with pytest.raises(InputError, match="label"):
+    with pytest.raises(InputError, match="label") as missing:
         cache_case(folder, tmp_path / "cache")
+    assert missing.value.code == "not_found"  # every modality is there; the label map is not
 
 
 def test_build_cache_caches_once_and_reports_progress(tmp_path, monkeypatch):

@@ -527,3 +527,49 @@ def test_real_brats_case(brats_case_dir: Path, tmp_path: Path) -> None:
     source, written = nib.load(label_file), nib.load(out)
     np.testing.assert_array_equal(written.affine, source.affine)
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
+
+
+# --------------------------------------------------------------------------- .nii.bz2
+
+
+def _to_bz2(path: Path) -> Path:
+    """Re-compresses a .nii.gz file as .nii.bz2 (the original is removed)."""
+    import bz2
+
+    target = path.with_name(path.name[: -len(".nii.gz")] + ".nii.bz2")
+    target.write_bytes(bz2.compress(gzip.decompress(path.read_bytes())))
+    path.unlink()
+    return target
+
+
+def test_bz2_case_folder_is_found_and_loads_like_gz(tmp_path: Path) -> None:
+    gz = load_case(_write_case(tmp_path / "gz" / "case1"))
+    paths = _write_case(tmp_path / "bz" / "case1")
+    for path in paths.values():
+        _to_bz2(path)
+    label = _write(tmp_path / "bz" / "case1" / "case1_seg.nii.gz", np.zeros(SHAPE, np.uint8))
+    label = _to_bz2(label)
+
+    assert find_cases(tmp_path / "bz") == [tmp_path / "bz" / "case1"]
+    assert find_label_file(tmp_path / "bz" / "case1") == label
+    case = load_case(tmp_path / "bz" / "case1")
+    assert case.name == "case1"
+    assert all(str(p).endswith(".nii.bz2") for p in case.sources.values())
+    np.testing.assert_array_equal(case.images, gz.images)
+    assert load_labels(label, like=case).shape == SHAPE
+
+
+def test_bz2_file_that_is_not_bzip2_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "case1_t1.nii.bz2"
+    bad.write_bytes(gzip.compress(b"not bzip2"))
+    with _expect("not_nifti", "bzip2"):
+        load_labels(bad)
+
+
+def test_labels_can_be_written_as_bz2(tmp_path: Path) -> None:
+    case = load_case(_write_case(tmp_path / "case1"))
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2, 2, 2] = ENHANCING
+    out = save_labels(labels, case, tmp_path / "out" / "case1_seg.nii.bz2")
+    assert out.read_bytes()[:3] == b"BZh"
+    np.testing.assert_array_equal(load_labels(out), labels)

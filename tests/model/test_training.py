@@ -335,8 +335,17 @@ def test_resume_refuses_another_configuration(cases, tmp_path):
     trainer = Trainer(_config(), _sampler(cases), tmp_path)
     trainer.save_state()
     other = Trainer(_config(lr=2e-3), _sampler(cases), tmp_path)
-    with pytest.raises(ValueError, match="configuration"):
+    with pytest.raises(ValueError, match="configuration") as refused:
         other.load_state()
+    assert "run.json" in str(refused.value)  # the file the command line writes to a run
+    assert "config.json" not in str(refused.value)
+
+
+def test_module_doc_names_the_run_file():
+    from model import training
+
+    assert "``run.json``" in (training.__doc__ or "")
+    assert "config.json" not in (training.__doc__ or "")
 
 
 def test_validate_reports_dice_per_region(cases, validation, tmp_path):

@@ -1,0 +1,78 @@
+"""Tests of the shipped splits and of institution groups (model/data.py, model/training.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split
+from model.phantom import write_phantom
+from model.training import split_cases, summarise_validation
+
+
+@pytest.mark.parametrize(
+    ("name", "group"),
+    [
+        ("Brats18_TCIA01_378_1", "TCIA01"),
+        ("Brats18_2013_20_1", "2013"),
+        ("Brats18_CBICA_AMH_1", "CBICA"),
+        ("BraTS2021_00006", "BraTS2021"),
+        ("case1", "other"),
+    ],
+)
+def test_institution_group_from_the_name(name, group):
+    assert institution_group(name) == group
+
+
+def test_multisite_split_is_stratified_and_disjoint():
+    val = read_split(SPLITS_DIR / "multisite_val.txt")
+    train = read_split(SPLITS_DIR / "multisite_train.txt")
+    assert len(val) >= 8 and len(set(val)) == len(val)
+    assert not set(val) & set(train)
+    assert len(val) + len(train) == 34
+    groups = {institution_group(n) for n in val}
+    assert len(groups) >= 3
+    # Every group with at least two cases has one on each side.
+    for group in {institution_group(n) for n in val + train}:
+        members = [n for n in val + train if institution_group(n) == group]
+        if len(members) >= 2:
+            assert any(n in val for n in members) and any(n in train for n in members), group
+    # The earlier validation cases (never trained on by any bundled model) stay held out.
+    assert set(read_split(SPLITS_DIR / "brats2018_val.txt")) <= set(val)
+
+
+def test_split_cases_prefers_the_multisite_split_when_all_cases_are_there(tmp_path: Path):
+    names = read_split(SPLITS_DIR / "multisite_val.txt") + read_split(
+        SPLITS_DIR / "multisite_train.txt"
+    )
+    dirs = [tmp_path / n for n in names]
+    train, val = split_cases(dirs)
+    assert [p.name for p in val] == sorted(read_split(SPLITS_DIR / "multisite_val.txt"))
+    assert len(train) == 34 - len(val)
+
+
+def test_find_cases_in_several_folders_refuses_a_repeated_name(tmp_path: Path):
+    write_phantom(tmp_path / "a", name="x1", shape=(20, 20, 16), seed=0)
+    write_phantom(tmp_path / "b", name="x2", shape=(20, 20, 16), seed=1)
+    found = find_cases_in([tmp_path / "a", tmp_path / "b"])
+    assert found == {"x1": tmp_path / "a" / "x1", "x2": tmp_path / "b" / "x2"}
+    write_phantom(tmp_path / "b", name="x1", shape=(20, 20, 16), seed=2)
+    with pytest.raises(ValueError, match="x1"):
+        find_cases_in([tmp_path / "a", tmp_path / "b"])
+
+
+def test_validation_summary_weighs_groups_equally():
+    per_case = {
+        "Brats18_CBICA_A_1": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
+        "Brats18_CBICA_B_1": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
+        "Brats18_CBICA_C_1": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
+        "Brats18_TCIA01_D_1": {"WT": 0.0, "TC": 0.0, "ET": 0.0},
+    }
+    summary = summarise_validation(per_case)
+    assert summary["dice"]["WT"] == pytest.approx(0.75)
+    assert summary["dice_by_group"]["WT"] == pytest.approx(0.5)
+    assert summary["groups"] == {
+        "CBICA": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
+        "TCIA01": {"WT": 0.0, "TC": 0.0, "ET": 0.0},
+    }
