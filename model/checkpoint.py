@@ -11,8 +11,7 @@ types and tensors, loadable with ``weights_only=True``)::
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.atomic import atomic_write
 from model.network import ArchConfig, build_model
 
 FORMAT = "omnet-checkpoint"
@@ -75,20 +75,9 @@ def save_checkpoint(
 
 
 def atomic_save(payload: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then renamed over it, so that
-    a reader never sees a half-written file (and a crash leaves the old one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; checkpoints are read by services
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """``torch.save`` through :func:`model.atomic.atomic_write`: a reader never sees a
+    half-written file, and a crash leaves the old one."""
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -140,3 +129,32 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         path=path,
         sha256=file_sha256(path),
     )
+
+
+def describe_checkpoints(
+    checkpoints: Sequence[Checkpoint], metadata: bool = True
+) -> dict[str, Any]:
+    """What a model made of ``checkpoints`` (one, or an ensemble) is, for reports.
+
+    Returns:
+        ``name`` (the file names joined by ``+``), ``sha256`` (the file's, or for an
+        ensemble the first 16 hex digits of each joined by ``+``) and per checkpoint its
+        name, sha256, variant, width and, with ``metadata``, its stored metadata. Paths
+        on the machine are left out: reports travel to other people.
+    """
+    return {
+        "name": "+".join(c.name for c in checkpoints),
+        "sha256": checkpoints[0].sha256
+        if len(checkpoints) == 1
+        else "+".join(c.sha256[:16] for c in checkpoints),
+        "checkpoints": [
+            {
+                "name": c.name,
+                "sha256": c.sha256,
+                "variant": c.config.variant,
+                "width": c.config.width,
+                **({"metadata": c.metadata} if metadata else {}),
+            }
+            for c in checkpoints
+        ],
+    }

@@ -120,12 +120,3 @@ def labels_to_task_target(labels: np.ndarray, brain: np.ndarray) -> np.ndarray:
     target[labels == EDEMA] = TaskClass.EDEMA
     target[labels == ENHANCING] = TaskClass.ENHANCING
     return target
-
-
-def task_class_to_label(classes: np.ndarray) -> np.ndarray:
-    """Maps 5-class task predictions back to a 2018-convention uint8 label map."""
-    lut = np.zeros(len(TaskClass), dtype=np.uint8)
-    lut[TaskClass.NCR_NET] = NCR_NET
-    lut[TaskClass.EDEMA] = EDEMA
-    lut[TaskClass.ENHANCING] = ENHANCING
-    return lut[classes]

@@ -211,6 +211,8 @@ def region_metrics(
     fn = n_g - tp
     tn = p.size - tp - fp - fn
 
+    specificity: float | None
+    ppv: float | None
     if n_p == 0 and n_g == 0:
         dice, sensitivity, specificity, ppv = 1.0, 1.0, 1.0, None
     else:

@@ -237,8 +237,10 @@ def initialise(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     for module in model.modules():
         if isinstance(module, Backbone):
-            first = module.encoder[0][0][0]  # EncoderLevel -> CBR -> Conv3d
-            nn.init.zeros_(first.bias)
+            # Depth-first, so the first Conv3d is encoder[0][0][0]: EncoderLevel -> CBR -> Conv3d.
+            first = next(m for m in module.encoder.modules() if isinstance(m, nn.Conv3d))
+            if first.bias is not None:
+                nn.init.zeros_(first.bias)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -128,7 +129,7 @@ def make_phantom(
 
 
 def write_phantom(
-    out_dir: str | os.PathLike[str], name: str = "phantom", **kwargs: object
+    out_dir: str | os.PathLike[str], name: str = "phantom", **kwargs: Any
 ) -> dict[str, Path]:
     """Writes a phantom as a BraTS 2018 case folder ``out_dir/<name>/``.
 
@@ -146,7 +147,7 @@ def write_phantom(
     """
     if not name or Path(name).name != name or name.startswith("."):
         raise ValueError(f"name must be a plain file-name stem, got {name!r}")
-    images, labels, affine = make_phantom(**kwargs)  # type: ignore[arg-type]
+    images, labels, affine = make_phantom(**kwargs)
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     volumes = {m: images[c].astype(np.int16) for c, m in enumerate(MODALITIES)}

@@ -38,12 +38,15 @@ class SegmentationOptions:
     Attributes:
         remove_small: post-processing step 1 (small-component removal).
         relabel_edema: post-processing step 2 (K-means edema relabelling).
+        relabel_guard: step 2 only in tumour components that already hold core (not in
+            the paper; see :func:`model.postprocess.relabel_edema_kmeans`).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
     """
 
     remove_small: bool = True
     relabel_edema: bool = True
+    relabel_guard: bool = False
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
 
@@ -119,6 +122,7 @@ def segment_images(
             prep.images,
             remove_small=options.remove_small,
             relabel_edema=options.relabel_edema,
+            relabel_guard=options.relabel_guard,
         )
     timings["postprocess"] = time.perf_counter() - start
 
@@ -147,8 +151,10 @@ def load_predictor(
     device: str = "auto",
     batch_size: int = 16,
     layout: TileLayout = PAPER_TILING,
+    tta: bool = False,
 ) -> tuple[Predictor, list[Checkpoint]]:
-    """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`.
+    """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`
+    (``tta``: mirrored test-time augmentation, see :class:`~model.tiling.Predictor`).
 
     Raises:
         CheckpointError: a file cannot be used.
@@ -162,7 +168,7 @@ def load_predictor(
                 f"checkpoint {ckpt.name} holds one single-task 'mc' network; whole-case "
                 "segmentation needs all three tasks (an OM-Net or 'mc_cascade' checkpoint)"
             )
-    predictor = Predictor([c.model for c in loaded], device, batch_size, layout)
+    predictor = Predictor([c.model for c in loaded], device, batch_size, layout, tta=tta)
     return predictor, loaded
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from typing import Literal, cast
 
 import cc3d
 import numpy as np
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Connectivities accepted for 3D connected components (faces, +edges, +corners).
 CONNECTIVITIES = (6, 18, 26)
+#: A connectivity that :func:`_check_connectivity` has accepted (what cc3d takes).
+Connectivity = Literal[6, 18, 26]
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -48,11 +51,13 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _check_connectivity(connectivity: int) -> None:
+def _check_connectivity(connectivity: int) -> Connectivity:
+    """``connectivity`` itself, once checked to be one of :data:`CONNECTIVITIES`."""
     if isinstance(connectivity, bool) or connectivity not in CONNECTIVITIES:
         raise ValueError(
             f"connectivity must be one of {list(CONNECTIVITIES)}, got {connectivity!r}"
         )
+    return cast(Connectivity, connectivity)
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -80,7 +85,9 @@ def _check_images(images: np.ndarray, shape: tuple[int, ...], t1ce_channel: int)
     return arr
 
 
-def _tumour_components(labels: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+def _tumour_components(
+    labels: np.ndarray, connectivity: Connectivity
+) -> tuple[np.ndarray, np.ndarray]:
     """Connected components of the whole tumour and their voxel counts.
 
     Returns:
@@ -120,12 +127,12 @@ def remove_small_components(
         ValueError: ``labels`` is not 3D, or an argument is out of range.
     """
     arr = _check_labels(labels)
-    _check_connectivity(connectivity)
+    checked_connectivity = _check_connectivity(connectivity)
     _check_non_negative("max_size", max_size)
     _check_fraction("fraction", fraction)
 
     out = np.array(arr, copy=True)
-    components, sizes = _tumour_components(arr, connectivity)
+    components, sizes = _tumour_components(arr, checked_connectivity)
     if len(sizes) <= 1:
         return out
     v_max = int(sizes[1:].max())
@@ -157,6 +164,7 @@ def relabel_edema_kmeans(
     max_component_et: int = 1000,
     t1ce_channel: int = 1,
     random_state: int | None = 0,
+    require_core: bool = False,
 ) -> np.ndarray:
     """Relabels dark edema as NCR/NET in tumours with little enhancing tumour (step 2).
 
@@ -180,6 +188,10 @@ def relabel_edema_kmeans(
             paper).
         t1ce_channel: index of the T1ce channel in ``images``.
         random_state: seed of K-means, for reproducible results.
+        require_core: a guard, not in the paper: only components that already hold
+            some tumour core (NCR/NET or ET) are relabelled, so that a component of
+            edema alone (often a false positive far from the tumour) is never turned
+            into core.
 
     Returns:
         A new label map of the same shape and dtype. A case without tumour comes
@@ -191,18 +203,72 @@ def relabel_edema_kmeans(
     """
     arr = _check_labels(labels)
     imgs = _check_images(images, arr.shape, t1ce_channel)
-    _check_connectivity(connectivity)
+    checked_connectivity = _check_connectivity(connectivity)
     _check_fraction("global_ratio", global_ratio)
     _check_fraction("component_ratio", component_ratio)
     _check_non_negative("max_component_et", max_component_et)
 
     out = np.array(arr, copy=True)
-    wt = np.isin(arr, REGIONS["WT"])
-    et = np.isin(arr, REGIONS["ET"])
-    vol_wt = int(wt.sum())
+    if _case_has_little_enhancing(arr, global_ratio):
+        dark = _dark_edema_voxels(
+            arr,
+            imgs,
+            checked_connectivity,
+            component_ratio,
+            max_component_et,
+            t1ce_channel,
+            random_state,
+            require_core,
+        )
+        out.flat[dark] = NCR_NET
+        logger.debug("relabel_edema_kmeans: %d edema voxels relabelled NCR/NET", dark.size)
+    return out
+
+
+def _dark_edema_voxels(
+    labels: np.ndarray,
+    images: np.ndarray,
+    connectivity: Connectivity,
+    component_ratio: float,
+    max_component_et: int,
+    t1ce_channel: int,
+    random_state: int | None,
+    require_core: bool = False,
+) -> np.ndarray:
+    """Flat indices of the dark edema voxels of every component with little ET.
+
+    Arguments as for :func:`relabel_edema_kmeans`, already checked.
+    """
+    components, n_components = cc3d.connected_components(
+        np.isin(labels, REGIONS["WT"]), connectivity=connectivity, return_N=True
+    )
+    edema = _edema_by_component(labels, components, n_components)
+    channels = images.reshape(images.shape[0], -1)  # (C, voxels)
+    dark_parts = [np.zeros(0, dtype=np.intp)]
+    for comp, n_wt, n_et in _components_with_little_enhancing(
+        labels, components, n_components, component_ratio, max_component_et, require_core
+    ):
+        dark = _dark_edema(channels, edema[comp], comp, t1ce_channel, random_state)
+        if dark is None:
+            continue
+        dark_parts.append(dark)
+        logger.debug(
+            "relabel_edema_kmeans: component %d (WT %d, ET %d): %d of %d edema voxels -> NCR/NET",
+            comp,
+            n_wt,
+            n_et,
+            dark.size,
+            edema[comp].size,
+        )
+    return np.concatenate(dark_parts)
+
+
+def _case_has_little_enhancing(labels: np.ndarray, global_ratio: float) -> bool:
+    """Whether the case has a tumour with ``vol_ET / vol_WT < global_ratio``."""
+    vol_wt = int(np.isin(labels, REGIONS["WT"]).sum())
     if vol_wt == 0:
-        return out
-    vol_et = int(et.sum())
+        return False
+    vol_et = int(np.isin(labels, REGIONS["ET"]).sum())
     if not vol_et / vol_wt < global_ratio:
         logger.debug(
             "relabel_edema_kmeans: ET/WT = %d/%d, not below %g; unchanged",
@@ -210,57 +276,93 @@ def relabel_edema_kmeans(
             vol_wt,
             global_ratio,
         )
-        return out
+        return False
+    return True
 
-    components, n = cc3d.connected_components(wt, connectivity=connectivity, return_N=True)
+
+def _components_with_little_enhancing(
+    labels: np.ndarray,
+    components: np.ndarray,
+    n_components: int,
+    component_ratio: float,
+    max_component_et: int,
+    require_core: bool = False,
+) -> list[tuple[int, int, int]]:
+    """The tumour components whose edema is to be split, as ``(id, vol_WT, vol_ET)``.
+
+    A component qualifies when ``vol_ET / vol_WT < component_ratio`` and
+    ``vol_ET < max_component_et`` (and, with ``require_core``, it holds a core voxel);
+    ids run 1..``n_components`` in ``components``.
+    """
     flat_components = components.ravel()
-    wt_sizes = np.bincount(flat_components, minlength=n + 1)
-    et_sizes = np.bincount(flat_components[et.ravel()], minlength=n + 1)
+    wt_sizes = np.bincount(flat_components, minlength=n_components + 1)
+    et = np.isin(labels, REGIONS["ET"]).ravel()
+    et_sizes = np.bincount(flat_components[et], minlength=n_components + 1)
+    core = np.isin(labels, REGIONS["TC"]).ravel()
+    core_sizes = np.bincount(flat_components[core], minlength=n_components + 1)
+    chosen = []
+    for comp in range(1, n_components + 1):
+        n_et, n_wt = int(et_sizes[comp]), int(wt_sizes[comp])
+        if require_core and core_sizes[comp] == 0:
+            continue
+        if n_et / n_wt < component_ratio and n_et < max_component_et:
+            chosen.append((comp, n_wt, n_et))
+    return chosen
 
-    # Edema voxels (flat indices) grouped by component id.
-    edema_idx = np.flatnonzero(arr == EDEMA)
-    edema_comp = flat_components[edema_idx]
+
+def _edema_by_component(
+    labels: np.ndarray, components: np.ndarray, n_components: int
+) -> list[np.ndarray]:
+    """Flat indices of the edema voxels of each component id 0..``n_components``."""
+    edema_idx = np.flatnonzero(labels == EDEMA)
+    edema_comp = components.ravel()[edema_idx]
     order = np.argsort(edema_comp, kind="stable")
     edema_idx, edema_comp = edema_idx[order], edema_comp[order]
-    starts = np.searchsorted(edema_comp, np.arange(n + 2))
+    starts = np.searchsorted(edema_comp, np.arange(n_components + 2))
+    return [edema_idx[starts[c] : starts[c + 1]] for c in range(n_components + 1)]
 
-    channels = imgs.reshape(imgs.shape[0], -1)  # (C, voxels)
-    flat_out = out.reshape(-1)  # view of ``out``, written through
-    n_relabelled = 0
-    for comp in range(1, n + 1):
-        n_et, n_wt = int(et_sizes[comp]), int(wt_sizes[comp])
-        if not (n_et / n_wt < component_ratio and n_et < max_component_et):
-            continue
-        voxels = edema_idx[starts[comp] : starts[comp + 1]]
-        if voxels.size < 2:
-            continue
-        features = channels[:, voxels].T.astype(np.float64)  # (edema voxels, C)
-        if not np.all(np.isfinite(features)):
-            raise ValueError(
-                f"images hold non-finite intensities at edema voxels of tumour component "
-                f"{comp}; replace NaN/inf (e.g. with 0) before post-processing"
-            )
-        if np.all(features == features[0]):
-            logger.debug("relabel_edema_kmeans: component %d has uniform edema; skipped", comp)
-            continue
-        groups = KMeans(n_clusters=2, n_init=10, random_state=random_state).fit_predict(features)
-        means = [features[groups == g, t1ce_channel].mean() for g in (0, 1)]
-        if means[0] == means[1]:
-            logger.debug("relabel_edema_kmeans: component %d groups tie on T1ce; skipped", comp)
-            continue
-        dark = voxels[groups == int(np.argmin(means))]
-        flat_out[dark] = NCR_NET
-        n_relabelled += dark.size
-        logger.debug(
-            "relabel_edema_kmeans: component %d (WT %d, ET %d): %d of %d edema voxels -> NCR/NET",
-            comp,
-            n_wt,
-            n_et,
-            dark.size,
-            voxels.size,
+
+def _dark_edema(
+    channels: np.ndarray,
+    voxels: np.ndarray,
+    comp: int,
+    t1ce_channel: int,
+    random_state: int | None,
+) -> np.ndarray | None:
+    """The darker (in T1ce) of the two K-means groups of one component's edema voxels.
+
+    Args:
+        channels: image intensities ``(C, voxels)`` of the whole case.
+        voxels: flat indices of the component's edema voxels.
+        comp: the component's id, for messages.
+        t1ce_channel: index of the T1ce channel in ``channels``.
+        random_state: seed of K-means.
+
+    Returns:
+        Flat indices of the dark group, or None when the component is skipped: fewer
+        than two edema voxels, a single intensity vector, or groups whose mean T1ce
+        intensities tie.
+
+    Raises:
+        ValueError: an intensity of the edema voxels is not finite.
+    """
+    if voxels.size < 2:
+        return None
+    features = channels[:, voxels].T.astype(np.float64)  # (edema voxels, C)
+    if not np.all(np.isfinite(features)):
+        raise ValueError(
+            f"images hold non-finite intensities at edema voxels of tumour component "
+            f"{comp}; replace NaN/inf (e.g. with 0) before post-processing"
         )
-    logger.debug("relabel_edema_kmeans: %d edema voxels relabelled NCR/NET", n_relabelled)
-    return out
+    if np.all(features == features[0]):
+        logger.debug("relabel_edema_kmeans: component %d has uniform edema; skipped", comp)
+        return None
+    groups = KMeans(n_clusters=2, n_init=10, random_state=random_state).fit_predict(features)
+    means = [features[groups == g, t1ce_channel].mean() for g in (0, 1)]
+    if means[0] == means[1]:
+        logger.debug("relabel_edema_kmeans: component %d groups tie on T1ce; skipped", comp)
+        return None
+    return voxels[groups == int(np.argmin(means))]
 
 
 def postprocess(
@@ -269,6 +371,7 @@ def postprocess(
     remove_small: bool = True,
     relabel_edema: bool = True,
     connectivity: int = 26,
+    relabel_guard: bool = False,
 ) -> np.ndarray:
     """Runs the paper's post-processing: small-component removal, then edema relabelling.
 
@@ -279,6 +382,8 @@ def postprocess(
         remove_small: run :func:`remove_small_components` (step 1).
         relabel_edema: run :func:`relabel_edema_kmeans` (step 2).
         connectivity: 6, 18 or 26, used by both steps.
+        relabel_guard: step 2 only in components that already hold tumour core
+            (``require_core`` of :func:`relabel_edema_kmeans`; not in the paper).
 
     Returns:
         A new label map; with both steps off, an unchanged copy of ``labels``.
@@ -293,5 +398,7 @@ def postprocess(
     if remove_small:
         out = remove_small_components(out, connectivity=connectivity)
     if relabel_edema:
-        out = relabel_edema_kmeans(out, images, connectivity=connectivity)
+        out = relabel_edema_kmeans(
+            out, images, connectivity=connectivity, require_core=relabel_guard
+        )
     return out

@@ -8,7 +8,7 @@ arrays and never modifies its inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +65,11 @@ def zscore(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _margins(margin: int | Sequence[int]) -> tuple[int, int, int]:
-    values = (margin,) * 3 if np.isscalar(margin) else tuple(margin)  # type: ignore[arg-type]
+    values = tuple(margin) if isinstance(margin, Iterable) else (margin,) * 3
     if len(values) != 3 or any(int(v) != v or v < 0 for v in values):
         raise ValueError(f"margin must be an int >= 0 or three of them, got {margin!r}")
-    return tuple(int(v) for v in values)  # type: ignore[return-value]
+    x, y, z = (int(v) for v in values)
+    return x, y, z
 
 
 def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, slice, slice]:

@@ -35,13 +35,13 @@ import io
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 from PIL import Image, ImageDraw, ImageFont
 
+from model.atomic import atomic_write
 from model.labels import BACKGROUND, EDEMA, ENHANCING, NCR_NET
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def save_preview(
         image: see :func:`render_preview`.
         labels: see :func:`render_preview`.
         affine: see :func:`render_preview`.
-        path: file to write; its folder must exist.
+        path: file to write (written atomically; missing folders are created).
         alpha: see :func:`render_preview`.
         size: see :func:`render_preview`.
 
@@ -193,17 +193,7 @@ def save_preview(
         ``path`` as a :class:`~pathlib.Path`.
     """
     data = preview_png_bytes(image, labels, affine, alpha=alpha, size=size)
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    target = atomic_write(path, lambda tmp: tmp.write_bytes(data))
     logger.debug("wrote preview %s (%d bytes)", target, len(data))
     return target
 
@@ -275,10 +265,10 @@ def _render_panel(
     rows, cols = grey.shape
     height_mm, width_mm = rows * voxel_mm[0], cols * voxel_mm[1]
     width = max(1, round(size * width_mm / height_mm))
-    grey_px = Image.fromarray(np.ascontiguousarray(grey * 255.0, dtype=np.float32))
-    grey_px = np.asarray(grey_px.resize((width, size), Image.Resampling.BILINEAR))
-    label_px = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    label_px = np.asarray(label_px.resize((width, size), Image.Resampling.NEAREST))
+    grey_img = Image.fromarray(np.ascontiguousarray(grey * 255.0, dtype=np.float32))
+    grey_px = np.asarray(grey_img.resize((width, size), Image.Resampling.BILINEAR))
+    label_img = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    label_px = np.asarray(label_img.resize((width, size), Image.Resampling.NEAREST))
 
     rgb = np.repeat(np.clip(grey_px, 0.0, 255.0)[..., None], 3, axis=-1)  # (H, W, 3)
     for value, colour in LABEL_COLOURS.items():

@@ -76,7 +76,8 @@ class TileLayout:
 
     def grid(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """Number of tiles along each axis of a volume of ``shape``."""
-        return tuple(math.ceil(s / k) for s, k in zip(shape, self.kept, strict=True))  # type: ignore[return-value]
+        x, y, z = (math.ceil(s / k) for s, k in zip(shape, self.kept, strict=True))
+        return x, y, z
 
     def padding(self, shape: Sequence[int]) -> list[tuple[int, int]]:
         """(before, after) zero padding per axis so that every tile's patch fits."""
@@ -92,15 +93,15 @@ class TileLayout:
     ) -> list[tuple[int, int, int]]:
         """Corners of the kept blocks (unpadded coordinates); only those holding a brain
         voxel of ``mask`` when a mask is given."""
-        ranges = [range(0, n * k, k) for n, k in zip(self.grid(shape), self.kept, strict=True)]
+        xs, ys, zs = (range(0, n * k, k) for n, k in zip(self.grid(shape), self.kept, strict=True))
         origins = []
-        for origin in itertools.product(*ranges):
+        for origin in itertools.product(xs, ys, zs):
             if mask is not None:
                 block = tuple(slice(o, o + k) for o, k in zip(origin, self.kept, strict=True))
                 if not mask[block].any():
                     continue
             origins.append(origin)
-        return origins  # type: ignore[return-value]
+        return origins
 
     @property
     def efficiency(self) -> float:
@@ -137,6 +138,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+#: Test-time augmentation: every combination of mirroring the patch's three spatial axes
+#: (of a (B, C, X, Y, Z) batch), the identity first, as nnU-Net mirrors 3-D inputs.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+
+
 class Predictor:
     """Runs one network, or an ensemble averaging probabilities, over a whole volume.
 
@@ -148,6 +154,9 @@ class Predictor:
         batch_size: patches per forward pass.
         layout: the tiling (``PAPER_TILING`` by default).
         mixed_precision: float16 autocast; defaults to on for CUDA, off for the CPU.
+        tta: test-time augmentation: every patch also goes through the network mirrored
+            along each combination of axes (:data:`TTA_FLIPS`, 8 passes), each output is
+            mirrored back and the probabilities are averaged. Not in the paper.
     """
 
     def __init__(
@@ -157,6 +166,7 @@ class Predictor:
         batch_size: int = 16,
         layout: TileLayout = PAPER_TILING,
         mixed_precision: bool | None = None,
+        tta: bool = False,
     ) -> None:
         if not models:
             raise ValueError("models must hold at least one network")
@@ -166,6 +176,7 @@ class Predictor:
         self.models = [m.to(self.device).eval() for m in models]
         self.batch_size = batch_size
         self.layout = layout
+        self.flips = TTA_FLIPS if tta else ((),)
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )
@@ -176,14 +187,20 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> list[torch.Tensor]:
-        x = to_network(torch.from_numpy(batch).to(self.device))
+        """Mean softmax probabilities over the models and mirrorings, each (B, C, X, Y, Z)."""
+        patches = torch.from_numpy(batch).to(self.device)  # (B, C, X, Y, Z)
         sums: list[torch.Tensor] = []
-        for model in self.models:
-            with torch.autocast(self.device.type, enabled=self.mixed_precision):
-                outputs = model(x)
-            probs = [F_.softmax(s.float(), dim=1) for s in outputs]
-            sums = probs if not sums else [a + b for a, b in zip(sums, probs, strict=True)]
-        return [from_network(p / len(self.models)).cpu() for p in sums]
+        for flip in self.flips:
+            x = to_network(patches.flip(flip) if flip else patches)
+            for model in self.models:
+                with torch.autocast(self.device.type, enabled=self.mixed_precision):
+                    outputs = model(x)
+                probs = [from_network(F_.softmax(s.float(), dim=1)) for s in outputs]
+                if flip:
+                    probs = [p.flip(flip) for p in probs]  # back to the patch's own orientation
+                sums = probs if not sums else [a + b for a, b in zip(sums, probs, strict=True)]
+        passes = len(self.models) * len(self.flips)
+        return [(p / passes).cpu() for p in sums]
 
     def _batches(self, origins: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
         for i in range(0, len(origins), self.batch_size):
@@ -234,8 +251,8 @@ class Predictor:
                     slice(c.start, c.start + (d.stop - d.start))
                     for c, d in zip(centre, dest, strict=True)
                 )
-                for target, probs in zip(out, task_probs, strict=True):
-                    target[(slice(None), *dest)] = probs[i][(slice(None), *clip)].numpy()
+                for target, tile_probs in zip(out, task_probs, strict=True):
+                    target[(slice(None), *dest)] = tile_probs[i][(slice(None), *clip)].numpy()
             done += len(chunk)
             if progress is not None:
                 progress(done, len(origins))

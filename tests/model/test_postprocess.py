@@ -385,3 +385,23 @@ def test_inputs_not_modified():
 def test_postprocess_rejects_bad_arguments(images_shape, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         postprocess(np.zeros((6, 6, 6), np.uint8), np.zeros(images_shape), **kwargs)
+
+
+def test_guard_relabels_only_components_that_hold_core():
+    # Two separate tumours without ET: A is edema only (a typical far false positive),
+    # B has some NCR/NET. The paper relabels both; the guard only B.
+    shape = (30, 14, 14)
+    labels, images = np.zeros(shape, np.uint8), _noise(shape)
+    box_a = _block(labels, (0, 0, 0), (10, 10, 10), EDEMA)
+    dark_a, _ = _fill_tumour(labels, images, box_a, n_et=0)
+    box_b = _block(labels, (18, 0, 0), (10, 10, 10), EDEMA)
+    dark_b, bright_b = _fill_tumour(labels, images, box_b, n_et=0, n_ncr=50)
+
+    paper = relabel_edema_kmeans(labels, images)
+    assert (paper[dark_a] == NCR_NET).all() and (paper[dark_b] == NCR_NET).all()
+
+    guarded = relabel_edema_kmeans(labels, images, require_core=True)
+    np.testing.assert_array_equal(guarded[box_a], labels[box_a])
+    np.testing.assert_array_equal(guarded[dark_b], NCR_NET)
+    np.testing.assert_array_equal(guarded[bright_b], EDEMA)
+    assert (postprocess(labels, images, relabel_guard=True) == guarded).all()

@@ -317,3 +317,79 @@ def test_real_network_is_deterministic_and_batch_independent():
         np.testing.assert_allclose(a.sum(axis=0), 1.0, atol=1e-5)
         assert not np.all(a[0] == 1.0)  # the network's output, not the background fill
     assert not model.training  # the predictor runs the network in eval mode
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+@pytest.mark.parametrize("layout", [PAPER_TILING, SKEWED_TILING], ids=["paper", "skewed"])
+def test_tta_undoes_every_flip_of_a_voxelwise_network(layout):
+    # A voxel-wise network gives the same output whichever way its input is mirrored,
+    # once the output is mirrored back: so TTA must equal the plain prediction, voxel by
+    # voxel, on an input with no symmetry. A flip not undone would misplace voxels.
+    shape = (25, 21, 12)
+    images = _images(shape, seed=4)
+    net = VoxelwiseNet(depth=layout.patch[2])
+    plain = Predictor([net], device="cpu", layout=layout).predict(images)
+    calls_plain = len(net.calls)
+    tta = Predictor([net], device="cpu", layout=layout, tta=True).predict(images)
+    assert len(net.calls) - calls_plain == 8 * calls_plain  # eight mirrorings per batch
+    for got, want in zip(tta, plain, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class PositionNet(nn.Module):
+    """A fake network that sees where it is: scores grow along one patch axis."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> TaskOutputs:
+        ramp = torch.arange(x.shape[self.axis], dtype=torch.float32)
+        view = [1] * x.ndim
+        view[self.axis] = -1
+        ramp = ramp.view(view).expand(x.shape[0], 1, *x.shape[2:])
+        zeros = torch.zeros_like(ramp)
+        return TaskOutputs(
+            torch.cat([zeros, ramp, zeros, zeros, zeros], 1),
+            torch.cat([zeros, ramp, zeros, zeros, zeros], 1),
+            torch.cat([zeros, ramp], 1),
+        )
+
+
+@pytest.mark.parametrize("axis", [2, 3, 4])
+def test_tta_averages_the_mirrored_views_of_a_patch(axis):
+    # A network that is not voxel-wise changes under mirroring: for a score ramp along
+    # one axis, the mirrored view sees the ramp reversed, and TTA averages the two.
+    patch = _images((32, 32, 16), seed=5)[None]  # one (1, 4, X, Y, Z) patch
+    plain = Predictor([PositionNet(axis)], device="cpu")._forward(patch)
+    tta = Predictor([PositionNet(axis)], device="cpu", tta=True)._forward(patch)
+    spatial = {2: 4, 3: 2, 4: 3}[axis]  # network (B, C, Z, X, Y) axis -> patch axis
+    p = plain[2][0, 1].numpy()  # P(ET), (X, Y, Z)
+    expected = (p + np.flip(p, spatial - 2)) / 2
+    np.testing.assert_allclose(tta[2][0, 1].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(expected - p).max() > 0.1  # the two views really differ
+
+
+def test_tta_makes_a_real_network_mirror_equivariant():
+    # Convolution kernels are not symmetric, so a network alone does not commute with
+    # mirroring; averaged over all eight mirrorings it does: a mirrored input gives the
+    # mirrored output, and a mirror-symmetric input gives a mirror-symmetric output.
+    torch.manual_seed(0)
+    net = build_model(ArchConfig(width=4)).eval()
+    patch = _images((32, 32, 16), seed=6)[None]
+    half = _images((16, 16, 8), seed=7)
+    for axis in (1, 2, 3):
+        half = np.concatenate([half, np.flip(half, axis)], axis=axis)
+    symmetric = np.ascontiguousarray(half[None])
+    tta = Predictor([net], device="cpu", tta=True)
+    plain = Predictor([net], device="cpu")
+    for axis in (2, 3, 4):  # X, Y, Z of the (B, C, X, Y, Z) patch
+        mirrored = np.ascontiguousarray(np.flip(patch, axis))
+        for a, b in zip(tta._forward(mirrored), tta._forward(patch), strict=True):
+            np.testing.assert_allclose(a.numpy(), np.flip(b.numpy(), axis), atol=1e-5)
+        for out in tta._forward(symmetric):
+            np.testing.assert_allclose(out.numpy(), np.flip(out.numpy(), axis), atol=1e-5)
+    no_tta = plain._forward(symmetric)[0].numpy()
+    assert np.abs(no_tta - np.flip(no_tta, 2)).max() > 1e-3  # the network alone is not
