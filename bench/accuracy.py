@@ -1,95 +1,167 @@
-"""Accuracy of a checkpoint on held-out cases: paper vs fast tiling, with and without
-post-processing, from one inference per tiling.
+"""Accuracy of models on held-out cases, per institution group, through the real pipeline.
 
-    python bench/accuracy.py --checkpoint model/weights/omnet_cga.pt \
-        [--data ../shared/data/brats2018] [--split model/splits/brats2018_val.txt] \
-        [--tilings paper fast] [--json out.json]
+    python bench/accuracy.py \
+        --model previous=model/weights/omnet_cga.pt --model new=runs/x/best.pt \
+        [--model ensemble=a.pt+b.pt] \
+        [--data ../shared/data/brats2018 ../shared/data/brats-extra] \
+        [--split model/splits/multisite_val.txt] \
+        [--setting paper+pp fast+pp paper+guard+tta ...] [--json out.json]
 
-Prints Dice and HD95 per case and their means for WT, TC and ET, and the inference
-time of each tiling relative to the paper tiling, measured in the same run.
+Every case goes through :func:`model.case.process_case` (what ``omnet segment`` and
+the workers run), once per model and setting. A setting names the tiling (``paper`` or
+``fast``) followed by levers joined with ``+``: ``pp`` (the paper's post-processing),
+``guard`` (post-processing with the guarded edema relabelling), ``tta`` (flip
+averaging). Prints Dice and HD95 (WT, TC, ET) per institution group (from the case
+name), the mean over cases, the mean over groups (each institution weighs the same) and
+the CPU seconds per case relative to the first model and setting, measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from model.data import SPLITS_DIR, default_data_dir, read_split
-from model.fusion import fuse
-from model.labels import ENHANCING
-from model.metrics import evaluate_case, summarise
-from model.nifti_io import find_label_file, load_case, load_labels
-from model.pipeline import from_canonical, load_predictor, to_canonical
-from model.postprocess import postprocess
-from model.preprocess import paste, preprocess
+import numpy as np
+
+from model.case import CaseOutputs, process_case
+from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split, resolve_data_dir
+from model.nifti_io import find_label_file, load_case
+from model.pipeline import SegmentationOptions, load_predictor
 from model.tiling import TILINGS
+
+REGIONS = ("WT", "TC", "ET")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    tiling: str
+    options: SegmentationOptions
+    tta: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        tiling, *levers = text.split("+")
+        unknown = set(levers) - {"pp", "guard", "tta"}
+        if tiling not in TILINGS or unknown:
+            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard][+tta]")
+        post = "pp" in levers or "guard" in levers
+        options = SegmentationOptions(
+            remove_small=post, relabel_edema=post, relabel_guard="guard" in levers
+        )
+        return cls(text, tiling, options, "tta" in levers)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def summarise(per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Dice and HD95 means per group, over cases and over group means."""
+    groups: dict[str, list[str]] = {}
+    for name in per_case:
+        groups.setdefault(institution_group(name), []).append(name)
+
+    def means(names: list[str]) -> dict[str, dict[str, float]]:
+        return {
+            r: {m: _mean([per_case[n][r][m] for n in names]) for m in ("dice", "hd95")}
+            for r in REGIONS
+        }
+
+    by_group = {g: means(names) for g, names in sorted(groups.items())}
+    macro = {
+        r: {m: _mean([by_group[g][r][m] for g in by_group]) for m in ("dice", "hd95")}
+        for r in REGIONS
+    }
+    return {"groups": by_group, "mean": means(list(per_case)), "group_mean": macro}
+
+
+def _row(label: str, scores: dict[str, dict[str, float]], n: int | str) -> str:
+    dice = " ".join(f"{scores[r]['dice']:.3f}" for r in REGIONS)
+    hd = " ".join(f"{scores[r]['hd95']:6.1f}" for r in REGIONS)
+    return f"  {label:<12} n={n!s:<3} Dice {dice}   HD95 {hd}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", nargs="+", required=True)
-    parser.add_argument("--data", type=Path, default=default_data_dir() / "brats2018")
-    parser.add_argument("--split", type=Path, default=SPLITS_DIR / "brats2018_val.txt")
-    parser.add_argument("--tilings", nargs="+", default=["paper", "fast"], choices=sorted(TILINGS))
-    parser.add_argument("--device", default="auto")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=CKPT[+CKPT...]")
+    data_dir = resolve_data_dir(os.environ.get("OMNET_DATA_DIR"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[data_dir / "brats2018", data_dir / "brats-extra"],
+    )
+    parser.add_argument("--split", type=Path, default=SPLITS_DIR / "multisite_val.txt")
+    parser.add_argument("--setting", nargs="+", default=["paper+pp"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
+    models = dict(item.split("=", 1) for item in args.model)
+    settings = [Setting.parse(s) for s in args.setting]
+    folders = find_cases_in(args.data)
     names = read_split(args.split)
-    results: dict[str, dict[str, dict]] = {}
-    seconds: dict[str, float] = {t: 0.0 for t in args.tilings}
-    predictors = {
-        t: load_predictor(args.checkpoint, args.device, layout=TILINGS[t])[0] for t in args.tilings
-    }
-    for name in names:
-        folder = args.data / name
-        case = load_case(folder)
-        label_file = find_label_file(folder)
-        if label_file is None:
-            raise SystemExit(f"{folder} has no label map")
-        reference = load_labels(label_file, like=case)
-        prep = preprocess(to_canonical(case.images, case.affine))
-        for tiling in args.tilings:
-            start = time.perf_counter()
-            probs = predictors[tiling].predict(prep.images, prep.mask)
-            seconds[tiling] += time.perf_counter() - start
-            raw = fuse(probs, prep.mask)
-            variants = {f"{tiling}": raw}
-            variants[f"{tiling}+pp"] = postprocess(raw, prep.images)
-            for key, labels in variants.items():
-                full = from_canonical(paste(labels, prep), case.affine)
-                scores = evaluate_case(full, reference, case.spacing, ENHANCING, ENHANCING)
-                results.setdefault(key, {})[name] = scores
-                dice = " ".join(f"{r} {m.dice:.3f}" for r, m in scores.items())
-                hd = " ".join(f"{m.hd95:.1f}" for m in scores.values())
-                print(f"{name:<24} {key:<10} Dice {dice}  HD95 {hd}", flush=True)
+    missing = [n for n in names if n not in folders]
+    if missing:
+        raise SystemExit(f"cases of {args.split} not found under {args.data}: {missing}")
 
+    predictors = {
+        (m, s.name): load_predictor(
+            paths.split("+"), args.device, layout=TILINGS[s.tiling], tta=s.tta
+        )[0]
+        for m, paths in models.items()
+        for s in settings
+    }
+    per_case: dict[tuple[str, str], dict[str, dict[str, dict[str, float]]]] = {}
+    seconds: dict[tuple[str, str], float] = {key: 0.0 for key in predictors}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            case = load_case(folders[name])
+            reference = find_label_file(folders[name])
+            for (model_name, setting_name), predictor in predictors.items():
+                setting = next(s for s in settings if s.name == setting_name)
+                start = time.process_time()
+                report = process_case(
+                    case,
+                    predictor,
+                    CaseOutputs(Path(tmp) / f"{name}_seg.nii.gz"),
+                    setting.options,
+                    reference=reference,
+                )
+                seconds[(model_name, setting_name)] += time.process_time() - start
+                assert report.evaluation is not None
+                scores = {r: m.to_dict() for r, m in report.evaluation.items()}
+                per_case.setdefault((model_name, setting_name), {})[name] = scores
+                dice = " ".join(f"{r} {scores[r]['dice']:.3f}" for r in REGIONS)
+                print(f"{name:<24} {model_name:<10} {setting_name:<16} Dice {dice}", flush=True)
+
+    base = next(iter(seconds.values()))
+    document: dict[str, Any] = {"cases": names, "results": {}}
     print()
-    summary = {}
-    for key, cases in results.items():
-        mean = summarise(cases)
-        summary[key] = mean
-        print(
-            f"mean {key:<10} Dice WT {mean['WT']['dice']:.3f} TC {mean['TC']['dice']:.3f} "
-            f"ET {mean['ET']['dice']:.3f}  HD95 WT {mean['WT']['hd95']:.2f} "
-            f"TC {mean['TC']['hd95']:.2f} ET {mean['ET']['hd95']:.2f} mm"
-        )
-    base = seconds.get("paper") or next(iter(seconds.values()))
-    for tiling, s in seconds.items():
-        print(f"inference {tiling:<6} {s / len(names):7.1f} s per case ({s / base:.2f} x paper)")
-    if args.json:
-        doc = {
-            "cases": names,
-            "mean": summary,
-            "per_case": {
-                k: {c: {r: m.to_dict() for r, m in v.items()} for c, v in cases.items()}
-                for k, cases in results.items()
-            },
-            "inference_seconds_per_case": {t: s / len(names) for t, s in seconds.items()},
+    for key, cases in per_case.items():
+        summary = summarise(cases)
+        cpu = seconds[key] / len(names)
+        print(f"{key[0]} / {key[1]}: {cpu:.1f} CPU s per case ({seconds[key] / base:.2f} x)")
+        for group, scores in summary["groups"].items():
+            count = sum(institution_group(n) == group for n in cases)
+            print(_row(group, scores, count))
+        print(_row("mean", summary["mean"], len(cases)))
+        print(_row("group mean", summary["group_mean"], len(summary["groups"])))
+        document["results"][f"{key[0]}/{key[1]}"] = {
+            **summary,
+            "cpu_seconds_per_case": cpu,
+            "per_case": cases,
         }
-        args.json.write_text(json.dumps(doc, indent=1, default=float))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -32,5 +32,5 @@ ENV OMNET_STORAGE_DIR=/data
 
 # The prefork pool keeps the main process free to answer pings while a job runs.
 HEALTHCHECK --interval=60s --timeout=20s --start-period=120s --retries=3 \
-    CMD celery -A worker.app inspect ping --destination "celery@$HOSTNAME" --timeout 10 || exit 1
+    CMD python -m worker.healthcheck || exit 1
 CMD ["omnet", "worker", "--device", "cuda", "--pool", "prefork", "--concurrency", "1"]

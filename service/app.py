@@ -11,17 +11,18 @@ from fastapi import FastAPI
 
 from service import errors
 from service.config import Settings, get_settings
-from service.deps import _storage, _store
+from service.db import JobStore
+from service.queue import make_celery
 from service.routes import jobs, system
-from service.telemetry import RequestMetrics, watch_jobs
+from service.storage import Storage
+from service.telemetry import RequestMetrics, job_registry
 from service.uploads import BodySizeLimit
 
 logger = logging.getLogger(__name__)
 
 
-def purge_expired(settings: Settings) -> int:
+def purge_expired(store: JobStore, storage: Storage) -> int:
     """Deletes the files and records of jobs past their retention period."""
-    store, storage = _store(settings.database), _storage(str(settings.storage_dir))
     removed = 0
     for job_id in store.expired():
         storage.delete_job(job_id)
@@ -32,26 +33,35 @@ def purge_expired(settings: Settings) -> int:
     return removed
 
 
-def _cleaner(settings: Settings, stop: threading.Event) -> None:
-    while not stop.wait(settings.cleanup_interval_s):
+def _cleaner(interval_s: float, store: JobStore, storage: Storage, stop: threading.Event) -> None:
+    while not stop.wait(interval_s):
         try:
-            purge_expired(settings)
+            purge_expired(store, storage)
         except Exception:
             logger.warning("purging expired jobs failed", exc_info=True)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API application for ``settings`` (default: read from the environment).
+
+    The settings, job store, storage and Celery client are built here, once, and kept
+    in ``app.state``, where the route dependencies (:mod:`service.deps`) find them.
+    """
     settings = settings or get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.database)
+    storage = Storage(settings.storage_dir)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        store = _store(settings.database)
-        watch_jobs(store)
         stop = threading.Event()
-        thread = threading.Thread(target=_cleaner, args=(settings, stop), daemon=True)
+        thread = threading.Thread(
+            target=_cleaner,
+            args=(settings.cleanup_interval_s, store, storage, stop),
+            daemon=True,
+        )
         thread.start()
-        purge_expired(settings)
+        purge_expired(store, storage)
         yield
         stop.set()
 
@@ -61,6 +71,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Brain-tumour segmentation with OM-Net + cross-task guided attention",
         lifespan=lifespan,
     )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.storage = storage
+    app.state.celery = make_celery(settings)
+    app.state.job_metrics = job_registry(store)
     app.include_router(jobs.router)
     app.include_router(system.router)
     errors.install(app)

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:N")
     batch_size: int = Field(16, ge=1, description="patches per forward pass in the worker")
     tiling: str = Field("paper", description="worker tiling: paper or fast")
+    postprocess: str = Field(
+        "paper",
+        description="post-processing of jobs that ask for it: paper (small-component removal "
+        "and K-means edema relabelling) or guarded (relabelling only in tumours with core)",
+    )
+    tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
     visibility_timeout_s: float = Field(
         7200.0, gt=0, description="Redis re-delivers an unacknowledged job after this"
@@ -60,6 +66,13 @@ class Settings(BaseSettings):
     def _known_tiling(cls, value: str) -> str:
         if value not in ("paper", "fast"):
             raise ValueError(f"tiling must be 'paper' or 'fast'; got {value!r}")
+        return value
+
+    @field_validator("postprocess")
+    @classmethod
+    def _known_postprocess(cls, value: str) -> str:
+        if value not in ("paper", "guarded"):
+            raise ValueError(f"postprocess must be 'paper' or 'guarded'; got {value!r}")
         return value
 
     @property

@@ -8,28 +8,33 @@ without locks of their own.
 
 from __future__ import annotations
 
-import builtins
 import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-ACTIVE = (QUEUED, RUNNING)
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+class JobState(StrEnum):
+    """The state of a job record; the values are what the database and the API hold."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: States from which a job can still run (and be cancelled).
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+#: Final states: nothing changes a finished job any more.
+FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 metadata = sa.MetaData()
 
@@ -83,7 +88,7 @@ class Job:
 
     id: str
     owner: str
-    state: str
+    state: JobState
     created_at: datetime
     options: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
@@ -106,6 +111,7 @@ class Job:
     @classmethod
     def from_row(cls, row: sa.Row) -> Job:
         data = dict(row._mapping)
+        data["state"] = JobState(data["state"])
         data["options"] = json.loads(data["options"])
         data["inputs"] = json.loads(data["inputs"])
         data["result"] = json.loads(data["result"]) if data["result"] else None
@@ -161,7 +167,7 @@ class JobStore:
                         id=job_id,
                         owner=owner,
                         idempotency_key=idempotency_key,
-                        state=QUEUED,
+                        state=JobState.QUEUED,
                         progress=0.0,
                         options=json.dumps(options),
                         inputs=json.dumps(inputs),
@@ -193,7 +199,8 @@ class JobStore:
             row = conn.execute(query).first()
         return Job.from_row(row) if row else None
 
-    def list(self, owner: str, limit: int, offset: int) -> tuple[list[Job], int]:
+    def list_jobs(self, owner: str, limit: int, offset: int) -> tuple[list[Job], int]:
+        """A page of ``owner``'s jobs, newest first, and how many they have in all."""
         query = (
             sa.select(jobs)
             .where(jobs.c.owner == owner)
@@ -209,27 +216,27 @@ class JobStore:
 
     def queue_position(self, job: Job) -> int | None:
         """1 + queued jobs created before ``job``; None when it is not queued."""
-        if job.state != QUEUED:
+        if job.state != JobState.QUEUED:
             return None
         query = (
             sa.select(sa.func.count())
             .select_from(jobs)
-            .where(jobs.c.state == QUEUED, jobs.c.created_at < job.created_at)
+            .where(jobs.c.state == JobState.QUEUED, jobs.c.created_at < job.created_at)
         )
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one()) + 1
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[JobState, int]:
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
         with self.engine.connect() as conn:
             found: dict[str, int] = {s: n for s, n in conn.execute(query).all()}
-        return {s: int(found.get(s, 0)) for s in STATES}
+        return {state: int(found.get(state, 0)) for state in JobState}
 
-    def durations(self, limit: int = 1000) -> builtins.list[float]:
+    def durations(self, limit: int = 1000) -> list[float]:
         """Seconds from creation to finish of the latest succeeded jobs."""
         query = (
             sa.select(jobs.c.created_at, jobs.c.finished_at)
-            .where(jobs.c.state == SUCCEEDED)
+            .where(jobs.c.state == JobState.SUCCEEDED)
             .order_by(jobs.c.finished_at.desc())
             .limit(limit)
         )
@@ -247,12 +254,12 @@ class JobStore:
                 .where(
                     jobs.c.id == job_id,
                     sa.or_(
-                        jobs.c.state == QUEUED,
-                        sa.and_(jobs.c.state == RUNNING, jobs.c.heartbeat_at < stale),
+                        jobs.c.state == JobState.QUEUED,
+                        sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
                     ),
                 )
                 .values(
-                    state=RUNNING,
+                    state=JobState.RUNNING,
                     worker=worker,
                     started_at=now,
                     heartbeat_at=now,
@@ -263,26 +270,25 @@ class JobStore:
             )
         return self.get(job_id) if result.rowcount == 1 else None
 
-    def heartbeat(self, job_id: str, worker: str, progress: float, stage: str) -> str | None:
-        """Records progress of a running job; returns the job's state (None if gone)."""
+    def heartbeat(self, job_id: str, worker: str, progress: float, stage: str) -> Job | None:
+        """Records progress of a job that ``worker`` runs; returns the record as it is now
+        (None if it was deleted), so that the worker can see whether it still holds it."""
         with self._tx() as conn:
             conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker == worker)
+                .where(
+                    jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.worker == worker
+                )
                 .values(progress=progress, stage=stage, heartbeat_at=utcnow())
             )
-            row = conn.execute(
-                sa.select(jobs.c.state, jobs.c.worker).where(jobs.c.id == job_id)
-            ).first()
-        if row is None:
-            return None
-        return row.state if row.worker == worker or row.state != RUNNING else "taken_over"
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
 
     def finish(
         self,
         job_id: str,
         worker: str,
-        state: str,
+        state: JobState,
         retention: timedelta,
         result: dict[str, Any] | None = None,
         error_code: str | None = None,
@@ -295,35 +301,20 @@ class JobStore:
         with self._tx() as conn:
             res = conn.execute(
                 jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker == worker)
+                .where(
+                    jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.worker == worker
+                )
                 .values(
                     state=state,
                     finished_at=now,
                     expires_at=now + retention,
-                    progress=1.0 if state == SUCCEEDED else jobs.c.progress,
+                    progress=1.0 if state == JobState.SUCCEEDED else jobs.c.progress,
                     stage=None,
                     result=json.dumps(result) if result is not None else None,
                     error_code=error_code,
                     error_message=error_message,
                     model_name=model_name,
                     model_sha256=model_sha256,
-                )
-            )
-        return res.rowcount == 1
-
-    def fail_unstarted(self, job_id: str, code: str, message: str, retention: timedelta) -> bool:
-        """Fails a job that is still queued (e.g. its message could not be sent)."""
-        now = utcnow()
-        with self._tx() as conn:
-            res = conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
-                .values(
-                    state=FAILED,
-                    finished_at=now,
-                    expires_at=now + retention,
-                    error_code=code,
-                    error_message=message,
                 )
             )
         return res.rowcount == 1
@@ -335,7 +326,12 @@ class JobStore:
             conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.owner == owner, jobs.c.state.in_(ACTIVE))
-                .values(state=CANCELLED, finished_at=now, expires_at=now + retention, stage=None)
+                .values(
+                    state=JobState.CANCELLED,
+                    finished_at=now,
+                    expires_at=now + retention,
+                    stage=None,
+                )
             )
         return self.get(job_id, owner)
 
@@ -343,18 +339,18 @@ class JobStore:
         with self._tx() as conn:
             conn.execute(jobs.delete().where(jobs.c.id == job_id))
 
-    def expired(self, now: datetime | None = None) -> builtins.list[str]:
+    def expired(self, now: datetime | None = None) -> list[str]:
         query = sa.select(jobs.c.id).where(jobs.c.expires_at < (now or utcnow()))
         with self.engine.connect() as conn:
             return [r.id for r in conn.execute(query).all()]
 
-    def orphans(self, stale_after_s: float) -> builtins.list[Job]:
+    def orphans(self, stale_after_s: float) -> list[Job]:
         """Queued jobs, and running jobs whose worker went silent: candidates to re-send."""
         stale = utcnow() - timedelta(seconds=stale_after_s)
         query = sa.select(jobs).where(
             sa.or_(
-                jobs.c.state == QUEUED,
-                sa.and_(jobs.c.state == RUNNING, jobs.c.heartbeat_at < stale),
+                jobs.c.state == JobState.QUEUED,
+                sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
             )
         )
         with self.engine.connect() as conn:
@@ -377,7 +373,7 @@ class JobStore:
         with self._tx() as conn:
             conn.execute(workers.delete().where(workers.c.name == name))
 
-    def live_workers(self, within_s: float) -> builtins.list[dict[str, Any]]:
+    def live_workers(self, within_s: float) -> list[dict[str, Any]]:
         since = utcnow() - timedelta(seconds=within_s)
         query = sa.select(workers).where(workers.c.seen_at >= since).order_by(workers.c.name)
         with self.engine.connect() as conn:

@@ -1,46 +1,43 @@
-"""Dependencies of the routes: settings, job store, storage, broker and the caller."""
+"""Dependencies of the routes: settings, job store, storage, broker and the caller.
+
+Everything comes from the application's state, set once by
+:func:`service.app.create_app` from the settings it was given; no route reads the
+environment or a process-wide settings object.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.db import JobStore
 from service.errors import ApiError
 from service.storage import Storage
 
 
-@lru_cache(maxsize=4)
-def _store(url: str) -> JobStore:
-    return JobStore(url)
+def get_settings(request: Request) -> Settings:
+    """The settings the application was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
 
 
-@lru_cache(maxsize=4)
-def _storage(root: str) -> Storage:
-    return Storage(root)
+def get_store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.store
+    return store
 
 
-def get_store(settings: Annotated[Settings, Depends(get_settings)]) -> JobStore:
-    return _store(settings.database)
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
 
 
-def get_storage(settings: Annotated[Settings, Depends(get_settings)]) -> Storage:
-    return _storage(str(settings.storage_dir))
-
-
-@lru_cache(maxsize=1)
-def _celery() -> Celery:
-    from worker.app import make_celery
-
-    return make_celery(get_settings())
-
-
-def get_celery() -> Celery:
-    return _celery()
+def get_celery(request: Request) -> Celery:
+    """The API's Celery client (it only sends tasks by name)."""
+    celery: Celery = request.app.state.celery
+    return celery
 
 
 def get_owner(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from service.db import JobState
 
 
 class JobOptions(BaseModel):

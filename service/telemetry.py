@@ -1,4 +1,10 @@
-"""Prometheus metrics: requests counted by a middleware, job figures read at scrape time."""
+"""Prometheus metrics: requests counted by a middleware, job figures read at scrape time.
+
+Request counters live in the process-wide :data:`REGISTRY`. Job figures belong to an
+app: :func:`job_registry` makes a registry reading one job store, which
+:func:`service.app.create_app` keeps in ``app.state``; ``/metrics`` writes both. Two
+apps in one process (tests, an embedded server) each report their own jobs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db import QUEUED, JobStore
+from service.db import JobState, JobStore
 
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter(
@@ -26,7 +32,7 @@ DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 
 class JobCollector:
-    """Jobs by state, queue depth and job durations, from the shared job records."""
+    """Jobs by state, queue depth and job durations, from one job store."""
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -38,7 +44,7 @@ class JobCollector:
             states.add_metric([state], n)
         yield states
         yield GaugeMetricFamily(
-            "omnet_queue_depth", "Jobs waiting for a worker", value=counts[QUEUED]
+            "omnet_queue_depth", "Jobs waiting for a worker", value=counts[JobState.QUEUED]
         )
         durations = self.store.durations()
         buckets, acc = [], 0
@@ -55,11 +61,11 @@ class JobCollector:
         yield hist
 
 
-def watch_jobs(store: JobStore) -> None:
-    """Registers the job collector once per process."""
-    if not getattr(watch_jobs, "_done", False):
-        REGISTRY.register(JobCollector(store))
-        watch_jobs._done = True  # type: ignore[attr-defined]
+def job_registry(store: JobStore) -> CollectorRegistry:
+    """A registry holding the job figures of ``store`` (read at each scrape)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(JobCollector(store))
+    return registry
 
 
 class RequestMetrics:

@@ -1,27 +1,45 @@
 """Checking uploads before anything is queued.
 
-Three layers: the request body is counted while it streams in (:class:`BodySizeLimit`);
-each file's name, gzip stream and declared volume size are checked as it is stored
-(:func:`store_upload`); then the volumes are read and checked together with the same
-rules as the command line (:func:`model.nifti_io.load_case`).
+Four layers: the request body is counted while it streams in (:class:`BodySizeLimit`);
+the multipart form's fields are sorted into files and options (:func:`read_form`,
+:func:`split_fields`, :func:`parse_options`, :func:`check_inputs`); each file's name, gzip
+stream and declared volume size are checked as it is stored (:func:`store_upload`); then
+the volumes are read and checked together with the same rules as the command line
+(:func:`model.nifti_io.load_case`). :func:`receive_case` runs them all for a submission.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import shutil
+import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import nibabel as nib
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.nifti_io import MODALITIES, InputError, load_case, load_labels
 from service.errors import ApiError, error_body
+from service.schemas import JobOptions
+from service.storage import Storage
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+#: Form fields that carry files: the four modalities, or one 4D image, and a reference.
+FILE_FIELDS = (*MODALITIES, "image", "reference")
+#: Form fields that carry job options.
+OPTION_FIELDS = tuple(JobOptions.model_fields)
 
 
 class _BodyTooLargeError(Exception):
@@ -172,10 +190,10 @@ def _check_gzip(path: Path, field: str, max_volume: int) -> bytes:
 def _check_header(head: bytes, field: str, max_volume: int) -> None:
     """The NIfTI header must parse and declare a volume under the size ceiling."""
     try:
-        header = nib.Nifti1Header.from_fileobj(_BytesReader(head), check=True)
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=True)
     except Exception as exc:  # nibabel raises several types on garbage
         try:
-            header = nib.Nifti2Header.from_fileobj(_BytesReader(head + b"\x00" * 540), check=True)
+            header = nib.Nifti2Header.from_fileobj(io.BytesIO(head + b"\x00" * 540), check=True)
         except Exception:
             raise ApiError(
                 400, "not_nifti", f"field '{field}' is not a NIfTI volume ({type(exc).__name__})"
@@ -189,24 +207,6 @@ def _check_header(head: bytes, field: str, max_volume: int) -> None:
             f"field '{field}' declares a {shape} volume of {nbytes / 2**20:.0f} MB, over the "
             f"limit of {max_volume / 2**20:.0f} MB",
         )
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out = self.data[self.pos : end]
-        self.pos = min(end, len(self.data))
-        return out
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else len(self.data) + pos
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
 
 
 def store_upload(
@@ -237,3 +237,145 @@ def parse_bool(field: str, value: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ApiError(400, "bad_option", f"option '{field}' must be true or false; got {value!r}")
+
+
+# ------------------------------------------------------------------ a submitted case
+async def read_form(request: Request) -> FormData:
+    """The request's multipart form, with no more fields than a submission has."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(
+            415,
+            "not_multipart",
+            "send the files as multipart/form-data (curl -F t1=@t1.nii.gz ...)",
+        )
+    try:
+        return await request.form(max_files=len(FILE_FIELDS), max_fields=len(OPTION_FIELDS) + 2)
+    except (MultiPartException, StarletteHTTPException) as exc:
+        # Starlette turns its parser's MultiPartException into an HTTPException(400).
+        detail = getattr(exc, "detail", None) or exc
+        raise ApiError(
+            400, "bad_multipart", f"the multipart body cannot be read: {detail}"
+        ) from exc
+    except ClientDisconnect as exc:
+        raise ApiError(
+            400,
+            "upload_incomplete",
+            "the connection closed before the whole upload arrived; nothing was queued, "
+            "send it again",
+        ) from exc
+
+
+def split_fields(form: FormData) -> tuple[dict[str, UploadFile], dict[str, str]]:
+    """The form's files and option values by field name; unknown, repeated or misplaced
+    fields are refused."""
+    files: dict[str, UploadFile] = {}
+    values: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name not in FILE_FIELDS and name not in OPTION_FIELDS:
+            raise ApiError(
+                400,
+                "unknown_option",
+                f"unknown field {name!r}; files: {', '.join(FILE_FIELDS)}; "
+                f"options: {', '.join(OPTION_FIELDS)}",
+            )
+        if name in files or name in values:
+            raise ApiError(400, "duplicate_field", f"field {name!r} was sent twice")
+        if isinstance(value, UploadFile):
+            if name not in FILE_FIELDS:
+                raise ApiError(400, "bad_option", f"option {name!r} must be a value, not a file")
+            files[name] = value
+        else:
+            if name not in OPTION_FIELDS:
+                raise ApiError(400, "missing_file", f"field {name!r} must be a file upload")
+            values[name] = value
+    return files, values
+
+
+def parse_options(values: dict[str, str]) -> JobOptions:
+    """The job options from their form values (defaults for those not sent)."""
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "label_convention":
+            if value.strip() not in ("3", "4"):
+                raise ApiError(
+                    400, "bad_option", f"option 'label_convention' must be 4 or 3; got {value!r}"
+                )
+            parsed[name] = int(value)
+        else:
+            parsed[name] = parse_bool(name, value)
+    return JobOptions(**parsed)
+
+
+def check_inputs(files: dict[str, UploadFile]) -> None:
+    """The files must be one 4D 'image' or the four modalities (a reference is optional)."""
+    if "image" in files:
+        extra = [m for m in MODALITIES if m in files]
+        if extra:
+            raise ApiError(
+                400,
+                "conflicting_inputs",
+                f"send either one 4D 'image' or the four modalities, not both (also got {extra})",
+            )
+        return
+    missing = [m for m in MODALITIES if m not in files]
+    if missing:
+        raise ApiError(
+            400,
+            "missing_modality",
+            f"missing {', '.join(missing)}: send the four modalities as files t1, t1ce, t2 and "
+            "flair (or one 4D file as 'image', modalities in that order)",
+        )
+
+
+def store_case(files: dict[str, UploadFile], staging: Path, max_volume: int) -> dict[str, Path]:
+    """Stores each upload in ``staging`` after its cheap checks, then reads and checks the
+    volumes together; returns the stored files by field name."""
+    paths = {
+        name: store_upload(name, upload.filename, upload.file, staging, max_volume)
+        for name, upload in files.items()
+    }
+    try:
+        if "image" in paths:
+            case = load_case(paths["image"])
+        else:
+            case = load_case({m: paths[m] for m in MODALITIES})
+        if "reference" in paths:
+            load_labels(paths["reference"], like=case)
+    except InputError as exc:
+        message = str(exc).replace(f"{staging}/", "")
+        raise ApiError(422, exc.code, message) from exc
+    return paths
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A checked case, stored as the inputs of a new job id (no record exists yet)."""
+
+    job_id: str
+    inputs: dict[str, str]  # storage keys by field name
+    options: JobOptions
+
+
+async def receive_case(request: Request, storage: Storage, max_volume: int) -> Submission:
+    """Reads, checks and stores the case of a job submission.
+
+    Raises :class:`~service.errors.ApiError` when anything is wrong; nothing is left in
+    storage then. ``max_volume`` is the ceiling of one decompressed volume, in bytes.
+    """
+    form = await read_form(request)
+    try:
+        files, values = split_fields(form)
+        options = parse_options(values)
+        check_inputs(files)
+        staging = storage.staging_dir()
+        try:
+            paths = await run_in_threadpool(store_case, files, staging, max_volume)
+            job_id = str(uuid.uuid4())
+            storage.adopt(staging, job_id)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        await form.close()
+    inputs = {name: storage.key(storage.inputs_dir(job_id) / p.name) for name, p in paths.items()}
+    return Submission(job_id, inputs, options)

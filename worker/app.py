@@ -1,66 +1,45 @@
-"""The Celery application, configured from :class:`service.config.Settings`.
+"""The worker's Celery application: the shared factory plus the worker's tasks and state.
 
-Redis is the broker and result store when ``OMNET_BROKER_URL`` is set. Without it the
-embedded mode needs no server: Celery's filesystem transport (messages are files in the
-storage folder) with results in SQLite.
-
-Delivery guarantees: late acknowledgement (a job is acknowledged when it ends, not when
-it starts), one job prefetched per worker, a job whose worker process dies is rejected
-back to the queue, and Redis re-delivers unacknowledged jobs after the visibility
-timeout (longer than the longest job). Job records add a claim with a heartbeat so a
-re-delivered job runs once (see :mod:`worker.runner`).
+:func:`create_worker_app` builds everything a worker process needs from its settings,
+once; nothing happens at import time. ``python -m worker`` (what ``omnet worker``
+runs) calls it and starts Celery's worker on the result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from celery import Celery
 
-from service.config import Settings, get_settings
-from worker.names import TASK_SEGMENT
+from service.config import Settings
+from service.db import JobStore
+from service.queue import make_celery
+from service.storage import Storage
 
-__all__ = ["TASK_SEGMENT", "app", "make_celery"]
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the tasks of one worker process share: its settings, job store and storage."""
+
+    settings: Settings
+    store: JobStore
+    storage: Storage
 
 
-def make_celery(settings: Settings) -> Celery:
-    if settings.embedded:
-        broker_dir = (settings.storage_dir / "broker").resolve()
-        for sub in ("queue", "processed", "control"):
-            (broker_dir / sub).mkdir(parents=True, exist_ok=True)
-        broker = "filesystem://"
-        transport_options: dict[str, object] = {
-            "data_folder_in": str(broker_dir / "queue"),
-            "data_folder_out": str(broker_dir / "queue"),
-            "processed_folder": str(broker_dir / "processed"),
-            "control_folder": str(broker_dir / "control"),
-            "store_processed": False,
-        }
-        backend = settings.result_backend or (
-            f"db+sqlite:///{(settings.storage_dir / 'celery-results.sqlite').resolve()}"
-        )
-    else:
-        broker = settings.broker_url or ""
-        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
-        backend = settings.result_backend or broker
-    app = Celery("omnet", broker=broker, backend=backend, include=["worker.tasks"])
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_track_started=True,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        broker_transport_options=transport_options,
-        result_backend_transport_options=transport_options if not settings.embedded else {},
-        result_expires=max(1, int(settings.retention_hours * 3600)),
-        task_default_queue=settings.queue("cpu"),
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_time_limit=int(settings.job_time_limit_s + 120),
-        task_soft_time_limit=int(settings.job_time_limit_s + 60),
+def create_worker_app(settings: Settings) -> Celery:
+    """The Celery application of a worker, with :mod:`worker.tasks` registered and a
+    :class:`WorkerContext` at ``app.omnet``."""
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    app = make_celery(settings, include=["worker.tasks"])
+    app.omnet = WorkerContext(  # type: ignore[attr-defined]
+        settings, JobStore(settings.database), Storage(settings.storage_dir)
     )
+    import worker.tasks  # noqa: F401  (registers the tasks and signal handlers)
+
     return app
 
 
-app = make_celery(get_settings())
+def context(app: Celery) -> WorkerContext:
+    """The :class:`WorkerContext` of a worker application."""
+    ctx: WorkerContext = app.omnet  # type: ignore[attr-defined]
+    return ctx

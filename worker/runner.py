@@ -19,30 +19,50 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any
 
-from model.checkpoint import Checkpoint
-from model.labels import ENHANCING
-from model.metrics import evaluate_case, region_volumes_ml
-from model.nifti_io import (
-    MODALITIES,
-    InputError,
-    load_case,
-    load_labels,
-)
-from model.pipeline import SegmentationOptions, load_predictor, segment_case, write_segmentation
+from model.atomic import atomic_write_text
+from model.case import CaseOutputs, process_case
+from model.checkpoint import Checkpoint, describe_checkpoints
+from model.nifti_io import MODALITIES, InputError
+from model.pipeline import SegmentationOptions, load_predictor
 from model.tiling import TILINGS, Predictor
 from service.config import Settings
-from service.db import CANCELLED, FAILED, FINISHED, RUNNING, SUCCEEDED, JobStore
+from service.db import FINISHED, JobState, JobStore
 from service.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 
+class RunOutcome(StrEnum):
+    """What :func:`run_job` did with a job (the Celery task returns and logs it)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    #: The owner cancelled it (or deleted it) while it ran; its files are deleted.
+    CANCELLED = "cancelled"
+    #: Another worker claimed it (this one was silent too long); its record and files
+    #: are that worker's now.
+    TAKEN_OVER = "taken_over"
+    #: No such job, or already finished: nothing to do.
+    GONE = "gone"
+    #: Another live worker runs it; the caller should look again later.
+    BUSY = "busy"
+
+
+class StopReason(StrEnum):
+    """Why a running job must stop before it is done."""
+
+    CANCELLED = "cancelled"
+    TAKEN_OVER = "taken_over"
+    TIME_LIMIT = "time_limit"
+
+
 class JobStoppedError(Exception):
     """The job must stop: cancelled, taken over by another worker, or out of time."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: StopReason) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -78,28 +98,10 @@ def get_predictor(settings: Settings) -> tuple[Predictor, list[Checkpoint]]:
                 device=settings.device,
                 batch_size=settings.batch_size,
                 layout=TILINGS[settings.tiling],
+                tta=settings.tta,
             )
             logger.info("loaded %s on %s", [c.name for c in _loaded[1]], _loaded[0].device)
         return _loaded
-
-
-def describe_model(checkpoints: list[Checkpoint]) -> dict[str, Any]:
-    return {
-        "name": "+".join(c.name for c in checkpoints),
-        "sha256": checkpoints[0].sha256
-        if len(checkpoints) == 1
-        else "+".join(c.sha256[:16] for c in checkpoints),
-        "checkpoints": [
-            {
-                "name": c.name,
-                "sha256": c.sha256,
-                "variant": c.config.variant,
-                "width": c.config.width,
-                "metadata": c.metadata,
-            }
-            for c in checkpoints
-        ],
-    }
 
 
 @dataclass
@@ -118,19 +120,19 @@ class _Heartbeat(threading.Thread):
         self.store, self.job_id, self.worker = store, job_id, worker
         self.interval, self.deadline = interval, deadline
         self.progress = _Progress()
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self._done = threading.Event()
 
     def beat(self) -> None:
-        state = self.store.heartbeat(
+        job = self.store.heartbeat(
             self.job_id, self.worker, self.progress.fraction, self.progress.stage
         )
-        if state == CANCELLED or state is None:
-            self.stop_reason = "cancelled"
-        elif state == "taken_over" or state in FINISHED:
-            self.stop_reason = "taken_over"
+        if job is None or job.state == JobState.CANCELLED:
+            self.stop_reason = StopReason.CANCELLED
+        elif job.state in FINISHED or job.worker != self.worker:
+            self.stop_reason = StopReason.TAKEN_OVER
         elif time.monotonic() > self.deadline:
-            self.stop_reason = "time_limit"
+            self.stop_reason = StopReason.TIME_LIMIT
 
     def run(self) -> None:
         while not self._done.wait(self.interval):
@@ -141,7 +143,7 @@ class _Heartbeat(threading.Thread):
 
     def check(self) -> None:
         if self.stop_reason is None and time.monotonic() > self.deadline:
-            self.stop_reason = "time_limit"
+            self.stop_reason = StopReason.TIME_LIMIT
         if self.stop_reason is not None:
             raise JobStoppedError(self.stop_reason)
 
@@ -150,76 +152,107 @@ class _Heartbeat(threading.Thread):
 
 
 def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:
+    """Runs the job's case through :func:`model.case.process_case`; returns the files,
+    metrics and model of the job's result."""
     predictor, checkpoints = get_predictor(settings)
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}
-    hb.progress.stage = "loading"
-    if "image" in inputs:
-        case = load_case(inputs["image"], name=job.id)
-    else:
-        case = load_case({m: inputs[m] for m in MODALITIES}, name=job.id)
-    reference = load_labels(inputs["reference"], like=case) if "reference" in inputs else None
-    hb.check()
-
+    source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     opts = job.options
     options = SegmentationOptions(
         remove_small=opts["postprocess"],
         relabel_edema=opts["postprocess"],
+        relabel_guard=settings.postprocess == "guarded",
         probabilities=opts["probabilities"],
+    )
+    outputs = CaseOutputs(
+        storage.output(job.id, "segmentation"),
+        storage.output(job.id, "probabilities") if opts["probabilities"] else None,
+        storage.output(job.id, "preview") if opts["preview"] else None,
     )
 
     def progress(done: int, total: int) -> None:
         hb.progress.stage = "inference"
         hb.progress.fraction = 0.05 + 0.85 * done / max(total, 1)
-        hb.check()
 
-    seg = segment_case(case, predictor, options, progress)
-    hb.check()
-    hb.progress.stage, hb.progress.fraction = "writing", 0.92
-
-    out = storage.outputs_dir(job.id)
-    out.mkdir(parents=True, exist_ok=True)
-    written = write_segmentation(
-        seg,
-        case,
-        storage.output(job.id, "segmentation"),
-        storage.output(job.id, "probabilities"),
-        storage.output(job.id, "preview") if opts["preview"] else None,
-        opts["label_convention"],
+    hb.progress.stage = "loading"
+    report = process_case(
+        source,
+        predictor,
+        outputs,
+        options,
+        name=job.id,
+        reference=inputs.get("reference"),
+        et_label=opts["label_convention"],
+        progress=progress,
+        check=hb.check,
     )
-    files = {kind: storage.key(path) for kind, path in written.items()}
+    hb.progress.stage, hb.progress.fraction = "writing", 0.92
+    files = {kind: storage.key(path) for kind, path in report.outputs.items()}
     metrics: dict[str, Any] = {
-        "volumes_ml": region_volumes_ml(seg.labels, case.spacing, ENHANCING),
-        "label_convention": opts["label_convention"],
-        "shape": list(case.shape),
-        "spacing_mm": list(case.spacing),
-        "timings_s": {k: round(v, 3) for k, v in seg.timings.items()},
+        "volumes_ml": report.volumes_ml,
+        "label_convention": report.et_label,
+        "shape": list(report.shape),
+        "spacing_mm": list(report.spacing_mm),
+        "timings_s": {k: round(v, 3) for k, v in report.timings_s.items()},
     }
-    if reference is not None:
-        scores = evaluate_case(seg.labels, reference, case.spacing, ENHANCING, ENHANCING)
-        metrics["reference"] = {region: m.to_dict() for region, m in scores.items()}
-    metrics_path = storage.output(job.id, "metrics")
-    tmp = metrics_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, metrics_path)
+    if report.evaluation is not None:
+        metrics["reference"] = {region: m.to_dict() for region, m in report.evaluation.items()}
+    metrics_path = atomic_write_text(
+        storage.output(job.id, "metrics"), json.dumps(metrics, indent=2)
+    )
     files["metrics"] = storage.key(metrics_path)
-    model = describe_model(checkpoints)
-    return {"files": files, "metrics": metrics, "model": model}
+    return {"files": files, "metrics": metrics, "model": describe_checkpoints(checkpoints)}
 
 
-def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) -> str:
-    """Runs job ``job_id`` if this worker can claim it.
+def _fail(
+    job_id: str,
+    worker: str,
+    store: JobStore,
+    storage: Storage,
+    retention: timedelta,
+    code: str,
+    message: str,
+) -> RunOutcome:
+    """Records the job failed and removes its partial outputs (its inputs stay, so that the
+    owner can see what was sent until the record expires)."""
+    if not store.finish(
+        job_id, worker, JobState.FAILED, retention, error_code=code, error_message=message
+    ):
+        return _lost(job_id, store, storage)
+    shutil.rmtree(storage.outputs_dir(job_id), ignore_errors=True)
+    return RunOutcome.FAILED
 
-    Returns what happened: 'succeeded', 'failed', 'cancelled', 'gone' (no such job or
-    already finished: nothing to do) or 'busy' (another live worker runs it; the caller
-    should look again later).
+
+def _lost(job_id: str, store: JobStore, storage: Storage) -> RunOutcome:
+    """What became of a job this worker ran but no longer holds.
+
+    Cancelled (or deleted) by its owner: its files go. Taken over by another worker (this
+    one was silent too long): the record and the files are that worker's; nothing is
+    touched.
     """
+    current = store.get(job_id)
+    if current is None or current.state == JobState.CANCELLED:
+        storage.delete_job(job_id)
+        logger.info("job %s was cancelled while it ran; its files were deleted", job_id)
+        return RunOutcome.CANCELLED
+    logger.warning(
+        "job %s was taken over by %s (now %s); leaving it to that worker",
+        job_id,
+        current.worker,
+        current.state,
+    )
+    return RunOutcome.TAKEN_OVER
+
+
+def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) -> RunOutcome:
+    """Runs job ``job_id`` if this worker can claim it, and says what happened."""
     me = worker_name()
     job = store.claim(job_id, me, settings.stale_after_s)
     if job is None:
         current = store.get(job_id)
-        if current is None or current.state in FINISHED:
-            return "gone"
-        return "busy" if current.state == RUNNING else "gone"
+        if current is not None and current.state == JobState.RUNNING:
+            return RunOutcome.BUSY
+        return RunOutcome.GONE
     retention = timedelta(hours=settings.retention_hours)
     logger.info("job %s claimed by %s (attempt %d)", job_id, me, job.attempts)
     hb = _Heartbeat(
@@ -229,52 +262,43 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
     try:
         result = _segment(job, settings, storage, hb)
     except JobStoppedError as stop:
-        if stop.reason == "time_limit":
-            store.finish(
-                job_id,
-                me,
-                FAILED,
-                retention,
-                error_code="time_limit_exceeded",
-                error_message=f"the job ran longer than {settings.job_time_limit_s:.0f} s and "
-                "was stopped; retry with a smaller case or ask the operator to raise "
-                "OMNET_JOB_TIME_LIMIT_S",
-            )
-            shutil.rmtree(storage.outputs_dir(job_id), ignore_errors=True)
-            return "failed"
-        if stop.reason == "cancelled":
-            storage.delete_job(job_id)
-        logger.info("job %s stopped: %s", job_id, stop.reason)
-        return "cancelled"
-    except InputError as exc:
-        store.finish(job_id, me, FAILED, retention, error_code=exc.code, error_message=str(exc))
-        return "failed"
-    except Exception as exc:
-        logger.exception("job %s failed", job_id)
-        store.finish(
+        if stop.reason != StopReason.TIME_LIMIT:
+            return _lost(job_id, store, storage)
+        return _fail(
             job_id,
             me,
-            FAILED,
+            store,
+            storage,
             retention,
-            error_code="internal_error",
-            error_message=f"segmentation failed ({type(exc).__name__}: {exc}); it was logged",
+            "time_limit_exceeded",
+            f"the job ran longer than {settings.job_time_limit_s:.0f} s and was stopped; "
+            "retry with a smaller case or ask the operator to raise OMNET_JOB_TIME_LIMIT_S",
         )
-        return "failed"
+    except InputError as exc:
+        return _fail(job_id, me, store, storage, retention, exc.code, str(exc))
+    except Exception as exc:
+        logger.exception("job %s failed", job_id)
+        return _fail(
+            job_id,
+            me,
+            store,
+            storage,
+            retention,
+            "internal_error",
+            f"segmentation failed ({type(exc).__name__}: {exc}); it was logged",
+        )
     finally:
         hb.close()
     model = result.pop("model")
     done = store.finish(
         job_id,
         me,
-        SUCCEEDED,
+        JobState.SUCCEEDED,
         retention,
         result=result,
         model_name=model["name"],
         model_sha256=model["sha256"],
     )
-    if not done:  # cancelled (or taken over) between the last beat and now
-        current = store.get(job_id)
-        if current is None or current.state == CANCELLED:
-            storage.delete_job(job_id)
-        return "cancelled"
-    return "succeeded"
+    if not done:  # cancelled or taken over between the last beat and now
+        return _lost(job_id, store, storage)
+    return RunOutcome.SUCCEEDED

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+from celery import Celery
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect
 
-from model.nifti_io import MODALITIES, InputError, load_case, load_labels
 from service.config import Settings
-from service.db import ACTIVE, CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, JobStore
+from service.db import ACTIVE, FINISHED, Job, JobState, JobStore
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.errors import ApiError
+from service.queue import TASK_SEGMENT
 from service.schemas import (
     ErrorBody,
     ErrorDetail,
@@ -32,13 +26,10 @@ from service.schemas import (
     ModelRef,
 )
 from service.storage import Storage
-from service.uploads import parse_bool, store_upload
-from worker.names import TASK_SEGMENT
+from service.uploads import OPTION_FIELDS, receive_case
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-FILE_FIELDS = (*MODALITIES, "image", "reference")
-OPTION_FIELDS = tuple(JobOptions.model_fields)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 503)
 }
@@ -47,7 +38,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def _links(request: Request, job: Job) -> JobLinks:
     base = str(request.url_for("get_job", job_id=job.id))
     links = JobLinks(self=base)
-    if job.state == SUCCEEDED and job.result:
+    if job.state == JobState.SUCCEEDED and job.result:
         files = job.result.get("files", {})
         links.segmentation = f"{base}/segmentation"
         links.metrics = f"{base}/metrics"
@@ -64,7 +55,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
     return JobStatus(
         id=job.id,
-        state=job.state,  # type: ignore[arg-type]
+        state=job.state,
         progress=round(job.progress, 4),
         stage=job.stage,
         queue_position=store.queue_position(job),
@@ -83,62 +74,6 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
     )
 
 
-def _parse_options(values: dict[str, str]) -> JobOptions:
-    parsed: dict[str, Any] = {}
-    for name, value in values.items():
-        if name == "label_convention":
-            if value.strip() not in ("3", "4"):
-                raise ApiError(
-                    400, "bad_option", f"option 'label_convention' must be 4 or 3; got {value!r}"
-                )
-            parsed[name] = int(value)
-        else:
-            parsed[name] = parse_bool(name, value)
-    return JobOptions(**parsed)
-
-
-def _check_files(files: dict[str, UploadFile]) -> None:
-    if "image" in files:
-        extra = [m for m in MODALITIES if m in files]
-        if extra:
-            raise ApiError(
-                400,
-                "conflicting_inputs",
-                f"send either one 4D 'image' or the four modalities, not both (also got {extra})",
-            )
-        return
-    missing = [m for m in MODALITIES if m not in files]
-    if missing:
-        raise ApiError(
-            400,
-            "missing_modality",
-            f"missing {', '.join(missing)}: send the four modalities as files t1, t1ce, t2 and "
-            "flair (or one 4D file as 'image', modalities in that order)",
-        )
-
-
-def _validate_and_store(
-    files: dict[str, UploadFile], staging: Path, settings: Settings
-) -> dict[str, Path]:
-    """Stores each upload after its cheap checks, then reads and checks them together."""
-    max_volume = int(settings.max_volume_mb * 2**20)
-    paths = {
-        name: store_upload(name, upload.filename, upload.file, staging, max_volume)
-        for name, upload in files.items()
-    }
-    try:
-        if "image" in paths:
-            case = load_case(paths["image"])
-        else:
-            case = load_case({m: paths[m] for m in MODALITIES})
-        if "reference" in paths:
-            load_labels(paths["reference"], like=case)
-    except InputError as exc:
-        message = str(exc).replace(f"{staging}/", "")
-        raise ApiError(422, exc.code, message) from exc
-    return paths
-
-
 def _queue(settings: Settings, store: JobStore) -> str:
     live = store.live_workers(3 * settings.worker_heartbeat_s)
     return settings.queue("cuda" if any(w["device"] == "cuda" for w in live) else "cpu")
@@ -149,7 +84,7 @@ def _created(request: Request, response: Response, store: JobStore, job: Job) ->
     response.headers["Location"] = url
     return JobCreated(
         id=job.id,
-        state=job.state,  # type: ignore[arg-type]
+        state=job.state,
         status_url=url,
         queue_position=store.queue_position(job),
         created_at=job.created_at,
@@ -185,71 +120,21 @@ async def create_job(
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return _created(request, response, store, existing)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(
-            415,
-            "not_multipart",
-            "send the files as multipart/form-data (curl -F t1=@t1.nii.gz ...)",
-        )
-    try:
-        form = await request.form(max_files=len(FILE_FIELDS), max_fields=len(OPTION_FIELDS) + 2)
-    except (MultiPartException, StarletteHTTPException) as exc:
-        # Starlette turns its parser's MultiPartException into an HTTPException(400).
-        detail = getattr(exc, "detail", None) or exc
-        raise ApiError(
-            400, "bad_multipart", f"the multipart body cannot be read: {detail}"
-        ) from exc
-    except ClientDisconnect as exc:
-        raise ApiError(
-            400,
-            "upload_incomplete",
-            "the connection closed before the whole upload arrived; nothing was queued, "
-            "send it again",
-        ) from exc
-    try:
-        files: dict[str, UploadFile] = {}
-        values: dict[str, str] = {}
-        for name, value in form.multi_items():
-            if name not in FILE_FIELDS and name not in OPTION_FIELDS:
-                raise ApiError(
-                    400,
-                    "unknown_option",
-                    f"unknown field {name!r}; files: {', '.join(FILE_FIELDS)}; "
-                    f"options: {', '.join(OPTION_FIELDS)}",
-                )
-            if name in files or name in values:
-                raise ApiError(400, "duplicate_field", f"field {name!r} was sent twice")
-            if isinstance(value, UploadFile):
-                if name not in FILE_FIELDS:
-                    raise ApiError(
-                        400, "bad_option", f"option {name!r} must be a value, not a file"
-                    )
-                files[name] = value
-            else:
-                if name not in OPTION_FIELDS:
-                    raise ApiError(400, "missing_file", f"field {name!r} must be a file upload")
-                values[name] = value
-        options = _parse_options(values)
-        _check_files(files)
-        staging = storage.staging_dir()
-        try:
-            paths = await run_in_threadpool(_validate_and_store, files, staging, settings)
-            job_id = str(uuid.uuid4())
-            storage.adopt(staging, job_id)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    finally:
-        await form.close()
-
-    inputs = {name: storage.key(storage.inputs_dir(job_id) / p.name) for name, p in paths.items()}
+    upload = await receive_case(request, storage, int(settings.max_volume_mb * 2**20))
     queue = _queue(settings, store)
+    options = upload.options.model_dump()
     job, created = store.create(
-        owner, options.model_dump(), inputs, queue, idempotency_key, job_id=job_id
+        owner, options, upload.inputs, queue, idempotency_key, job_id=upload.job_id
     )
     if not created:  # a concurrent retry with the same key won the race
-        storage.delete_job(job_id)
+        storage.delete_job(upload.job_id)
         return _created(request, response, store, job)
+    _send(celery, store, storage, job, queue)
+    return _created(request, response, store, job)
+
+
+def _send(celery: Celery, store: JobStore, storage: Storage, job: Job, queue: str) -> None:
+    """Queues ``job``; when the broker cannot be reached, the job and its files go."""
     try:
         celery.send_task(TASK_SEGMENT, args=[job.id], queue=queue)
     except Exception as exc:
@@ -260,7 +145,6 @@ async def create_job(
             "queue_unavailable",
             "the job queue cannot be reached, nothing was queued; try again shortly",
         ) from exc
-    return _created(request, response, store, job)
 
 
 def _owned(store: JobStore, job_id: str, owner: str) -> Job:
@@ -283,14 +167,14 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobPage:
-    jobs, total = store.list(owner, limit, offset)
+    jobs, total = store.list_jobs(owner, limit, offset)
     return JobPage(
         items=[_status(request, store, j) for j in jobs], total=total, limit=limit, offset=offset
     )
 
 
 def _result_file(storage: Storage, job: Job, kind: str) -> Path:
-    if job.state != SUCCEEDED:
+    if job.state != JobState.SUCCEEDED:
         detail = f"job {job.id} is {job.state}"
         if job.state in ACTIVE:
             raise ApiError(409, "not_ready", f"{detail}; poll its status until it succeeds")
@@ -369,12 +253,12 @@ def delete_job(
     owner: OwnerDep,
 ) -> Any:
     job = _owned(store, job_id, owner)
-    if job.state in (QUEUED, "running"):
+    if job.state in ACTIVE:
         job = store.cancel(job_id, owner, timedelta(hours=settings.retention_hours)) or job
         storage.delete_job(job_id)
-        if job.state == CANCELLED:
+        if job.state == JobState.CANCELLED:
             return _status(request, store, job)
     storage.delete_job(job_id)
-    if job.state in (SUCCEEDED, FAILED, CANCELLED):
+    if job.state in FINISHED:
         store.delete(job_id)
     return Response(status_code=204)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -76,7 +76,8 @@ def served_model(settings: SettingsDep, store: StoreDep, _owner: OwnerDep) -> Se
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(settings: SettingsDep) -> Response:
+def metrics(request: Request) -> Response:
     from service.telemetry import REGISTRY
 
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    jobs = generate_latest(request.app.state.job_metrics)
+    return Response(generate_latest(REGISTRY) + jobs, media_type=CONTENT_TYPE_LATEST)

@@ -252,9 +252,10 @@ def test_label_convention_3_and_probabilities(deployment, api, phantom, submitte
 
 
 # --------------------------------------------------------------------------- access
-def test_api_keys_isolate_jobs(deployment, api, submitted, worker):
+def test_api_keys_isolate_jobs(deployment, api, phantom, submitted, worker):
     _succeeded(deployment, api, submitted.basic)
     alice, bob = api.client("alice"), api.client("bob")
+    assert bob.post("/v1/jobs", files=phantom.files()).status_code == 202
     for path in ("", "/segmentation", "/metrics", "/preview.png", "/probabilities"):
         response = bob.get(f"/v1/jobs/{submitted.basic}{path}")
         assert response.status_code == 404, path
@@ -274,7 +275,7 @@ def test_api_keys_isolate_jobs(deployment, api, submitted, worker):
     assert (paged["limit"], paged["offset"], len(paged["items"])) == (1, 1, 1)
 
 
-def test_odd_requests_are_4xx(deployment, api, submitted, worker):
+def test_odd_requests_are_4xx(deployment, api, phantom, worker):
     alice = api.client("alice")
     unknown = "00000000-0000-0000-0000-000000000000"
     for method, path, status, code in [
@@ -291,21 +292,27 @@ def test_odd_requests_are_4xx(deployment, api, submitted, worker):
         assert response.json()["error"]["code"] == code, (method, path)
 
     # A finished job: deleted with its files, then gone.
-    _succeeded(deployment, api, submitted.lc3)
-    first = alice.delete(f"/v1/jobs/{submitted.lc3}")
+    finished = alice.post("/v1/jobs", files=phantom.files(), data={"preview": "false"})
+    assert finished.status_code == 202, finished.text
+    job_id = finished.json()["id"]
+    _succeeded(deployment, api, job_id)
+    first = alice.delete(f"/v1/jobs/{job_id}")
     assert first.status_code == 204
-    assert not deployment.job_dir(submitted.lc3).exists()
-    again = alice.delete(f"/v1/jobs/{submitted.lc3}")
+    assert not deployment.job_dir(job_id).exists()
+    again = alice.delete(f"/v1/jobs/{job_id}")
     assert again.status_code == 404 and again.json()["error"]["code"] == "job_not_found"
-    assert alice.get(f"/v1/jobs/{submitted.lc3}/segmentation").status_code == 404
+    assert alice.get(f"/v1/jobs/{job_id}/segmentation").status_code == 404
 
     # A cancelled job has no results: 409, then DELETE removes its record.
     bob = api.client("bob")
-    cancelled = next(j for j in bob.get("/v1/jobs").json()["items"] if j["state"] == "cancelled")
-    no_result = bob.get(f"/v1/jobs/{cancelled['id']}/segmentation")
+    queued = bob.post("/v1/jobs", files=phantom.files())
+    assert queued.status_code == 202, queued.text
+    job_id = queued.json()["id"]
+    assert bob.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"
+    no_result = bob.get(f"/v1/jobs/{job_id}/segmentation")
     assert no_result.status_code == 409 and no_result.json()["error"]["code"] == "no_result"
-    assert bob.delete(f"/v1/jobs/{cancelled['id']}").status_code == 204
-    assert bob.get(f"/v1/jobs/{cancelled['id']}").status_code == 404
+    assert bob.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert bob.get(f"/v1/jobs/{job_id}").status_code == 404
 
 
 def test_prometheus_metrics(api, submitted, deployment, worker):

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from model import weights
 from model.checkpoint import save_checkpoint
 from model.network import ArchConfig, build_model
 from model.phantom import write_phantom
-from service import cli
 from service.cli import main
+from service.cli import segment as segment_command
 
 
 def test_model_info_json_reports_paper_count(capsys):
@@ -210,7 +211,7 @@ def test_segment_bad_checkpoint(cases, tmp_path, capsys):
 
 
 def test_segment_without_bundled_model_or_checkpoint(cases, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "bundled_checkpoint_path", lambda: tmp_path / "omnet_cga.pt")
+    monkeypatch.setattr(weights, "BUNDLED_PATH", tmp_path / "omnet_cga.pt")
     assert main(["segment", str(cases / "alpha"), "--out", str(tmp_path / "out")]) != 0
     err = _one_error_line(capsys)
     assert "no bundled model" in err and "--checkpoint" in err
@@ -219,8 +220,8 @@ def test_segment_without_bundled_model_or_checkpoint(cases, tmp_path, capsys, mo
 def test_default_checkpoint_is_the_bundled_file(tmp_path, monkeypatch):
     bundled = tmp_path / "omnet_cga.pt"
     bundled.write_bytes(b"")
-    monkeypatch.setattr(cli, "bundled_checkpoint_path", lambda: bundled)
-    assert cli.default_checkpoint() == bundled
+    monkeypatch.setattr(weights, "BUNDLED_PATH", bundled)
+    assert segment_command.default_checkpoint() == bundled
 
 
 def test_segment_needs_all_four_files(cases, checkpoint, tmp_path, capsys):

@@ -1,9 +1,10 @@
 """Reliability of the queue with real processes: no worker, API restarts, a killed worker.
 
-One deployment on Redis whose processes come and go through the module, in order:
-an API with no worker (not ready; a queued job is cancelled), an API crash and restart
-with a second API beside it (same records), a slow worker A that runs the backlog and is
-SIGKILLed in the middle of a job, and a worker B that takes the job over.
+Every test has a deployment of its own on Redis (storage folder, queues, one API process,
+no worker yet) and starts the processes it needs: an API with no worker (not ready; a
+queued job is cancelled), an API crash and restart with a second API beside it (same
+records), a worker that runs a backlog, a slow worker A cancelled or SIGKILLed in the
+middle of a job, and a worker B that takes the job over.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import gzip
 import signal
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
@@ -21,7 +24,6 @@ import pytest
 from tests.service.support import (
     Api,
     Phantom,
-    Proc,
     Stack,
     queued_messages,
     redis_env,
@@ -33,23 +35,23 @@ from tests.service.support import stack as make_stack
 SLOW = {"OMNET_TILING": "paper"}
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, redis_url, queue_prefix, tiny_checkpoint) -> Iterator[Stack]:
-    env = redis_env(redis_url, f"{queue_prefix}-queue", tiny_checkpoint)
-    with make_stack("queue", tmp_path_factory.mktemp("queue"), env) as s:
+@pytest.fixture
+def prefix(queue_prefix: str) -> str:
+    """The queue prefix of this test only."""
+    return f"{queue_prefix}-queue-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def queue(prefix: str) -> str:
+    return f"{prefix}.cpu"
+
+
+@pytest.fixture
+def deployment(tmp_path, redis_url, prefix, tiny_checkpoint) -> Iterator[Stack]:
+    """A deployment of this test only, with one API process and no worker."""
+    with make_stack("queue", tmp_path, redis_env(redis_url, prefix, tiny_checkpoint)) as s:
         s.wait_api(s.start_api("api-1"))
         yield s
-
-
-@pytest.fixture(scope="module")
-def queue(queue_prefix: str) -> str:
-    return f"{queue_prefix}-queue.cpu"
-
-
-@pytest.fixture(scope="module")
-def jobs() -> dict[str, str]:
-    """Job ids handed from one test of the module to the next."""
-    return {}
 
 
 def _api(deployment: Stack) -> Api:
@@ -59,18 +61,30 @@ def _api(deployment: Stack) -> Api:
     return live[-1]
 
 
-def _worker(deployment: Stack, name: str, **env: str) -> Proc:
-    """The running worker called ``name``, started if there is none."""
-    for proc in deployment.procs:
-        if proc.name == name and proc.alive():
-            return proc
-    return deployment.start_worker(name, **env)
-
-
 def _submit(api: Api, phantom: Phantom, owner: str = "alice", **headers: str) -> dict[str, Any]:
     response = api.client(owner, **headers).post("/v1/jobs", files=phantom.files())
     assert response.status_code == 202, response.text
     return response.json()
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Jobs submitted while no worker runs."""
+
+    kept: str  # a good case
+    broken: str  # passed the API's checks, then broke in storage: the worker must check again
+    cancelled: str  # cancelled before any worker ran it
+
+
+@pytest.fixture
+def backlog(deployment: Stack, phantom: Phantom) -> Backlog:
+    api = _api(deployment)
+    kept, broken, cancelled = (_submit(api, phantom)["id"] for _ in range(3))
+    t1 = deployment.job_dir(broken) / "inputs" / "t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:600])
+    response = api.client("alice").delete(f"/v1/jobs/{cancelled}")
+    assert response.status_code == 200 and response.json()["state"] == "cancelled", response.text
+    return Backlog(kept, broken, cancelled)
 
 
 def _without_links(status: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +100,7 @@ def test_not_ready_without_a_worker(deployment):
     assert body["checks"] == {"database": "ok", "storage": "ok", "broker": "ok", "workers": 0}
 
 
-def test_cancel_a_queued_job(deployment, phantom, redis_url, queue, jobs):
+def test_cancel_a_queued_job(deployment, phantom, redis_url, queue):
     client = _api(deployment).client("alice")
     created = _submit(_api(deployment), phantom)
     job_id = created["id"]
@@ -106,20 +120,14 @@ def test_cancel_a_queued_job(deployment, phantom, redis_url, queue, jobs):
     )
     no_result = client.get(f"/v1/jobs/{job_id}/segmentation")
     assert no_result.status_code == 409 and no_result.json()["error"]["code"] == "no_result"
-    jobs["cancelled"] = job_id
 
 
 # --------------------------------------------------------------------------- API restart
-def test_restarted_and_parallel_apis_share_the_records(deployment, phantom, jobs):
+def test_restarted_and_parallel_apis_share_the_records(deployment, phantom, backlog):
     first = _api(deployment)
-    jobs["kept"] = _submit(first, phantom)["id"]
-    jobs["broken"] = _submit(first, phantom)["id"]
-    # Passes the API's checks, then breaks in storage: the worker must check again.
-    t1 = deployment.job_dir(jobs["broken"]) / "inputs" / "t1.nii.gz"
-    t1.write_bytes(t1.read_bytes()[:600])
-
     alice = first.client("alice")
-    before = {j: _without_links(alice.get(f"/v1/jobs/{j}").json()) for j in jobs.values()}
+    job_ids = (backlog.kept, backlog.broken, backlog.cancelled)
+    before = {j: _without_links(alice.get(f"/v1/jobs/{j}").json()) for j in job_ids}
     listed = alice.get("/v1/jobs").json()
     assert listed["total"] == 3
 
@@ -150,8 +158,8 @@ def test_restarted_and_parallel_apis_share_the_records(deployment, phantom, jobs
 
 
 # --------------------------------------------------------------------------- workers
-def test_worker_runs_the_backlog_and_checks_inputs_again(deployment, jobs):
-    worker = _worker(deployment, "worker-a", **SLOW)
+def test_worker_runs_the_backlog_and_checks_inputs_again(deployment, backlog):
+    worker = deployment.start_worker("worker")
     name = deployment.wait_worker(worker)
     api = _api(deployment)
     ready = wait_until(
@@ -164,32 +172,33 @@ def test_worker_runs_the_backlog_and_checks_inputs_again(deployment, jobs):
     assert [w["name"] for w in api.client("alice").get("/v1/model").json()["workers"]] == [name]
 
     client = api.client("alice")
-    kept = deployment.wait_state(client, jobs["kept"], ("succeeded",), timeout=120)
+    kept = deployment.wait_state(client, backlog.kept, ("succeeded",), timeout=120)
     assert kept["attempts"] == 1
-    assert client.get(f"/v1/jobs/{jobs['kept']}/segmentation").status_code == 200
+    assert client.get(f"/v1/jobs/{backlog.kept}/segmentation").status_code == 200
 
-    broken = deployment.wait_state(client, jobs["broken"], ("failed",), timeout=60)
+    broken = deployment.wait_state(client, backlog.broken, ("failed",), timeout=60)
     assert broken["error"]["code"] == "unreadable", broken
     assert "t1" in broken["error"]["message"]
-    no_result = client.get(f"/v1/jobs/{jobs['broken']}/segmentation")
+    assert not (deployment.job_dir(backlog.broken) / "outputs").exists()
+    no_result = client.get(f"/v1/jobs/{backlog.broken}/segmentation")
     assert no_result.status_code == 409 and no_result.json()["error"]["code"] == "no_result"
 
     # The job cancelled before any worker ran was dropped, never started.
     wait_until(
-        lambda: f"job {jobs['cancelled']}: gone" in worker.output(),
+        lambda: f"job {backlog.cancelled}: gone" in worker.output(),
         30,
-        "worker A to drop the cancelled job",
+        "the worker to drop the cancelled job",
         deployment,
     )
-    record = deployment.record(jobs["cancelled"])
+    record = deployment.record(backlog.cancelled)
     assert record is not None
     assert (record.state, record.attempts, record.worker) == ("cancelled", 0, None)
-    assert not deployment.job_dir(jobs["cancelled"]).exists()
+    assert not deployment.job_dir(backlog.cancelled).exists()
 
 
 def test_cancel_a_running_job(deployment, phantom):
     """The worker notices the cancellation at its next batch and stops; files go."""
-    worker_a = _worker(deployment, "worker-a", **SLOW)
+    worker_a = deployment.start_worker("worker-a", **SLOW)
     name_a = deployment.wait_worker(worker_a)
     api = _api(deployment)
     job_id = _submit(api, phantom)["id"]
@@ -217,7 +226,7 @@ def test_cancel_a_running_job(deployment, phantom):
 
 
 def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url, queue):
-    worker_a = _worker(deployment, "worker-a", **SLOW)
+    worker_a = deployment.start_worker("worker-a", **SLOW)
     name_a = deployment.wait_worker(worker_a)
     api = _api(deployment)
     job_id = _submit(api, phantom)["id"]
@@ -273,10 +282,10 @@ def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url
 
 
 def test_stopped_worker_unregisters(deployment):
-    worker_b = _worker(deployment, "worker-b")
-    deployment.wait_worker(worker_b)
-    worker_b.stop()
-    assert worker_b.popen.returncode == 0, worker_b.tail()
+    worker = deployment.start_worker("worker")
+    deployment.wait_worker(worker)
+    worker.stop()
+    assert worker.popen.returncode == 0, worker.tail()
     response = _api(deployment).client(None).get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["workers"] == 0

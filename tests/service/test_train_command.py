@@ -1,4 +1,4 @@
-"""Tests of ``omnet train`` (service/train_command.py) through the real entry point.
+"""Tests of ``omnet train`` (service/cli/train.py) through the real entry point.
 
 One tiny run (three 48 x 48 x 32 phantom cases, width 4, four steps) is shared by the
 tests that read its results.
@@ -78,7 +78,8 @@ def test_train_writes_a_complete_run(finished_run, data):
     assert run["config"]["width"] == 4 and run["config"]["stage_epochs"] == [1, 0, 1]
     assert len(run["train_cases"]) == 2 and len(run["val_cases"]) == 1
     assert set(run["train_cases"]) | set(run["val_cases"]) == set(CASES)
-    assert Path(run["data"]) == data.resolve()
+    assert run["data"] == [str(data.resolve())]
+    assert set(run["case_dirs"]) == {*run["train_cases"], *run["val_cases"]}
     assert Path(run["cache"]) == (finished_run.parent / "cache").resolve()
     assert {p.name for p in Path(run["cache"]).iterdir()} == set(run["train_cases"])
     assert _global_step(finished_run) == 4
@@ -143,3 +144,29 @@ def test_sampler_transfer_follows_the_switches(
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache", cache]
     assert main([*args, *SMALL, *extra]) != 0
     assert seen == {"transfer": transfer, "batch": 2, "cases": 2}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resume_uses_the_device_asked_for(finished_run, tmp_path, capsys):
+    # --device on --resume was once ignored in favour of the run's own device.
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    assert main(["train", "--resume", str(run), "--device", "cuda"]) != 0
+    assert "no CUDA GPU" in _one_error_line(capsys)
+
+
+def test_several_data_folders_and_a_duplicate_case(data, tmp_path, capsys):
+    second = tmp_path / "second"
+    write_phantom(second, name="Brats18_Q_9_1", shape=(48, 48, 32), seed=9)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), str(second), "--out", str(out), *SMALL]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["case_dirs"]) == {*CASES, "Brats18_Q_9_1"}
+    assert Path(run["case_dirs"]["Brats18_Q_9_1"]).parent == second.resolve()
+
+    capsys.readouterr()
+    write_phantom(second, name=CASES[0], shape=(48, 48, 32), seed=1)
+    again = ["train", "--data", str(data), str(second), "--out", str(tmp_path / "r2"), *SMALL]
+    assert main(again) != 0
+    assert "only once" in _one_error_line(capsys)

@@ -18,13 +18,14 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.network import ArchConfig, build_model
+from model.nifti_io import InputError
 from model.phantom import write_phantom
 from service.config import Settings
-from service.db import JobStore, jobs, utcnow
+from service.db import JobState, JobStore, jobs, utcnow
 from service.schemas import JobOptions
 from service.storage import Storage
 from worker import runner
-from worker.runner import run_job, worker_name
+from worker.runner import RunOutcome, run_job, worker_name
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -90,11 +91,11 @@ def _age_heartbeat(store: JobStore, job_id: str, seconds: float) -> None:
 
 def test_runs_once_and_records_results(settings, store, storage, case):
     job_id = _submit(store, storage, case, probabilities=True)
-    assert run_job(job_id, settings, store, storage) == "succeeded"
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
     job = store.get(job_id)
     assert job is not None
     assert (job.state, job.attempts, job.worker, job.progress) == (
-        "succeeded",
+        JobState.SUCCEEDED,
         1,
         worker_name(),
         1.0,
@@ -106,32 +107,35 @@ def test_runs_once_and_records_results(settings, store, storage, case):
         assert storage.path(key).is_file(), key
     assert set(job.result["metrics"]["reference"]) == {"WT", "TC", "ET"}
     # A second delivery of the same message does nothing.
-    assert run_job(job_id, settings, store, storage) == "gone"
+    assert run_job(job_id, settings, store, storage) == RunOutcome.GONE
     assert store.get(job_id).attempts == 1  # type: ignore[union-attr]
 
 
 def test_live_claim_is_busy_and_a_stale_one_is_taken_over(settings, store, storage, case):
     job_id = _submit(store, storage, case, preview=False)
     assert store.claim(job_id, "other-host:1", settings.stale_after_s) is not None
-    assert run_job(job_id, settings, store, storage) == "busy"
+    assert run_job(job_id, settings, store, storage) == RunOutcome.BUSY
     assert store.get(job_id).attempts == 1  # type: ignore[union-attr]
 
     _age_heartbeat(store, job_id, settings.stale_after_s + 1)
-    assert run_job(job_id, settings, store, storage) == "succeeded"
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
     job = store.get(job_id)
     assert job is not None and (job.attempts, job.worker) == (2, worker_name())
     # The first worker, should it wake up, learns it lost the job and cannot finish it.
-    assert store.heartbeat(job_id, "other-host:1", 0.5, "inference") == "succeeded"
-    assert not store.finish(job_id, "other-host:1", "failed", timedelta(hours=1))
-    assert store.get(job_id).state == "succeeded"  # type: ignore[union-attr]
+    seen = store.heartbeat(job_id, "other-host:1", 0.5, "inference")
+    assert seen is not None and (seen.state, seen.worker) == (JobState.SUCCEEDED, worker_name())
+    assert not store.finish(job_id, "other-host:1", JobState.FAILED, timedelta(hours=1))
+    assert store.get(job_id).state == JobState.SUCCEEDED  # type: ignore[union-attr]
 
 
 def test_cancelled_job_is_never_run(settings, store, storage, case):
     job_id = _submit(store, storage, case)
-    assert store.cancel(job_id, "alice", timedelta(hours=1)).state == "cancelled"  # type: ignore[union-attr]
-    assert run_job(job_id, settings, store, storage) == "gone"
+    cancelled = store.cancel(job_id, "alice", timedelta(hours=1))
+    assert cancelled is not None and cancelled.state == JobState.CANCELLED
+    assert run_job(job_id, settings, store, storage) == RunOutcome.GONE
     job = store.get(job_id)
-    assert job is not None and (job.state, job.attempts, job.started_at) == ("cancelled", 0, None)
+    assert job is not None
+    assert (job.state, job.attempts, job.started_at) == (JobState.CANCELLED, 0, None)
     assert not storage.outputs_dir(job_id).exists()
 
 
@@ -139,14 +143,14 @@ def test_inputs_broken_after_submission_fail_with_a_code(settings, store, storag
     job_id = _submit(store, storage, case)
     flair = storage.inputs_dir(job_id) / "flair.nii.gz"
     flair.write_bytes(flair.read_bytes()[:500])
-    assert run_job(job_id, settings, store, storage) == "failed"
+    assert run_job(job_id, settings, store, storage) == RunOutcome.FAILED
     job = store.get(job_id)
-    assert job is not None and job.state == "failed"
+    assert job is not None and job.state == JobState.FAILED
     assert job.error_code == "unreadable" and "flair" in (job.error_message or "")
 
 
-def _run_in_thread(settings, store, storage, job_id) -> tuple[threading.Thread, list[str]]:
-    outcome: list[str] = []
+def _run_in_thread(settings, store, storage, job_id) -> tuple[threading.Thread, list[RunOutcome]]:
+    outcome: list[RunOutcome] = []
     thread = threading.Thread(
         target=lambda: outcome.append(run_job(job_id, settings, store, storage)), daemon=True
     )
@@ -171,17 +175,45 @@ def test_cancel_while_running_stops_and_deletes(settings, store, storage, case):
     _wait_inference(store, job_id)
     store.cancel(job_id, "alice", timedelta(hours=1))
     thread.join(60)
-    assert outcome == ["cancelled"]
+    assert outcome == [RunOutcome.CANCELLED]
     job = store.get(job_id)
-    assert job is not None and job.state == "cancelled" and job.result is None
+    assert job is not None and job.state == JobState.CANCELLED and job.result is None
     assert not storage.job_dir(job_id).exists()
+
+
+def _claim_as(store: JobStore, job_id: str, worker: str) -> None:
+    """What ``store.claim`` by ``worker`` does once the running worker's heartbeat is stale
+    (done directly: the running worker's heartbeat would keep it fresh)."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id)
+            .values(worker=worker, heartbeat_at=utcnow(), attempts=jobs.c.attempts + 1)
+        )
+
+
+def test_job_taken_over_while_running_is_left_to_the_new_worker(settings, store, storage, case):
+    slow = settings.model_copy(update={"tiling": "paper"})
+    job_id = _submit(store, storage, case)
+    thread, outcome = _run_in_thread(slow, store, storage, job_id)
+    _wait_inference(store, job_id)
+    _claim_as(store, job_id, "other-host:1")
+    thread.join(60)
+    assert outcome == [RunOutcome.TAKEN_OVER]
+    job = store.get(job_id)
+    assert job is not None
+    assert (job.state, job.worker, job.attempts) == (JobState.RUNNING, "other-host:1", 2)
+    assert job.finished_at is None and job.result is None
+    assert sorted(p.name for p in storage.inputs_dir(job_id).iterdir()) == sorted(
+        f"{name}.nii.gz" for name in (*MODALITIES, "reference")
+    ), "the new worker's inputs were touched"
 
 
 def test_time_limit_fails_the_job(settings, store, storage, case):
     # A limit already spent when the case is loaded: the first check stops the job.
     slow = settings.model_copy(update={"tiling": "paper", "job_time_limit_s": 0.001})
     job_id = _submit(store, storage, case)
-    assert run_job(job_id, slow, store, storage) == "failed"
+    assert run_job(job_id, slow, store, storage) == RunOutcome.FAILED
     job = store.get(job_id)
     assert job is not None and job.error_code == "time_limit_exceeded"
     assert not storage.outputs_dir(job_id).exists()
@@ -194,3 +226,74 @@ def test_claim_is_atomic_across_workers(store, storage, case):
     with store.engine.connect() as conn:
         attempts = conn.execute(sa.select(jobs.c.attempts).where(jobs.c.id == job_id)).scalar()
     assert attempts == 1
+
+
+# ------------------------------------------------------------------ run_job's bookkeeping
+# A stand-in for the segmentation step: these tests are about what run_job does with
+# the job record and the files around it, whatever the segmentation does.
+def _partial_output(storage: Storage, job_id: str) -> Path:
+    out = storage.outputs_dir(job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    written = out / "segmentation.nii.gz"
+    written.write_bytes(b"\x1f\x8b half a file")
+    return written
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RuntimeError("out of memory"), "internal_error"),
+        (InputError("unreadable", "flair.nii.gz cannot be read"), "unreadable"),
+    ],
+    ids=["internal_error", "input_error"],
+)
+def test_failed_job_keeps_no_partial_outputs(
+    settings, store, storage, case, monkeypatch, error, code
+):
+    job_id = _submit(store, storage, case)
+
+    def fails_after_writing(job, *_args, **_kwargs):
+        _partial_output(storage, job.id)
+        raise error
+
+    monkeypatch.setattr(runner, "_segment", fails_after_writing)
+    assert run_job(job_id, settings, store, storage) == RunOutcome.FAILED
+    job = store.get(job_id)
+    assert job is not None and (job.state, job.error_code) == (JobState.FAILED, code)
+    assert not storage.outputs_dir(job_id).exists(), "partial outputs were left"
+    assert storage.inputs_dir(job_id).is_dir()
+
+
+def _lose_job(store: JobStore, job_id: str, how: str) -> None:
+    if how == "cancelled":
+        assert store.cancel(job_id, "alice", timedelta(hours=1)) is not None
+    else:
+        _claim_as(store, job_id, "other-host:1")
+
+
+@pytest.mark.parametrize(
+    ("how", "outcome"),
+    [("cancelled", RunOutcome.CANCELLED), ("taken_over", RunOutcome.TAKEN_OVER)],
+)
+def test_job_lost_between_last_beat_and_finish(
+    settings, store, storage, case, monkeypatch, how, outcome
+):
+    job_id = _submit(store, storage, case)
+
+    def loses_the_job_then_succeeds(job, *_args, **_kwargs):
+        written = _partial_output(storage, job.id)
+        _lose_job(store, job.id, how)
+        files = {"segmentation": storage.key(written)}
+        return {"files": files, "metrics": {}, "model": {"name": "m", "sha256": "0" * 64}}
+
+    monkeypatch.setattr(runner, "_segment", loses_the_job_then_succeeds)
+    assert run_job(job_id, settings, store, storage) == outcome
+    job = store.get(job_id)
+    assert job is not None and job.result is None
+    if how == "cancelled":
+        assert job.state == JobState.CANCELLED
+        assert not storage.job_dir(job_id).exists()
+    else:  # the record and the files are the other worker's
+        assert (job.state, job.worker) == (JobState.RUNNING, "other-host:1")
+        assert storage.inputs_dir(job_id).is_dir()
+        assert (storage.outputs_dir(job_id) / "segmentation.nii.gz").is_file()

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+NAME = "export"
+HELP = "write a compact (half-precision) copy of a checkpoint"
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint to export (e.g. RUN/best.pt)")

@@ -1,0 +1,53 @@
+"""What every sub-command shares: the one-line error, exit codes, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Iterator
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """A failure to report to the user as one line."""
+
+
+class LazyChoices:
+    """The ``choices`` of an option, read from a module attribute on first use.
+
+    Building the parser then imports nothing heavy: the module is only imported when
+    an option value is checked or the sub-command's help is shown. Options using it
+    need an explicit ``metavar`` (argparse lists the choices in usage otherwise).
+    """
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self._module = module
+        self._attribute = attribute
+
+    def _values(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self._module), self._attribute))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values())
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,345 @@
+"""``omnet segment``: segment cases with a trained model.
+
+Each case goes through :func:`model.case.process_case`, the path the service's workers
+take too; this module adds what is the command line's own: reading its arguments into
+cases, a progress bar, a one-line summary per case and a ``<case>_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.cli.common import CommandError, LazyChoices, one_line, positive_int
+
+if TYPE_CHECKING:
+    from model.case import CaseReport
+    from model.pipeline import SegmentationOptions
+    from model.tiling import Predictor
+
+NAME = "segment"
+HELP = "segment cases with a trained model"
+
+#: Post-processing modes of ``--postprocess``, and the default.
+POSTPROCESS_MODES = ("paper", "guarded", "none")
+DEFAULT_POSTPROCESS = "paper"
+
+#: Command-line spelling of the four modality options; also load_case's mapping keys.
+MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
+
+
+def _has_nifti(folder: Path) -> bool:
+    from model.nifti_io import nifti_stem
+
+    return any(
+        p.is_file() and not p.name.startswith(".") and nifti_stem(p) is not None
+        for p in folder.iterdir()
+    )
+
+
+def default_checkpoint() -> Path:
+    """The bundled model's checkpoint.
+
+    Raises:
+        CommandError: no bundled model is installed.
+    """
+    from model.weights import BUNDLED_PATH, bundled_checkpoint
+
+    path = bundled_checkpoint()
+    if path is None:
+        raise CommandError(
+            f"no bundled model is installed (no {BUNDLED_PATH}); pass --checkpoint PATH "
+            "with a trained omnet checkpoint (.pt)"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class _CaseInput:
+    """One case to segment.
+
+    Attributes:
+        name: the case name (output file prefix); None: load_case derives it.
+        source: what :func:`model.nifti_io.load_case` reads.
+        folder: the BraTS case folder, where ``--evaluate`` looks for a label map.
+    """
+
+    name: str | None
+    source: Path | dict[str, Path]
+    folder: Path | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        return str(self.source if isinstance(self.source, Path) else self.source["t1"])
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "inputs:\n"
+        "  a case folder (BraTS names <case>_t1, _t1ce, _t2, _flair or <case>-t1n, -t1c,\n"
+        "  -t2w, -t2f; .nii, .nii.gz or .nii.bz2), a folder of such case folders, a 4D file\n"
+        "  (X, Y, Z, 4) holding T1, T1ce, T2, FLAIR, or the four files given with\n"
+        "  --t1 --t1ce --t2 --flair instead of INPUT.\n\n"
+        "outputs, per case, in --out:\n"
+        "  <case>_seg.nii.gz            labels on the input's grid (uint8)\n"
+        "  <case>_metrics.json          region volumes (mL), timings, evaluation\n"
+        "  <case>_probabilities.nii.gz  with --probabilities: (X, Y, Z, 4) background,\n"
+        "                               NCR/NET, edema, ET\n"
+        "  <case>_preview.png           with --preview: FLAIR with the labels\n\n"
+        "One line per case goes to stdout, progress bars and errors to stderr. When\n"
+        "several cases are given, a case that fails is reported on one line and the\n"
+        "others go on; the exit status is then 1."
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="case folder(s) or 4D file(s)")
+    for modality in MODALITY_OPTIONS:
+        p.add_argument(f"--{modality}", metavar="FILE", help=f"the {modality} file of one case")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="PATH",
+        help="model checkpoint; repeat for an ensemble (default: the bundled model)",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--tiling",
+        default="paper",
+        choices=LazyChoices("model.tiling", "TILINGS"),
+        metavar="NAME",
+        help="paper (32x32x16 patches, default) or fast (64x64x32 patches)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=16, help="patches per forward pass (16)"
+    )
+    p.add_argument(
+        "--postprocess",
+        choices=POSTPROCESS_MODES,
+        default=DEFAULT_POSTPROCESS,
+        help="paper: small-component removal and K-means edema relabelling; guarded: the "
+        "relabelling only in tumours that hold core; none (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-postprocess",
+        action="store_const",
+        const="none",
+        dest="postprocess",
+        help="same as --postprocess none",
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average over the 8 mirrorings of each patch (8x time)",
+    )
+    p.add_argument(
+        "--probabilities", action="store_true", help="also write the class probabilities"
+    )
+    p.add_argument("--preview", action="store_true", help="also write a PNG preview")
+    p.add_argument(
+        "--label-convention",
+        type=int,
+        choices=(4, 3),
+        default=4,
+        help="label of the enhancing tumour: 4 (BraTS 2018-2021, default) or 3 (BraTS 2023)",
+    )
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="compare with the case folder's label map (<case>_seg) when it has one",
+    )
+
+
+def _folder_inputs(folder: Path, out_dir: Path) -> list[_CaseInput]:
+    """A case folder, or the case folders inside a folder of cases."""
+    if _has_nifti(folder):
+        return [_CaseInput(folder.name, folder, folder)]
+    out = out_dir.resolve()
+    # Sub-folders with NIfTI files but not all four modalities are kept, so that
+    # loading reports what they lack instead of skipping them silently.
+    cases = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.resolve() != out and _has_nifti(p)
+    )
+    if not cases:
+        raise CommandError(
+            f"folder {folder} holds neither the NIfTI files of a case nor case folders with them"
+        )
+    return [_CaseInput(p.name, p, p) for p in cases]
+
+
+def _segment_inputs(args: argparse.Namespace, out_dir: Path) -> list[_CaseInput]:
+    """The cases named on the command line, checked for usage errors."""
+    given = {m: getattr(args, m) for m in MODALITY_OPTIONS if getattr(args, m) is not None}
+    if given:
+        if args.inputs:
+            raise CommandError(
+                "give either INPUT paths or the four files --t1 --t1ce --t2 --flair, not both"
+            )
+        missing = [f"--{m}" for m in MODALITY_OPTIONS if m not in given]
+        if missing:
+            raise CommandError(
+                f"the four-file form needs --t1, --t1ce, --t2 and --flair; missing "
+                f"{', '.join(missing)}"
+            )
+        return [_CaseInput(None, {m: Path(p) for m, p in given.items()})]
+    if not args.inputs:
+        raise CommandError(
+            "no input: give a case folder, a folder of case folders, a 4D NIfTI file, or "
+            "--t1 --t1ce --t2 --flair"
+        )
+    jobs: list[_CaseInput] = []
+    for raw in args.inputs:
+        path = Path(raw)
+        if path.is_dir():
+            jobs.extend(_folder_inputs(path, out_dir))
+        elif path.exists():
+            jobs.append(_CaseInput(_file_stem(path), path))
+        else:
+            raise CommandError(
+                f"input {path} does not exist; give a case folder, a folder of case "
+                "folders or a 4D NIfTI file"
+            )
+    seen: dict[str, _CaseInput] = {}
+    for job in jobs:
+        if job.folder is not None and job.folder.resolve() == out_dir.resolve():
+            raise CommandError(
+                f"--out {out_dir} is the case folder itself: {job.label}_seg.nii.gz would "
+                "overwrite its label map; choose another output folder"
+            )
+        if job.label in seen:
+            raise CommandError(
+                f"two inputs are both case {job.label!r} ({seen[job.label].source} and "
+                f"{job.source}); their outputs would overwrite each other"
+            )
+        seen[job.label] = job
+    return jobs
+
+
+class _TileProgress:
+    """A tqdm bar over the tiles of one case (on stderr, off when it is not a terminal)."""
+
+    def __init__(self, name: str) -> None:
+        from tqdm import tqdm
+
+        self.tiles = 0
+        self._bar = tqdm(desc=name, unit="tile", file=sys.stderr, disable=None, leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar.total != total:
+            self._bar.reset(total=total)
+        self._bar.update(done - self._bar.n)
+        self.tiles = total
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _file_stem(path: Path) -> str:
+    from model.nifti_io import nifti_stem
+
+    return nifti_stem(path) or path.name
+
+
+def _summary_line(report: CaseReport, evaluate: bool) -> str:
+    volumes, tiles = report.volumes_ml, report.tiles
+    line = (
+        f"{report.case}: WT {volumes['WT']:.1f} mL, TC {volumes['TC']:.1f} mL, "
+        f"ET {volumes['ET']:.1f} mL; {tiles} tile{'' if tiles == 1 else 's'}, "
+        f"{report.timings_s['total']:.1f} s"
+    )
+    if report.evaluation is not None:
+        dice = "  ".join(f"{region} {m.dice:.3f}" for region, m in report.evaluation.items())
+        line += f"; Dice {dice}"
+    elif evaluate:
+        line += "; not evaluated (no label map found for it)"
+    return f"{line} -> {report.outputs['segmentation']}"
+
+
+def _segment_one(
+    job: _CaseInput,
+    predictor: Predictor,
+    options: SegmentationOptions,
+    args: argparse.Namespace,
+    out_dir: Path,
+    run_info: Mapping[str, Any],
+) -> str:
+    """Segments one case, writes its outputs and metrics; returns its one-line summary."""
+    from model.atomic import atomic_write_text
+    from model.case import CaseOutputs, process_case
+    from model.nifti_io import find_label_file, load_case
+
+    case = load_case(job.source, name=job.name)
+    reference = find_label_file(job.folder) if args.evaluate and job.folder else None
+    outputs = CaseOutputs.in_folder(out_dir, case.name, args.probabilities, args.preview)
+    progress = _TileProgress(case.name)
+    try:
+        report = process_case(
+            case,
+            predictor,
+            outputs,
+            options,
+            reference=reference,
+            et_label=args.label_convention,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    document = report.to_dict()
+    evaluation = document.pop("evaluation")
+    document.update(run_info)
+    document["timings_s"] = document.pop("timings_s")
+    if args.evaluate:
+        document["evaluation"] = evaluation  # null: the case has no label map
+    atomic_write_text(out_dir / f"{case.name}_metrics.json", json.dumps(document, indent=2) + "\n")
+    return _summary_line(report, args.evaluate)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.checkpoint import describe_checkpoints
+    from model.pipeline import SegmentationOptions, load_predictor
+    from model.tiling import TILINGS
+
+    out_dir = Path(args.out)
+    jobs = _segment_inputs(args, out_dir)
+    checkpoints = args.checkpoint or [default_checkpoint()]
+    predictor, loaded = load_predictor(
+        checkpoints, args.device, args.batch_size, TILINGS[args.tiling], tta=args.tta
+    )
+    post = args.postprocess != "none"
+    options = SegmentationOptions(
+        remove_small=post,
+        relabel_edema=post,
+        relabel_guard=args.postprocess == "guarded",
+        probabilities=args.probabilities,
+    )
+    run_info = {
+        "tiling": args.tiling,
+        "tta": args.tta,
+        "device": str(predictor.device),
+        "batch_size": args.batch_size,
+        "postprocess": args.postprocess,
+        "checkpoints": describe_checkpoints(loaded, metadata=False)["checkpoints"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    for job in jobs:
+        try:
+            line = _segment_one(job, predictor, options, args, out_dir, run_info)
+        except Exception as exc:
+            if len(jobs) == 1 or args.debug:
+                raise
+            failed.append(job.label)
+            print(f"omnet segment: {job.label}: error: {one_line(exc)}", file=sys.stderr)
+            continue
+        print(line, flush=True)
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(jobs)} cases failed: {', '.join(failed)}")
+    return 0
