@@ -2,14 +2,16 @@
 
 Four layers: the request body is counted while it streams in (:class:`BodySizeLimit`);
 the multipart form's fields are sorted into files and options (:func:`read_form`,
-:func:`split_fields`, :func:`parse_options`, :func:`check_inputs`); each file's name, gzip
-stream and declared volume size are checked as it is stored (:func:`store_upload`); then
-the volumes are read and checked together with the same rules as the command line
-(:func:`model.nifti_io.load_case`). :func:`receive_case` runs them all for a submission.
+:func:`split_fields`, :func:`parse_options`, :func:`check_inputs`); each file's name,
+compressed stream (gzip or bzip2) and declared volume size are checked as it is stored
+(:func:`store_upload`); then the volumes are read and checked together with the same
+rules as the command line (:func:`model.nifti_io.load_case`). :func:`receive_case` runs
+them all for a submission.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
@@ -36,6 +38,30 @@ from service.storage import Storage
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+#: Header bytes read before the rest of a compressed upload (NIfTI-1's header size).
+HEADER_BYTES = 352
+#: What a compressed upload may hold beyond the voxel data its header declares
+#: (header extensions, padding); more is not a NIfTI volume, but a bomb or garbage.
+TRAILING_SLACK = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Compression:
+    """A compressed NIfTI ending: its magic bytes, opener and error code."""
+
+    ending: str
+    magic: bytes
+    name: str
+    code: str
+    open: Any
+
+
+COMPRESSIONS = (
+    _Compression(".nii.gz", GZIP_MAGIC, "gzip", "corrupt_gzip", gzip.open),
+    _Compression(".nii.bz2", b"BZh", "bzip2", "corrupt_bzip2", bz2.open),
+)
+#: File endings accepted for uploaded volumes.
+NIFTI_ENDINGS = (".nii", *(c.ending for c in COMPRESSIONS))
 #: Form fields that carry files: the four modalities, or one 4D image, and a reference.
 FILE_FIELDS = (*MODALITIES, "image", "reference")
 #: Form fields that carry job options.
@@ -127,11 +153,12 @@ def check_filename(field: str, filename: str | None) -> str:
             f"field '{field}': file name {name!r} looks like a path; "
             "send a plain name like t1.nii.gz",
         )
-    if not (name.lower().endswith(".nii") or name.lower().endswith(".nii.gz")):
+    if not name.lower().endswith(NIFTI_ENDINGS):
         raise ApiError(
             400,
             "not_nifti",
-            f"field '{field}': {name!r} is not a NIfTI file; send .nii or .nii.gz volumes",
+            f"field '{field}': {name!r} is not a NIfTI file; send .nii, .nii.gz or .nii.bz2 "
+            "volumes",
         )
     return name
 
@@ -143,7 +170,7 @@ def _copy_limited(src: BinaryIO, dest: Path, field: str, max_bytes: int) -> byte
     with open(dest, "wb") as out:
         while chunk := src.read(CHUNK):
             if not head:
-                head = chunk[:352]
+                head = chunk[:HEADER_BYTES]
             total += len(chunk)
             if total > max_bytes:
                 raise ApiError(413, "upload_too_large", f"field '{field}' is larger than the limit")
@@ -153,42 +180,68 @@ def _copy_limited(src: BinaryIO, dest: Path, field: str, max_bytes: int) -> byte
     return head
 
 
-def _check_gzip(path: Path, field: str, max_volume: int) -> bytes:
-    """Decompresses in a stream with a ceiling (decompression bombs) and checks integrity.
+def _too_large(field: str, what: str, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "volume_too_large",
+        f"field '{field}' {what} more than {limit / 2**20:.0f} MB; this is not a plausible "
+        "MRI volume",
+    )
 
-    Returns the first 352 decompressed bytes (the NIfTI-1 header).
+
+def _check_compressed(path: Path, field: str, max_volume: int, kind: _Compression) -> None:
+    """Decompresses in a stream, checking integrity, the header and a size ceiling.
+
+    The ceiling is the volume its header declares (plus :data:`TRAILING_SLACK`), capped
+    by ``max_volume``: a decompression bomb is stopped after its header and the declared
+    size, not after ``max_volume`` bytes.
     """
-    total, head = 0, b""
     try:
-        with gzip.open(path, "rb") as fh:
+        with kind.open(path, "rb") as fh:
+            head = fh.read(HEADER_BYTES)
+            try:
+                declared = _check_header(head, field, max_volume)
+            except ApiError:
+                # Garbage where the header should be: a corrupt stream is the likelier
+                # cause when the next block (up to 1 MB, enough for a bzip2 block)
+                # fails its check; otherwise it is not NIfTI. Either way, stop early.
+                fh.read(TRAILING_SLACK)
+                raise
+            ceiling = min(max_volume, declared + TRAILING_SLACK)
+            total = len(head)
             while chunk := fh.read(CHUNK):
-                if len(head) < 352:
-                    head += chunk[: 352 - len(head)]
                 total += len(chunk)
-                if total > max_volume:
+                if total > ceiling:
+                    if ceiling == max_volume:
+                        raise _too_large(field, "decompresses to", max_volume)
                     raise ApiError(
-                        413,
-                        "volume_too_large",
-                        f"field '{field}' decompresses to more than "
-                        f"{max_volume / 2**20:.0f} MB; this is not a plausible MRI volume",
+                        400,
+                        "not_nifti",
+                        f"field '{field}' decompresses to more data than its NIfTI header "
+                        f"declares ({ceiling / 2**20:.1f} MB); it is not a NIfTI volume",
                     )
     except EOFError as exc:
         raise ApiError(
             400,
-            "corrupt_gzip",
-            f"field '{field}' is a truncated gzip file; the upload was cut short, send it again",
+            kind.code,
+            f"field '{field}' is a truncated {kind.name} file; the upload was cut short, "
+            "send it again",
         ) from exc
-    except (OSError, zlib.error) as exc:
+    except (OSError, ValueError, zlib.error) as exc:
         raise ApiError(
             400,
-            "corrupt_gzip",
-            f"field '{field}' is not a valid gzip stream ({exc}); compress it again and resend",
+            kind.code,
+            f"field '{field}' is not a valid {kind.name} stream ({exc}); compress it again "
+            "and resend",
         ) from exc
-    return head
 
 
-def _check_header(head: bytes, field: str, max_volume: int) -> None:
-    """The NIfTI header must parse and declare a volume under the size ceiling."""
+def _check_header(head: bytes, field: str, max_volume: int) -> int:
+    """The NIfTI header must parse and declare a volume under the size ceiling.
+
+    Returns:
+        The file size the header implies (voxel data offset plus voxel data), in bytes.
+    """
     try:
         header = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=True)
     except Exception as exc:  # nibabel raises several types on garbage
@@ -207,26 +260,29 @@ def _check_header(head: bytes, field: str, max_volume: int) -> None:
             f"field '{field}' declares a {shape} volume of {nbytes / 2**20:.0f} MB, over the "
             f"limit of {max_volume / 2**20:.0f} MB",
         )
+    return int(header.get_data_offset()) + nbytes
 
 
 def store_upload(
     field: str, filename: str | None, src: BinaryIO, folder: Path, max_volume: int
 ) -> Path:
-    """Stores one uploaded volume as ``folder/<field>.nii[.gz]`` after the cheap checks."""
+    """Stores one uploaded volume as ``folder/<field>.nii[.gz|.bz2]`` after the cheap
+    checks (name, compression, header, sizes)."""
     name = check_filename(field, filename)
-    gz = name.lower().endswith(".gz")
-    dest = folder / f"{field}.nii.gz" if gz else folder / f"{field}.nii"
+    kind = next((c for c in COMPRESSIONS if name.lower().endswith(c.ending)), None)
+    dest = folder / f"{field}{kind.ending if kind else '.nii'}"
     head = _copy_limited(src, dest, field, max_volume * 4)
-    if gz:
-        if not head.startswith(GZIP_MAGIC):
-            raise ApiError(
-                400,
-                "not_nifti",
-                f"field '{field}': {name!r} ends in .gz but is not gzip-compressed; "
-                "send a real .nii.gz or rename it .nii",
-            )
-        head = _check_gzip(dest, field, max_volume)
-    _check_header(head, field, max_volume)
+    if kind is None:
+        _check_header(head, field, max_volume)
+        return dest
+    if not head.startswith(kind.magic):
+        raise ApiError(
+            400,
+            "not_nifti",
+            f"field '{field}': {name!r} ends in {kind.ending} but is not {kind.name}-compressed; "
+            f"send a real {kind.ending} or rename it .nii",
+        )
+    _check_compressed(dest, field, max_volume, kind)
     return dest
 
 

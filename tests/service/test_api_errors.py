@@ -8,6 +8,7 @@ those before, so the tests pass in any order.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import os
 import re
@@ -89,13 +90,20 @@ def assert_nothing_queued(deployment, api, redis_url, queue) -> Callable[[], Non
 
 
 # --------------------------------------------------------------------------- bad inputs
-def _header_only(shape: tuple[int, ...], dtype: type = np.int16) -> bytes:
-    """A NIfTI header declaring ``shape``, followed by a few bytes of data."""
+def _header_only(
+    shape: tuple[int, ...], dtype: type = np.int16, extra: int = 1024, bz: bool = False
+) -> bytes:
+    """A NIfTI header declaring ``shape``, followed by ``extra`` zero bytes, compressed."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
     header.set_data_dtype(dtype)
     header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 1024)
+    raw = header.binaryblock + b"\0" * 4 + b"\0" * extra
+    return bz2.compress(raw) if bz else gzip.compress(raw)
+
+
+def _as_bz2(gz: bytes) -> bytes:
+    return bz2.compress(gzip.decompress(gz))
 
 
 def _with_values(ph: Phantom, field_name: str, edit: Callable[[np.ndarray], np.ndarray]) -> bytes:
@@ -168,10 +176,42 @@ BAD = [
         ),
     ),
     Bad(
-        "decompression_bomb",
-        413,
-        "volume_too_large",
+        "decompression_bomb_without_a_header",
+        400,
+        "not_nifti",
         _files(flair=("flair.nii.gz", gzip.compress(b"\0" * (3 * MAX_VOLUME_MB // 2 * 2**20)))),
+    ),
+    Bad(
+        "decompression_bomb_behind_a_small_header",
+        400,
+        "not_nifti",
+        _files(t2=("t2.nii.gz", _header_only((10, 10, 10), extra=3 * MAX_VOLUME_MB // 2 * 2**20))),
+    ),
+    Bad(
+        "bzip2_bomb_behind_a_small_header",
+        400,
+        "not_nifti",
+        _files(
+            t2=("t2.nii.bz2", _header_only((10, 10, 10), extra=3 * MAX_VOLUME_MB * 2**20, bz=True))
+        ),
+    ),
+    Bad(
+        "corrupt_bzip2",
+        400,
+        "corrupt_bzip2",
+        _dynamic(lambda ph: {"t1": ("t1.nii.bz2", _corrupt(_as_bz2(ph.data["t1"])))}),
+    ),
+    Bad(
+        "truncated_bzip2",
+        400,
+        "corrupt_bzip2",
+        _dynamic(lambda ph: {"t1": ("t1.nii.bz2", _as_bz2(ph.data["t1"])[:-40])}),
+    ),
+    Bad(
+        "gzip_named_bz2",
+        400,
+        "not_nifti",
+        _dynamic(lambda ph: {"t1": ("t1.nii.bz2", ph.data["t1"])}),
     ),
     Bad(
         "declared_huge_volume",

@@ -7,6 +7,7 @@ so the segmentations are not good, but they are deterministic and on the input's
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import re
@@ -326,3 +327,27 @@ def test_prometheus_metrics(api, submitted, deployment, worker):
     assert any('route="/v1/jobs/{job_id}"' in line and 'status="200"' in line for line in requests)
     assert any('method="POST"' in line and 'status="202"' in line for line in requests)
     assert not [line for line in requests if 'status="500"' in line], requests
+
+
+def test_bz2_volumes_are_accepted_and_segmented(deployment, api, phantom, worker):
+    # .nii.bz2 uploads (one modality and the reference) give the same label map as .nii.gz.
+    def bz2_of(name: str) -> bytes:
+        return bz2.compress(gzip.decompress(phantom.data[name]))
+
+    alice = api.client("alice")
+    files = phantom.files(
+        with_reference=True,
+        t1=("case_t1.nii.bz2", bz2_of("t1")),
+        reference=("case_seg.nii.bz2", bz2_of("reference")),
+    )
+    response = alice.post("/v1/jobs", files=files)
+    assert response.status_code == 202, response.text
+    job = response.json()["id"]
+    plain = alice.post("/v1/jobs", files=phantom.files(with_reference=True))
+    assert plain.status_code == 202, plain.text
+    status = _succeeded(deployment, api, job)
+    _succeeded(deployment, api, plain.json()["id"])
+    assert "reference" in status["metrics"]
+    got = np.asarray(_nifti(alice.get(f"/v1/jobs/{job}/segmentation")).dataobj)
+    want = np.asarray(_nifti(alice.get(f"/v1/jobs/{plain.json()['id']}/segmentation")).dataobj)
+    np.testing.assert_array_equal(got, want)
