@@ -84,7 +84,12 @@ ERROR_CODES: tuple[str, ...] = (
     "unknown_modality",
     "ambiguous_files",
     "bad_labels",
+    "unsupported_dtype",
 )
+
+#: numpy dtype kinds a volume may be stored as: signed and unsigned integers, floats.
+#: Complex, boolean, RGB (structured) and other kinds are refused, not cast.
+_VOLUME_KINDS = frozenset("iuf")
 
 
 class InputError(ValueError):
@@ -320,6 +325,13 @@ def _open_image(path: Path, modality: str | None) -> nib.Nifti1Image:
             path,
         ) from err
     except Exception as err:  # nibabel raises ImageFileError, HeaderDataError, ...
+        if "data code" in str(err):  # a datatype nibabel cannot read, e.g. 1-bit DT_BINARY
+            raise InputError(
+                "unsupported_dtype",
+                f"{what} declares a voxel type that cannot be read ({err}); export it as "
+                "int16 or float32 and send it again",
+                path,
+            ) from err
         raise InputError(
             "not_nifti",
             f"{what} is not a valid NIfTI image ({err}); convert it to NIfTI-1 and send it again",
@@ -331,7 +343,26 @@ def _open_image(path: Path, modality: str | None) -> nib.Nifti1Image:
             f"{what} is a {type(img).__name__}, not NIfTI; convert it to NIfTI and send it again",
             path,
         )
+    dtype = img.get_data_dtype()
+    if dtype.kind not in _VOLUME_KINDS:
+        raise InputError(
+            "unsupported_dtype",
+            f"{what} stores {_dtype_name(dtype)} voxels; MRI intensities and label maps must "
+            "be integers or real floating-point numbers. Export the magnitude image as "
+            "int16 or float32 and send it again",
+            path,
+        )
     return img
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    if dtype.kind == "c":
+        return f"complex ({dtype})"
+    if dtype.kind == "b":
+        return "boolean"
+    if dtype.names:
+        return f"structured ({', '.join(dtype.names)}; e.g. RGB)"
+    return str(dtype)
 
 
 def _raw_zooms(img: nib.Nifti1Image, path: Path) -> np.ndarray:

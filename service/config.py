@@ -5,6 +5,7 @@ Every variable is ``OMNET_<FIELD>`` (upper case), e.g. ``OMNET_BROKER_URL``.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -89,18 +90,26 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.storage_dir / 'jobs.sqlite').resolve()}"
 
     def keys(self) -> dict[str, str]:
-        """API key -> owner name (the key's own prefix when no owner is given)."""
+        """API key -> owner name; a key given without ``:owner`` is its own owner, named
+        by :func:`key_owner` (a digest of the whole key, never a prefix of it)."""
         out: dict[str, str] = {}
         for item in self.api_keys.split(","):
             item = item.strip()
             if not item:
                 continue
             key, _, owner = item.partition(":")
-            out[key.strip()] = owner.strip() or f"key-{key.strip()[:6]}"
+            out[key.strip()] = owner.strip() or key_owner(key.strip())
         return out
 
     def queue(self, device_type: str) -> str:
         return f"{self.queue_prefix}.{'gpu' if device_type == 'cuda' else 'cpu'}"
+
+
+def key_owner(key: str) -> str:
+    """The owner name of an API key configured without one: ``key-`` and 16 hex digits
+    of the key's SHA-256. Distinct keys get distinct owners (a collision needs 2**32
+    keys), and the name shows nothing of the key."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)

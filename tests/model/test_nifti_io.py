@@ -573,3 +573,38 @@ def test_labels_can_be_written_as_bz2(tmp_path: Path) -> None:
     out = save_labels(labels, case, tmp_path / "out" / "case1_seg.nii.bz2")
     assert out.read_bytes()[:3] == b"BZh"
     np.testing.assert_array_equal(load_labels(out), labels)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "needle"),
+    [(np.complex64, "complex"), (np.complex128, "complex")],
+)
+def test_non_real_voxel_types_are_refused_not_cast(tmp_path: Path, dtype, needle) -> None:
+    paths = _write_case(tmp_path / "case1")
+    data = _volumes()["t1ce"].astype(dtype)
+    img = nib.Nifti1Image(data, np.eye(4))
+    nib.save(img, paths["t1ce"])
+    with _expect("unsupported_dtype", needle, "t1ce"):
+        load_case(tmp_path / "case1")
+    with _expect("unsupported_dtype", needle):
+        load_labels(paths["t1ce"])
+
+
+def test_rgb_voxels_are_refused(tmp_path: Path) -> None:
+    paths = _write_case(tmp_path / "case1")
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 10
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), paths["flair"])
+    with _expect("unsupported_dtype", "structured"):
+        load_case(tmp_path / "case1")
+
+
+def test_one_bit_binary_voxels_are_refused(tmp_path: Path) -> None:
+    # NIfTI's boolean type (DT_BINARY, 1 bit per voxel), which nibabel cannot read.
+    header = nib.Nifti1Header()
+    header.set_data_shape(SHAPE)
+    header["datatype"], header["bitpix"], header["vox_offset"] = 1, 1, 352
+    path = tmp_path / "mask.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + b"\xff" * 64)
+    with _expect("unsupported_dtype", "voxel type"):
+        load_labels(path)

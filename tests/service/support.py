@@ -31,7 +31,13 @@ T = TypeVar("T")
 
 MODALITY_FIELDS = ("t1", "t1ce", "t2", "flair")
 GZ = "application/gzip"
-API_KEYS = {"alice": "k1", "bob": "k2"}
+#: Test callers and their keys; the two hospital keys share a prefix and name no owner.
+API_KEYS = {
+    "alice": "k1",
+    "bob": "k2",
+    "hospital-a": "hospital-A-9f8e7d",
+    "hospital-b": "hospital-B-1a2b3c",
+}
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 PYTHON = sys.executable
 #: The ``omnet`` command of this interpreter's environment (``.venv/bin/omnet``).
@@ -336,7 +342,7 @@ def base_env(checkpoint: Path, **extra: str) -> dict[str, str]:
     """Settings shared by every test deployment (fast liveness, tiny model, two keys)."""
     return {
         "OMNET_CHECKPOINT": str(checkpoint),
-        "OMNET_API_KEYS": "k1:alice,k2:bob",
+        "OMNET_API_KEYS": "k1:alice,k2:bob,hospital-A-9f8e7d,hospital-B-1a2b3c",
         "OMNET_WORKER_HEARTBEAT_S": "1",
         "OMNET_STALE_AFTER_S": "3",
         "OMNET_VISIBILITY_TIMEOUT_S": "6",

@@ -226,6 +226,16 @@ BAD = [
         _files(t1=("t1.nii.gz", os.urandom((MAX_UPLOAD_MB + 1) * 2**20))),
     ),
     Bad(
+        "complex_volume",
+        422,
+        "unsupported_dtype",
+        _dynamic(
+            lambda ph: {
+                "t1": ("t1.nii.gz", nifti_gz(ph.images["t1"].astype(np.complex64), ph.affine))
+            }
+        ),
+    ),
+    Bad(
         "shape_mismatch",
         422,
         "shape_mismatch",

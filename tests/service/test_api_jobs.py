@@ -351,3 +351,22 @@ def test_bz2_volumes_are_accepted_and_segmented(deployment, api, phantom, worker
     got = np.asarray(_nifti(alice.get(f"/v1/jobs/{job}/segmentation")).dataobj)
     want = np.asarray(_nifti(alice.get(f"/v1/jobs/{plain.json()['id']}/segmentation")).dataobj)
     np.testing.assert_array_equal(got, want)
+
+
+def test_keys_with_a_common_prefix_and_no_owner_are_separate_tenants(
+    deployment, api, phantom, worker
+):
+    # Each key without ':owner' is its own tenant (owners were once the key's first 6
+    # characters, so these two shared one).
+    a, b = api.client("hospital-a"), api.client("hospital-b")
+    response = a.post("/v1/jobs", files=phantom.files())
+    assert response.status_code == 202, response.text
+    job = response.json()["id"]
+    deployment.wait_state(a, job, ("succeeded",), timeout=120)
+    assert job not in {j["id"] for j in b.get("/v1/jobs").json()["items"]}
+    for path in ("", "/segmentation", "/metrics"):
+        refused = b.get(f"/v1/jobs/{job}{path}")
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "job_not_found"
+    assert b.delete(f"/v1/jobs/{job}").status_code == 404
+    assert a.get(f"/v1/jobs/{job}/segmentation").status_code == 200
+    assert job in {j["id"] for j in a.get("/v1/jobs").json()["items"]}
