@@ -11,6 +11,7 @@ types and tensors, loadable with ``weights_only=True``)::
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from torch import nn
 
 from model.atomic import atomic_write
 from model.network import ArchConfig, build_model
+
+#: An absolute path: POSIX (/srv/...) or Windows (C:\\... or C:/...).
+_ABSOLUTE_PATH = re.compile(r"^(/|[A-Za-z]:[\\/])")
 
 FORMAT = "omnet-checkpoint"
 FORMAT_VERSION = 1
@@ -140,7 +144,8 @@ def describe_checkpoints(
         ``name`` (the file names joined by ``+``), ``sha256`` (the file's, or for an
         ensemble the first 16 hex digits of each joined by ``+``) and per checkpoint its
         name, sha256, variant, width and, with ``metadata``, its stored metadata. Paths
-        on the machine are left out: reports travel to other people.
+        on the machine are left out (absolute paths in the metadata become their last
+        component): reports travel to other people.
     """
     return {
         "name": "+".join(c.name for c in checkpoints),
@@ -153,8 +158,19 @@ def describe_checkpoints(
                 "sha256": c.sha256,
                 "variant": c.config.variant,
                 "width": c.config.width,
-                **({"metadata": c.metadata} if metadata else {}),
+                **({"metadata": _without_paths(c.metadata)} if metadata else {}),
             }
             for c in checkpoints
         ],
     }
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` with every absolute file path (a string) replaced by its last part."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and _ABSOLUTE_PATH.match(value):
+        return re.split(r"[\\/]", value.rstrip("\\/"))[-1]
+    return value

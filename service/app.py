@@ -79,6 +79,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_upload_mb * 2**20))
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=int(settings.max_upload_mb * 2**20),
+        idle_timeout_s=settings.upload_idle_timeout_s,
+    )
     app.add_middleware(RequestMetrics)
     return app

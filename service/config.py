@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="comma-separated API keys, each 'key' or 'key:owner'")
     open_mode: bool = Field(False, description="accept requests without an API key")
     max_upload_mb: float = Field(1024.0, gt=0, description="largest request body")
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="an upload whose body stops arriving this long is answered 408"
+    )
     max_volume_mb: float = Field(
         1024.0, gt=0, description="largest decompressed NIfTI file (decompression-bomb guard)"
     )

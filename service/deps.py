@@ -49,7 +49,12 @@ def get_owner(
     if x_api_key:
         owner = keys.get(x_api_key)
         if owner is None:
-            raise ApiError(401, "invalid_api_key", "the X-API-Key is not known; check the key")
+            raise ApiError(
+                401,
+                "invalid_api_key",
+                "the X-API-Key is not known; check the key",
+                headers={"WWW-Authenticate": "ApiKey"},
+            )
         return owner
     if settings.open_mode:
         return "anonymous"

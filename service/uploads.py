@@ -11,6 +11,7 @@ them all for a submission.
 
 from __future__ import annotations
 
+import asyncio
 import bz2
 import gzip
 import io
@@ -72,34 +73,43 @@ class _BodyTooLargeError(Exception):
     pass
 
 
+class _BodyStalledError(Exception):
+    pass
+
+
 class BodySizeLimit:
-    """ASGI middleware: answers 413 as soon as a request body passes ``max_bytes``.
+    """ASGI middleware: answers 413 as soon as a request body passes ``max_bytes``, and
+    408 when a body stops arriving for ``idle_timeout_s``.
 
     A declared Content-Length over the limit is refused before reading; otherwise the
-    bytes are counted as they arrive, so an oversized upload is never stored whole.
+    bytes are counted as they arrive, so an oversized upload is never stored whole. A
+    client that declares a body and then stalls is answered and disconnected instead
+    of holding a connection (and an upload in staging) for ever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def _reject(self, send: Send) -> None:
         limit_mb = self.max_bytes / 2**20
-        body = json.dumps(
-            error_body(
-                "upload_too_large",
-                f"the request is larger than the limit of {limit_mb:.0f} MB; send smaller "
-                "files (compressed .nii.gz) or ask the operator to raise OMNET_MAX_UPLOAD_MB",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
+        await _send_error(
+            send,
+            413,
+            "upload_too_large",
+            f"the request is larger than the limit of {limit_mb:.0f} MB; send smaller "
+            "files (compressed .nii.gz) or ask the operator to raise OMNET_MAX_UPLOAD_MB",
         )
-        await send({"type": "http.response.body", "body": body})
+
+    async def _stalled(self, send: Send) -> None:
+        await _send_error(
+            send,
+            408,
+            "upload_stalled",
+            f"no part of the request body arrived for {self.idle_timeout_s:.0f} s; nothing "
+            "was queued, send it again",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -117,11 +127,19 @@ class BodySizeLimit:
         received = 0
         started = False
 
+        body_done = False
+
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # only a disconnect can come now; no time limit on waiting
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except TimeoutError:
+                raise _BodyStalledError from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise _BodyTooLargeError
             return message
@@ -137,6 +155,23 @@ class BodySizeLimit:
         except _BodyTooLargeError:
             if not started:
                 await self._reject(send)
+        except _BodyStalledError:
+            if not started:
+                await self._stalled(send)
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    """A JSON error response that also closes the connection."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send(
+        {"type": "http.response.body", "body": json.dumps(error_body(code, message)).encode()}
+    )
 
 
 def check_filename(field: str, filename: str | None) -> str:

@@ -62,3 +62,20 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_description_leaves_out_machine_paths(tmp_path):
+    from model.checkpoint import describe_checkpoints
+
+    config = ArchConfig(width=4)
+    metadata = {
+        "training": {"init_checkpoint": "/srv/omnet/runs/a/best.pt", "folders": ["/data/x"]},
+        "windows": "C:\\models\\m.pt",
+        "note": "trained on 17 cases / 5 held out",
+    }
+    path = save_checkpoint(tmp_path / "m.pt", build_model(config), config, metadata)
+    described = describe_checkpoints([load_checkpoint(path)])
+    meta = described["checkpoints"][0]["metadata"]
+    assert meta["training"] == {"init_checkpoint": "best.pt", "folders": ["x"]}
+    assert meta["windows"] == "m.pt" and meta["note"] == metadata["note"]
+    assert str(tmp_path) not in repr(described)

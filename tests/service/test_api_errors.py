@@ -35,6 +35,7 @@ from tests.service.support import stack as make_stack
 
 MAX_UPLOAD_MB = 2
 MAX_VOLUME_MB = 8
+IDLE_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def deployment(tmp_path_factory, redis_url, queue_prefix, tiny_checkpoint) -> It
         tiny_checkpoint,
         OMNET_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB),
         OMNET_MAX_VOLUME_MB=str(MAX_VOLUME_MB),
+        OMNET_UPLOAD_IDLE_TIMEOUT_S=str(IDLE_TIMEOUT_S),
     )
     with make_stack("errors", tmp_path_factory.mktemp("errors"), env) as s:
         s.wait_api(s.start_api())
@@ -402,8 +404,7 @@ def test_submit_without_valid_key_is_401(owner_key, code, api, phantom, assert_n
     response = client.post("/v1/jobs", files=phantom.files())
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == code
-    if owner_key is None:
-        assert response.headers["www-authenticate"] == "ApiKey"
+    assert response.headers["www-authenticate"] == "ApiKey"  # RFC 9110: every 401 has one
     for path in ("/v1/jobs", "/v1/model", f"/v1/jobs/{'0' * 36}"):
         answer = client.get(path)
         assert (answer.status_code, answer.json()["error"]["code"]) == (401, code), path
@@ -471,6 +472,27 @@ def test_upload_cut_short_is_not_a_server_error(api, deployment, assert_nothing_
         "the cut-short upload to be answered 400",
         deployment,
     )
+    assert_nothing_queued()
+
+
+def test_a_stalled_upload_is_answered_408_and_closed(api, assert_nothing_queued):
+    """The client declares a large body, sends a little of it and stops."""
+    host, port = api.url.removeprefix("http://").split(":")
+    request = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nX-API-Key: k1\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="t1"; filename="t1.nii.gz"\r\n\r\n'
+    )
+    with socket.create_connection((host, int(port)), timeout=IDLE_TIMEOUT_S + 10) as sock:
+        sock.sendall(request)
+        started = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(65536):  # the server answers, then closes
+            answer += chunk
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"upload_stalled"' in answer
+    assert IDLE_TIMEOUT_S - 0.5 <= waited < IDLE_TIMEOUT_S + 8
     assert_nothing_queued()
 
 
