@@ -35,10 +35,9 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class Checkpoint:
-    """A loaded checkpoint: the rebuilt model and what the file said about it."""
+class CheckpointInfo:
+    """What a checkpoint file says about its model, without building the network."""
 
-    model: nn.Module
     config: ArchConfig
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -47,6 +46,13 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.path.name if self.path else "unsaved"
+
+
+@dataclass(kw_only=True)
+class Checkpoint(CheckpointInfo):
+    """A loaded checkpoint: the rebuilt model and what the file said about it."""
+
+    model: nn.Module
 
 
 def save_checkpoint(
@@ -92,14 +98,8 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuilds the model stored in ``path`` (in eval mode, on ``device``).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable, not an omnet checkpoint, or
-            written by an incompatible format version.
-    """
-    path = Path(path)
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The checkpoint file's dictionary, checked for our marker and format version."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file")
     try:
@@ -116,9 +116,43 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             f"checkpoint {path} has format version {version!r}; this omnet reads version "
             f"{FORMAT_VERSION}. Use the omnet release that wrote it, or retrain."
         )
+    return payload
+
+
+def _info(path: Path, payload: dict[str, Any]) -> CheckpointInfo:
     try:
         config = ArchConfig.from_dict(payload["config"])
-        model = build_model(config)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged or inconsistent: {exc}") from exc
+    return CheckpointInfo(config, dict(payload.get("metadata") or {}), path, file_sha256(path))
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """What ``path`` holds (architecture, metadata, hash) without building its network.
+
+    No tensor computation runs, so a process that will fork workers (a Celery prefork
+    parent) can call it without starting PyTorch's OpenMP thread pool, which a forked
+    child would inherit in a broken state.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    return _info(path, _read_payload(path))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuilds the model stored in ``path`` (in eval mode, on ``device``).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not an omnet checkpoint, or
+            written by an incompatible format version.
+    """
+    path = Path(path)
+    payload = _read_payload(path)
+    info = _info(path, payload)
+    try:
+        model = build_model(info.config)
         state = {
             k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()
         }
@@ -127,16 +161,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"checkpoint {path} is damaged or inconsistent: {exc}") from exc
     model.to(device).eval()
     return Checkpoint(
+        config=info.config,
+        metadata=info.metadata,
+        path=info.path,
+        sha256=info.sha256,
         model=model,
-        config=config,
-        metadata=dict(payload.get("metadata") or {}),
-        path=path,
-        sha256=file_sha256(path),
     )
 
 
 def describe_checkpoints(
-    checkpoints: Sequence[Checkpoint], metadata: bool = True
+    checkpoints: Sequence[CheckpointInfo], metadata: bool = True
 ) -> dict[str, Any]:
     """What a model made of ``checkpoints`` (one, or an ensemble) is, for reports.
 

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.storage = storage
-    app.state.celery = make_celery(settings)
+    app.state.celery = make_celery(settings, client=True)
     app.state.job_metrics = job_registry(store)
     app.include_router(jobs.router)
     app.include_router(system.router)

@@ -57,7 +57,13 @@ class Settings(BaseSettings):
     tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
     visibility_timeout_s: float = Field(
-        7200.0, gt=0, description="Redis re-delivers an unacknowledged job after this"
+        60.0,
+        gt=0,
+        description="Redis hands a message out again when its worker has not renewed it for "
+        "this long (live workers renew theirs every heartbeat)",
+    )
+    broker_timeout_s: float = Field(
+        5.0, gt=0, description="the API waits this long for the broker before answering 503"
     )
     stale_after_s: float = Field(
         120.0, gt=0, description="a running job whose worker is silent this long is taken over"

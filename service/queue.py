@@ -8,28 +8,50 @@ Redis is the broker and result store when ``OMNET_BROKER_URL`` is set. Without i
 embedded mode needs no server: Celery's filesystem transport (messages are files in the
 storage folder) with results in SQLite.
 
-Delivery guarantees: late acknowledgement (a job is acknowledged when it ends, not when
-it starts), one job prefetched per worker, a job whose worker process dies is rejected
-back to the queue, and Redis re-delivers unacknowledged jobs after the visibility
-timeout (longer than the longest job). Job records add a claim with a heartbeat so a
-re-delivered job runs once (see :mod:`worker.runner`).
+Delivery guarantees (the README's "Delivery guarantees" states the bounds):
+
+* late acknowledgement (a job is acknowledged when it ends, not when it starts), one
+  job prefetched per worker, and a job whose pool process dies is rejected back to the
+  queue;
+* a message a worker holds is a lease: Redis hands it out again when it has not been
+  renewed for ``visibility_timeout_s``, and every live worker renews the leases of the
+  messages it holds at each heartbeat (:meth:`BrokerLedger.renew`), so a long job keeps
+  its message while the messages of a dead worker come back within a minute;
+* the job record is the truth: a claim with a heartbeat makes any duplicate message
+  harmless (see :mod:`worker.runner`), and workers periodically re-send the jobs whose
+  record says queued, or running under a silent worker, while no message for them is
+  left in the broker (:meth:`BrokerLedger.held_job_ids`; e.g. after a Redis restart
+  without persistence);
+* the API's broker calls are bounded by ``broker_timeout_s`` (socket timeouts, no
+  publish retries), and run off its event loop.
+
+Task ids are job ids, so a message names its job in its headers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
 
+import redis
 from celery import Celery
 
 from service.config import Settings
 
 #: Name of the segmentation task (the API sends it, the workers run it).
 TASK_SEGMENT = "omnet.segment"
+#: Kombu's Redis keys of the messages handed out and not yet acknowledged.
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
+#: Kombu's priority sub-queues (``<queue>\x06\x16<n>``) besides the queue itself.
+_PRIORITY_SUFFIXES = ("", *(f"\x06\x16{n}" for n in (3, 6, 9)))
 
 
-def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
+def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = False) -> Celery:
     """A Celery application for ``settings``; ``include`` names the task modules a worker
-    imports (the API only sends tasks by name and includes none).
+    imports (the API only sends tasks by name and includes none). ``client`` (the API):
+    every broker call gives up after ``broker_timeout_s``.
 
     In embedded mode this creates the filesystem transport's folders under the storage
     folder.
@@ -51,7 +73,15 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         )
     else:
         broker = settings.broker_url or ""
-        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        transport_options = {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Look for expired leases every heartbeat (kombu: interval x throttle).
+            "unacked_restore_interval": settings.worker_heartbeat_s,
+            "unacked_restore_throttle": 1,
+        }
+        if client:
+            transport_options["socket_timeout"] = settings.broker_timeout_s
+            transport_options["socket_connect_timeout"] = settings.broker_timeout_s
         backend = settings.result_backend or broker
     app = Celery("omnet", broker=broker, backend=backend, include=list(include))
     app.conf.update(
@@ -71,5 +101,69 @@ def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=int(settings.job_time_limit_s + 120),
         task_soft_time_limit=int(settings.job_time_limit_s + 60),
+        broker_connection_timeout=settings.broker_timeout_s,
     )
     return app
+
+
+def send_job(celery: Celery, job_id: str, queue: str, retry: bool = True) -> None:
+    """Queues job ``job_id`` on ``queue`` (its task id is the job id). ``retry=False``
+    fails at once, instead of retrying, when the broker does not answer."""
+    celery.send_task(TASK_SEGMENT, args=[job_id], queue=queue, task_id=job_id, retry=retry)
+
+
+class BrokerLedger:
+    """What the Redis broker holds for the job queues, read and renewed directly.
+
+    Args:
+        url: the Redis broker URL.
+        timeout_s: socket timeout of every call.
+    """
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+
+    def renew(self, delivery_tags: Iterable[str]) -> int:
+        """Renews the leases of messages this worker holds (only those still handed
+        out: a lease that already expired is not revived). Returns how many."""
+        tags = list(delivery_tags)
+        if not tags:
+            return 0
+        now = time.time()
+        return int(
+            self.client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, now), xx=True, ch=True) or 0
+        )
+
+    def held_job_ids(self, queues: Iterable[str]) -> set[str]:
+        """Ids of the jobs that have a message waiting in ``queues`` or handed out."""
+        messages: list[Any] = []
+        for queue in queues:
+            for suffix in _PRIORITY_SUFFIXES:
+                messages.extend(_json(m) for m in self.client.lrange(queue + suffix, 0, -1))
+        for value in self.client.hvals(UNACKED_KEY):  # [message, exchange, routing key]
+            entry = _json(value)
+            messages.append(entry[0] if isinstance(entry, list) and entry else None)
+        return {task_id for m in messages if (task_id := _task_id(m)) is not None}
+
+    def try_lock(self, name: str, seconds: float) -> bool:
+        """Takes the named lock for ``seconds`` unless another holder has it."""
+        return bool(self.client.set(name, b"1", nx=True, px=max(1, int(seconds * 1000))))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _json(raw: Any) -> Any:
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def _task_id(message: Any) -> str | None:
+    """The task id of a kombu message (Celery protocol 2 keeps it in the headers)."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    return task_id if isinstance(task_id, str) else None

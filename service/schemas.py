@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -19,6 +20,53 @@ class JobOptions(BaseModel):
     )
     probabilities: bool = Field(False, description="also write per-class probability maps")
     preview: bool = Field(True, description="also render an overlay preview PNG")
+
+
+#: What each uploaded file of a submission holds (descriptions in the OpenAPI schema).
+UPLOAD_DESCRIPTIONS = {
+    "t1": "T1-weighted volume",
+    "t1ce": "contrast-enhanced T1 volume",
+    "t2": "T2-weighted volume",
+    "flair": "FLAIR volume",
+    "image": "one 4D volume holding t1, t1ce, t2 and flair in that order, instead of the "
+    "four files",
+    "reference": "optional reference label map: the segmentation is scored against it",
+}
+
+
+def submission_form(file_fields: Sequence[str]) -> dict[str, Any]:
+    """The OpenAPI request body of a job submission (the route's ``openapi_extra``).
+
+    The route reads its multipart form itself, so FastAPI cannot describe it: this is a
+    form of the ``file_fields`` (binary uploads) and one text field per
+    :class:`JobOptions` field, so that ``/docs`` can submit a case.
+    """
+    files = {
+        name: {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": "application/octet-stream",
+            "description": f"{UPLOAD_DESCRIPTIONS.get(name, name)}; .nii, .nii.gz or .nii.bz2",
+        }
+        for name in file_fields
+    }
+    options = JobOptions.model_json_schema()["properties"]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "title": "Submission",
+                        "description": "the four modalities (or one 4D 'image'), an "
+                        "optional reference and the job options",
+                        "properties": {**files, **options},
+                    }
+                }
+            },
+        }
+    }
 
 
 class ErrorDetail(BaseModel):

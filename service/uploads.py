@@ -13,22 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import bz2
+import email.message
+import email.utils
 import gzip
 import io
 import json
 import shutil
 import uuid
 import zlib
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import nibabel as nib
 import numpy as np
+from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -331,6 +334,49 @@ def parse_bool(field: str, value: Any) -> bool:
 
 
 # ------------------------------------------------------------------ a submitted case
+def extended_filename(disposition: bytes | None) -> str | None:
+    """The file name of a part's Content-Disposition that gives it only in the RFC 2231 /
+    RFC 5987 form (``filename*=UTF-8''t1.nii.gz``, or continued as ``filename*0*=...``),
+    decoded; None when the header has a plain ``filename=`` or no file name at all."""
+    if not disposition:
+        return None
+    _, plain = parse_options_header(disposition)
+    if b"filename" in plain:
+        return None
+    header = email.message.Message()
+    header["content-disposition"] = disposition.decode("latin-1")
+    value = header.get_param("filename", header="content-disposition")
+    if value is None:
+        return None
+    return email.utils.collapse_rfc2231_value(value)
+
+
+class SubmissionParser(MultiPartParser):
+    """Starlette's streaming multipart parser, with what a submission needs on top.
+
+    - A part named as a file only by ``filename*`` (RFC 2231 / RFC 5987, which
+      python-multipart ignores) is a file upload of that name, not a text field.
+    - :attr:`complete` tells whether the body reached its closing boundary: the parser
+      accepts a body that simply stops, and drops the part it was in the middle of.
+    """
+
+    complete = False
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        name = extended_filename(part.content_disposition)
+        if name is not None and part.content_disposition is not None:
+            # Starlette makes a part a file when it sees a plain filename; an empty
+            # one, replaced below by the real name (which then needs no re-quoting).
+            part.content_disposition += b'; filename=""'
+        super().on_headers_finished()
+        if name is not None and part.file is not None:
+            part.file.filename = name
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 async def read_form(request: Request) -> FormData:
     """The request's multipart form, with no more fields than a submission has."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -340,12 +386,17 @@ async def read_form(request: Request) -> FormData:
             "send the files as multipart/form-data (curl -F t1=@t1.nii.gz ...)",
         )
     try:
-        return await request.form(max_files=len(FILE_FIELDS), max_fields=len(OPTION_FIELDS) + 2)
-    except (MultiPartException, StarletteHTTPException) as exc:
-        # Starlette turns its parser's MultiPartException into an HTTPException(400).
-        detail = getattr(exc, "detail", None) or exc
+        async with aclosing(request.stream()) as stream:
+            parser = SubmissionParser(
+                request.headers,
+                stream,
+                max_files=len(FILE_FIELDS),
+                max_fields=len(OPTION_FIELDS) + 2,
+            )
+            form = await parser.parse()
+    except MultiPartException as exc:
         raise ApiError(
-            400, "bad_multipart", f"the multipart body cannot be read: {detail}"
+            400, "bad_multipart", f"the multipart body cannot be read: {exc.message}"
         ) from exc
     except ClientDisconnect as exc:
         raise ApiError(
@@ -354,6 +405,15 @@ async def read_form(request: Request) -> FormData:
             "the connection closed before the whole upload arrived; nothing was queued, "
             "send it again",
         ) from exc
+    if not parser.complete:
+        await form.close()
+        raise ApiError(
+            400,
+            "upload_incomplete",
+            "the request body ended before the multipart closing boundary (--BOUNDARY--): "
+            "the upload was cut short; nothing was queued, send the whole request again",
+        )
+    return form
 
 
 def split_fields(form: FormData) -> tuple[dict[str, UploadFile], dict[str, str]]:

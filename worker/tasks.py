@@ -8,14 +8,16 @@ application's :class:`~worker.app.WorkerContext`.
 from __future__ import annotations
 
 import threading
+import time
+from datetime import timedelta
 from typing import Any
 
 from celery import Task, current_app, shared_task, signals
 from celery.utils.log import get_task_logger
 
 from model.checkpoint import describe_checkpoints
-from service.db import JobState
-from service.queue import TASK_SEGMENT
+from service.db import utcnow
+from service.queue import TASK_SEGMENT, BrokerLedger, send_job
 from worker.app import WorkerContext, context
 from worker.runner import default_checkpoints, get_predictor, run_job, worker_name
 
@@ -32,11 +34,10 @@ def segment(self: Task, job_id: str) -> str:
         return "invalid"
     ctx = context(self.app)
     outcome = run_job(job_id, ctx.settings, ctx.store, ctx.storage)
+    # "busy": another live worker runs it; this copy of the message is dropped. Should
+    # that worker die, the reconciliation below sends the job again (no delayed retry
+    # message, whose lease nobody could renew while it waits).
     logger.info("job %s: %s", job_id, outcome)
-    if outcome == "busy":
-        # Another worker holds it: look again once its heartbeat would have gone stale,
-        # so the job is not lost if that worker dies.
-        raise self.retry(countdown=ctx.settings.stale_after_s)
     return str(outcome)
 
 
@@ -51,22 +52,67 @@ def _queue_name(ctx: WorkerContext) -> str:
 
 
 def _announce(ctx: WorkerContext) -> None:
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import read_checkpoint_info
     from model.tiling import resolve_device
 
-    checkpoints = [load_checkpoint(p) for p in default_checkpoints(ctx.settings)]
+    # Read, not built: this runs in the pool's parent, which must not start PyTorch's
+    # OpenMP threads before it forks a child (the child would hang in them).
+    checkpoints = [read_checkpoint_info(p) for p in default_checkpoints(ctx.settings)]
     device = resolve_device(ctx.settings.device).type
     ctx.store.register_worker(
         worker_name(), device, _queue_name(ctx), describe_checkpoints(checkpoints)
     )
 
 
-def _keep_alive(ctx: WorkerContext) -> None:
+def _keep_alive(ctx: WorkerContext, ledger: BrokerLedger | None) -> None:
+    """Every heartbeat: mark this worker alive and renew the leases of the messages it
+    holds; every reconciliation period: re-send the jobs that lost their message."""
+    period = max(ctx.settings.worker_heartbeat_s, ctx.settings.stale_after_s / 4)
+    next_reconcile = time.monotonic()
     while not _alive.wait(ctx.settings.worker_heartbeat_s):
         try:
             ctx.store.worker_seen(worker_name())
+            if ledger is not None:
+                ledger.renew(_held_delivery_tags())
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + period
+                    reconcile(ctx, ledger, period)
         except Exception:
             logger.warning("worker heartbeat failed", exc_info=True)
+
+
+def _held_delivery_tags() -> set[str]:
+    """Delivery tags of the messages this worker process has taken and not acknowledged."""
+    from celery.worker import state
+
+    tags = set()
+    for request in [*state.active_requests, *state.reserved_requests]:
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(str(tag))
+    return tags
+
+
+def reconcile(ctx: WorkerContext, ledger: BrokerLedger, period_s: float) -> list[str]:
+    """Sends again every job whose record is queued (for longer than the stale interval),
+    or running under a worker silent for that long, and that has no message left in the
+    broker. One worker at a time does it (a lock for ``period_s``); duplicates would be
+    harmless anyway (the claim). Returns the ids sent."""
+    settings = ctx.settings
+    if not ledger.try_lock(f"{settings.queue_prefix}.reconcile", period_s):
+        return []
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    orphans = [j for j in ctx.store.orphans(settings.stale_after_s) if j.created_at < cutoff]
+    if not orphans:
+        return []
+    held = ledger.held_job_ids({settings.queue("cpu"), settings.queue("cuda")})
+    sent = []
+    for job in orphans:
+        if job.id not in held:
+            send_job(current_app, job.id, job.queue or _queue_name(ctx))
+            sent.append(job.id)
+            logger.warning("job %s (%s) had no message left; sent it again", job.id, job.state)
+    return sent
 
 
 @signals.worker_process_init.connect
@@ -78,12 +124,19 @@ def _load_network(**_kwargs: Any) -> None:
 def _ready(sender: Any = None, **_kwargs: Any) -> None:
     ctx = context(sender.app if sender is not None else current_app)
     _announce(ctx)
-    threading.Thread(target=_keep_alive, args=(ctx,), daemon=True, name="worker-heartbeat").start()
-    # Jobs whose worker died (and, embedded, jobs whose message may be gone) are sent
-    # again; the claim in run_job makes duplicates harmless.
-    for job in ctx.store.orphans(ctx.settings.stale_after_s):
-        if job.state == JobState.RUNNING or ctx.settings.embedded:
-            segment.apply_async(args=[job.id], queue=job.queue or _queue_name(ctx))
+    settings = ctx.settings
+    ledger = None
+    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+        ledger = BrokerLedger(settings.broker_url, settings.broker_timeout_s)
+    threading.Thread(
+        target=_keep_alive, args=(ctx, ledger), daemon=True, name="worker-heartbeat"
+    ).start()
+    if settings.embedded:
+        # The filesystem transport keeps no record of handed-out messages: jobs queued,
+        # or running under a silent worker, are sent again (the claim makes duplicates
+        # harmless).
+        for job in ctx.store.orphans(settings.stale_after_s):
+            send_job(current_app, job.id, job.queue or _queue_name(ctx))
             logger.info("re-sent job %s (%s)", job.id, job.state)
 
 

@@ -1,21 +1,163 @@
-"""``omnet serve``: the HTTP API and, unless ``--no-worker``, one worker beside it."""
+"""``omnet serve``: the HTTP API and, unless ``--no-worker``, one worker beside it.
+
+The worker is a child process that ``omnet serve`` supervises: when it exits while the
+API runs (a crash, the OOM killer, a ``kill``), it is started again after a short
+back-off, so that submitted jobs do not wait for a restart of the whole service. A
+worker that keeps dying (:data:`MAX_WORKER_EXITS` exits within
+:data:`WORKER_EXIT_WINDOW_S`) stops the API too, and ``omnet serve`` exits with one line
+saying so, rather than answering 202 to jobs that nothing will run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from service.cli.common import CommandError
 
 NAME = "serve"
 HELP = "run the HTTP API and one worker"
+
+logger = logging.getLogger(__name__)
+
+#: The embedded worker may exit this many times within :data:`WORKER_EXIT_WINDOW_S`;
+#: the next exit stops ``omnet serve``.
+MAX_WORKER_EXITS = 5
+WORKER_EXIT_WINDOW_S = 60.0
+#: Wait before the first restart, doubled for each further exit in the window.
+RESTART_BACKOFF_S = 1.0
+MAX_RESTART_BACKOFF_S = 8.0
+#: A Ctrl-C or a SIGTERM sent to the process group reaches the worker and ``omnet
+#: serve`` at once; a worker exit is only called unexpected when the API has not
+#: started shutting down this long after it.
+SHUTDOWN_GRACE_S = 1.0
+#: How long a stopping worker may take to finish its job before it is killed.
+WORKER_STOP_TIMEOUT_S = 60.0
+#: uvicorn's exit status when the server could not start.
+STARTUP_FAILURE = 3
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-worker", action="store_true", help="run the API only")
+
+
+def describe_exit(status: int) -> str:
+    """A process's exit status in words: ``exited with status 1``, ``was killed by
+    SIGKILL``."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"
+
+
+class WorkerSupervisor:
+    """Runs one worker process and starts it again whenever it exits unexpectedly.
+
+    A thread waits on the worker. After an exit it waits a back-off (1, 2, 4, 8 s as
+    exits accumulate) and starts a new worker, unless :meth:`stop` was called or
+    ``stopping()`` says the service is shutting down. After :data:`MAX_WORKER_EXITS`
+    exits within :data:`WORKER_EXIT_WINDOW_S` it gives up: :attr:`failure` says why and
+    ``give_up()`` is called (it stops the API).
+    """
+
+    def __init__(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        stopping: Callable[[], bool],
+        give_up: Callable[[], None],
+    ) -> None:
+        self._cmd = cmd
+        self._env = env
+        self._stopping = stopping
+        self._give_up = give_up
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._thread: threading.Thread | None = None
+        #: Why the supervisor gave up, once it has.
+        self.failure: str | None = None
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(self._cmd, env=self._env)
+        print(f"omnet serve: worker pid {process.pid}", file=sys.stderr)
+        return process
+
+    def start(self) -> int:
+        """Starts the worker and its watch; returns the worker's pid."""
+        with self._lock:
+            self._process = process = self._spawn()
+        self._thread = threading.Thread(
+            target=self._watch, args=(process,), name="worker-supervisor", daemon=True
+        )
+        self._thread.start()
+        return process.pid
+
+    def _over(self, wait_s: float) -> bool:
+        """Waits up to ``wait_s``; True when the service is stopping meanwhile."""
+        return self._stopped.wait(wait_s) or self._stopping()
+
+    def _watch(self, process: subprocess.Popen[bytes]) -> None:
+        exits: deque[float] = deque()
+        while True:
+            status = process.wait()
+            died = time.monotonic()
+            if self._over(SHUTDOWN_GRACE_S):
+                return
+            exits.append(died)
+            while exits[0] < died - WORKER_EXIT_WINDOW_S:
+                exits.popleft()
+            if len(exits) >= MAX_WORKER_EXITS:
+                self.failure = (
+                    f"the embedded worker died {len(exits)} times within "
+                    f"{WORKER_EXIT_WINDOW_S:.0f} s (the last one {describe_exit(status)}); "
+                    "stopped the API rather than accept jobs that no worker runs (the "
+                    "worker's log above says why it dies)"
+                )
+                self._give_up()
+                return
+            backoff = min(RESTART_BACKOFF_S * 2 ** (len(exits) - 1), MAX_RESTART_BACKOFF_S)
+            logger.warning(
+                "the embedded worker (pid %d) %s; starting a new one in %.0f s",
+                process.pid,
+                describe_exit(status),
+                backoff,
+            )
+            if self._over(max(0.0, backoff - SHUTDOWN_GRACE_S)):
+                return
+            with self._lock:
+                if self._stopped.is_set():
+                    return
+                self._process = process = self._spawn()
+
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> None:
+        """Stops the watch, then the worker (SIGTERM: it finishes its job; killed after
+        ``timeout`` seconds)."""
+        with self._lock:
+            self._stopped.set()
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=SHUTDOWN_GRACE_S + 1.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,20 +168,25 @@ def run(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    worker = None
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info")
+    )
+
+    def _stop_api() -> None:
+        server.should_exit = True  # uvicorn's main loop checks it every 0.1 s
+
+    supervisor = None
     if not args.no_worker:
         env = {**os.environ, "OMNET_STORAGE_DIR": str(settings.storage_dir.resolve())}
         # The worker picks its queue itself: the API process never imports torch.
         cmd = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
         cmd += ["--name", "omnet-embedded@%h"]
-        worker = subprocess.Popen(cmd, env=env)
+        supervisor = WorkerSupervisor(cmd, env, lambda: server.should_exit, _stop_api)
         mode = (
             "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
         )
-        print(
-            f"omnet serve: worker pid {worker.pid}, {mode}, storage {settings.storage_dir}",
-            file=sys.stderr,
-        )
+        print(f"omnet serve: {mode}, storage {settings.storage_dir}", file=sys.stderr)
+        supervisor.start()
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -48,12 +195,14 @@ def run(args: argparse.Namespace) -> int:
     # SystemExit so that the worker below is stopped too.
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn once it has shut down
+        pass
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if supervisor is not None:
+            supervisor.stop()
+    if supervisor is not None and supervisor.failure:
+        raise CommandError(supervisor.failure)
+    if not server.started:
+        return STARTUP_FAILURE
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,12 +10,13 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.db import ACTIVE, FINISHED, Job, JobState, JobStore
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.errors import ApiError
-from service.queue import TASK_SEGMENT
+from service.queue import send_job
 from service.schemas import (
     ErrorBody,
     ErrorDetail,
@@ -24,9 +26,10 @@ from service.schemas import (
     JobPage,
     JobStatus,
     ModelRef,
+    submission_form,
 )
 from service.storage import Storage
-from service.uploads import OPTION_FIELDS, receive_case
+from service.uploads import FILE_FIELDS, OPTION_FIELDS, receive_case
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -98,11 +101,14 @@ def _created(request: Request, response: Response, store: JobStore, job: Job) ->
     responses=ERRORS,
     summary="Submit a case for segmentation",
     description=(
-        "multipart/form-data with files t1, t1ce, t2, flair (.nii or .nii.gz; or one 4D "
-        "'image'), an optional 'reference' label map, and option fields: "
+        "multipart/form-data with files t1, t1ce, t2, flair (.nii, .nii.gz or .nii.bz2; or one "
+        "4D 'image'), an optional 'reference' label map, and option fields: "
         + ", ".join(OPTION_FIELDS)
         + ". An Idempotency-Key header makes a retried POST return the same job."
     ),
+    # The handler reads the form itself (to check it as it streams in), so the schema
+    # of the request body is given here.
+    openapi_extra=submission_form(FILE_FIELDS),
 )
 async def create_job(
     request: Request,
@@ -129,14 +135,22 @@ async def create_job(
     if not created:  # a concurrent retry with the same key won the race
         storage.delete_job(upload.job_id)
         return _created(request, response, store, job)
-    _send(celery, store, storage, job, queue)
+    await _send(celery, store, storage, job, queue, settings.broker_timeout_s)
     return _created(request, response, store, job)
 
 
-def _send(celery: Celery, store: JobStore, storage: Storage, job: Job, queue: str) -> None:
-    """Queues ``job``; when the broker cannot be reached, the job and its files go."""
+async def _send(
+    celery: Celery, store: JobStore, storage: Storage, job: Job, queue: str, timeout_s: float
+) -> None:
+    """Queues ``job`` from a worker thread, so that a hung broker never blocks the event
+    loop; when the broker cannot be reached within ``timeout_s``, the job and its files
+    go and the caller gets 503."""
     try:
-        celery.send_task(TASK_SEGMENT, args=[job.id], queue=queue)
+        # The socket timeouts of the API's broker connection end a hung call after
+        # timeout_s; the wait below is the backstop should one not.
+        await asyncio.wait_for(
+            run_in_threadpool(send_job, celery, job.id, queue, False), timeout_s + 1.0
+        )
     except Exception as exc:
         store.delete(job.id)
         storage.delete_job(job.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import nibabel as nib
 import numpy as np
+import pytest
 
 from service.db import Job, JobStore
 
@@ -215,10 +217,32 @@ class Stack:
         self.apis.append(api)
         return api
 
-    def start_worker(self, name: str = "worker", **env: str) -> Proc:
-        """``omnet worker --pool solo --device cpu`` (it execs Celery: one process)."""
-        cmd = [*OMNET, "worker", "--pool", "solo", "--device", "cpu", "--name", f"{name}@%h"]
+    def start_worker(self, name: str = "worker", pool: str = "solo", **env: str) -> Proc:
+        """``omnet worker --pool POOL --device cpu`` (it execs Celery: solo is one process,
+        prefork a parent and one child)."""
+        cmd = [*OMNET, "worker", "--pool", pool, "--device", "cpu", "--name", f"{name}@%h"]
         return self.spawn(name, cmd, **env)
+
+    def start_redis(self, name: str = "redis") -> tuple[Proc, str]:
+        """A private redis-server (no persistence) that a test may pause or empty."""
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed; the broker fault tests need one")
+        port = free_port()
+        cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--dir", str(self.root)]
+        proc = self.spawn(name, cmd)
+        url = f"redis://127.0.0.1:{port}/0"
+
+        def answers() -> bool:
+            import redis
+
+            try:
+                return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 20, f"{name} to answer", self)
+        return proc, url
 
     def wait_api(self, api: Api, timeout: float = 90.0) -> Api:
         def up() -> bool:

@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from service.uploads import FILE_FIELDS, OPTION_FIELDS
 from tests.service.support import (
     Api,
     Phantom,
@@ -533,3 +534,131 @@ def test_no_request_was_answered_500(api, phantom):
         key = f"POST /v1/jobs {status}"
         assert after.get(key, 0.0) == before.get(key, 0.0) + 1, (key, after)
     assert not [k for k in after if k.split()[-1].startswith("5")], after
+
+
+# ------------------------------------------------------------- multipart edge cases
+BOUNDARY = "omnet-edge-boundary"
+
+
+def _raw_form(parts: list[tuple[str, bytes]], closed: bool = True) -> bytes:
+    """A multipart body by hand: each part's Content-Disposition parameters after
+    ``form-data; `` and its content; ``closed=False`` leaves out the closing boundary."""
+    body = b""
+    for disposition, data in parts:
+        body += (
+            (
+                f"--{BOUNDARY}\r\nContent-Disposition: form-data; {disposition}\r\n"
+                "Content-Type: application/gzip\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return body + (f"--{BOUNDARY}--\r\n".encode() if closed else b"")
+
+
+def _post_raw(api: Api, body: bytes) -> Any:
+    client = api.client("alice", **{"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    response = client.post("/v1/jobs", content=body)
+    assert response.request.headers["content-length"] == str(len(body))
+    return response
+
+
+def _modalities(phantom: Phantom, **disposition: str) -> list[tuple[str, bytes]]:
+    """The four modalities as parts; ``disposition={field: params}`` replaces the
+    ``name=...; filename=...`` parameters of a part."""
+    return [
+        (disposition.get(m, f'name="{m}"; filename="{m}.nii.gz"'), phantom.data[m])
+        for m in ("t1", "t1ce", "t2", "flair")
+    ]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda body: body[: len(body) // 2], id="in_a_file"),
+        pytest.param(lambda body: body[: body.rindex(b"\r\n--")], id="before_the_last_boundary"),
+        pytest.param(lambda body: body, id="no_closing_boundary"),
+    ],
+)
+def test_a_truncated_body_is_upload_incomplete(cut, api, phantom, assert_nothing_queued):
+    """A body that ends (Content-Length and all) before its closing boundary was cut
+    short: it is not a case with a modality missing."""
+    body = cut(_raw_form(_modalities(phantom), closed=False))
+    response = _post_raw(api, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upload_incomplete", error
+    assert (
+        "closing boundary" in error["message"]
+        and "send the whole request again" in (error["message"])
+    )
+    assert_nothing_queued()
+
+
+def test_a_closed_body_missing_a_part_is_still_missing_modality(api, phantom):
+    """The control: a complete body without flair is a missing modality."""
+    response = _post_raw(api, _raw_form(_modalities(phantom)[:3]))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "missing_modality"
+
+
+def test_rfc5987_file_names_are_file_uploads(api, phantom, deployment, redis_url, queue):
+    """``filename*=UTF-8''...`` (no plain filename) names a file upload, decoded."""
+    before = _queued(deployment, api, redis_url, queue)
+    parts = _modalities(
+        phantom,
+        t1="name=\"t1\"; filename*=UTF-8''%C3%A9chantillon_t1.nii.gz",
+        flair="name=\"flair\"; filename*=utf-8'en'flair.nii.gz",
+    )
+    response = _post_raw(api, _raw_form(parts))
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    after = _queued(deployment, api, redis_url, queue)
+    assert after["queued messages"] == before["queued messages"] + 1
+    assert job_id in after["job folders"]
+    stored = sorted(p.name for p in (deployment.job_dir(job_id) / "inputs").iterdir())
+    assert stored == ["flair.nii.gz", "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    ("disposition", "code", "shown"),
+    [
+        ("name=\"t1\"; filename*=UTF-8''..%2Ft1.nii.gz", "bad_filename", "'../t1.nii.gz'"),
+        ("name=\"t1\"; filename*=UTF-8''t1.png", "not_nifti", "'t1.png'"),
+        ("name=\"t1\"; filename*=UTF-8''", "bad_filename", "no file name"),
+        ("name=\"preview\"; filename*=UTF-8''preview.txt", "bad_option", "not a file"),
+    ],
+    ids=["path", "not_nifti", "empty", "option_as_file"],
+)
+def test_rfc5987_file_names_are_checked(
+    disposition, code, shown, api, phantom, assert_nothing_queued
+):
+    """The decoded name goes through the same checks as a plain one."""
+    field = disposition.split('"')[1]
+    parts = _modalities(phantom, **({field: disposition} if field == "t1" else {}))
+    if field != "t1":
+        parts.append((disposition, b"true"))
+    response = _post_raw(api, _raw_form(parts))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert shown in error["message"], error
+    assert_nothing_queued()
+
+
+def test_openapi_describes_the_submission_form(api):
+    """/openapi.json (and so /docs) has the multipart body of POST /v1/jobs: every file
+    field as a binary upload and every job option."""
+    spec = api.client(None).get("/openapi.json").json()
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]
+    assert body["required"] is True
+    schema = body["content"]["multipart/form-data"]["schema"]
+    properties = schema["properties"]
+    assert list(properties) == [*FILE_FIELDS, *OPTION_FIELDS]
+    assert list(FILE_FIELDS) == ["t1", "t1ce", "t2", "flair", "image", "reference"]
+    assert list(OPTION_FIELDS) == ["postprocess", "label_convention", "probabilities", "preview"]
+    for name in FILE_FIELDS:
+        assert properties[name]["type"] == "string" and properties[name]["format"] == "binary"
+    assert properties["postprocess"]["type"] == "boolean"
+    assert properties["postprocess"]["default"] is True
+    assert properties["label_convention"]["enum"] == [4, 3]

@@ -1,20 +1,25 @@
 """Embedded mode: ``omnet serve`` with no broker configured (no Redis, no other server).
 
 The API and its worker exchange messages as files in the storage folder. Results are
-kept for a few seconds only here, so the clean-up of expired jobs is seen too.
+kept for a few seconds only here, so the clean-up of expired jobs is seen too. The
+worker is a child process of ``omnet serve``, which starts it again when it dies.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
+import signal
+import socket
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service.support import Api, Stack, base_env, wait_until
+from tests.service.support import Api, Proc, Stack, base_env, wait_until
 from tests.service.support import stack as make_stack
 
 RETENTION_HOURS = 0.002  # 7.2 s
@@ -96,3 +101,82 @@ def test_finished_jobs_expire(deployment, api, phantom):
     assert client.get("/v1/jobs").json()["total"] == 0
     # Every finished job went: none is left with an expiry in the past.
     assert deployment.store.expired(datetime.max) == []
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # the process went meanwhile
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _worker_of(serve: Proc) -> int:
+    """The pid of the worker that ``omnet serve`` runs (its one child process)."""
+    children = wait_until(lambda: _children(serve.pid), 30, "omnet serve to run a worker")
+    assert len(children) == 1, f"omnet serve has {len(children)} child processes: {children}"
+    return children[0]
+
+
+def test_a_killed_worker_is_replaced(deployment, api, phantom):
+    """SIGKILL the embedded worker: ``omnet serve`` starts a new one, which runs the job
+    submitted meanwhile."""
+    serve = api.proc
+    client = api.client("bob")
+    host = socket.gethostname()
+    killed = _worker_of(serve)
+    wait_until(
+        lambda: f"{host}:{killed}" in {w["name"] for w in deployment.store.live_workers(3.0)},
+        120,
+        "the embedded worker to register",
+        deployment,
+    )
+    os.kill(killed, signal.SIGKILL)
+
+    response = client.post("/v1/jobs", files=phantom.files(), data={"preview": "false"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    status = deployment.wait_state(client, job_id, ("succeeded",), timeout=120)
+    assert status["attempts"] == 1
+
+    assert serve.alive()
+    replacement = _worker_of(serve)
+    assert replacement != killed
+    record = deployment.record(job_id)
+    assert record is not None and record.worker == f"{host}:{replacement}"
+    live = {w["name"] for w in deployment.store.live_workers(3.0)}
+    assert f"{host}:{replacement}" in live
+    assert f"the embedded worker (pid {killed}) was killed by SIGKILL; starting a new one" in (
+        serve.output()
+    )
+    # The killed worker's registration ages out: /readyz counts the one live worker.
+    wait_until(
+        lambda: client.get("/readyz").json()["checks"].get("workers") == 1,
+        30,
+        "/readyz to count one worker",
+        deployment,
+        0.5,
+    )
+
+
+def test_a_worker_that_keeps_dying_stops_serve(tmp_path, tiny_checkpoint):
+    """A worker that cannot start (an invalid device) is restarted four times, then
+    ``omnet serve`` stops its API and exits 1 with one line saying why."""
+    env = base_env(tiny_checkpoint, OMNET_DEVICE="no-such-device")
+    with make_stack("crashing", tmp_path, env) as s:
+        serve = s.start_serve()
+        status = serve.proc.popen.wait(timeout=150)
+        output = serve.proc.output()
+    assert status == 1, output
+    assert output.count("device must be 'auto', 'cpu' or 'cuda[:N]'") == 5
+    assert output.count("starting a new one in") == 4
+    last = output.splitlines()[-1]
+    assert last.startswith(
+        "omnet serve: error: the embedded worker died 5 times within 60 s (the last one "
+        "exited with status 1); stopped the API"
+    ), output

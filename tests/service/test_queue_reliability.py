@@ -243,8 +243,8 @@ def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url
     assert record is not None and record.state == "running" and record.attempts == 1
     assert claimed.attempts == 1
 
-    # Redis hands the unacknowledged message out again once the visibility timeout has
-    # passed; let it pass before B starts, so that B gets that duplicate too.
+    # A's message is a lease A no longer renews: Redis hands it out again once the
+    # visibility timeout has passed, and B takes it.
     time.sleep(max(0.0, 6.5 - (time.monotonic() - claimed_at)))
     worker_b = deployment.start_worker("worker-b")
     name_b = deployment.wait_worker(worker_b)
@@ -255,13 +255,6 @@ def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url
     assert seg.status_code == 200
     assert nib.Nifti1Image.from_bytes(gzip.decompress(seg.content)).shape == phantom.shape
 
-    # Every copy of the message is handled, and only B's first one ran the job.
-    wait_until(
-        lambda: worker_b.output().count(f"job {job_id}: ") >= 2,
-        30,
-        "worker B to drop the duplicate message",
-        deployment,
-    )
     wait_until(
         lambda: queued_messages(redis_url, queue) == 0 or None,
         30,
@@ -270,7 +263,6 @@ def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url
     )
     log_b = worker_b.output()
     assert log_b.count(f"job {job_id}: succeeded") == 1, log_b
-    assert f"job {job_id}: gone" in log_b
     assert f"job {job_id}: succeeded" not in worker_a.output()
     record = deployment.record(job_id)
     assert record is not None

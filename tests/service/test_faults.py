@@ -1,0 +1,230 @@
+"""Fault injection on real processes: killed pool children and workers, a paused or
+emptied broker. No job may be lost or succeed twice, and the API must keep answering.
+
+Settings of these deployments (support.base_env): heartbeat 1 s, stale after 3 s,
+visibility (message lease) 6 s, so the documented bound for a dead worker's job to
+resume, 2 x (heartbeat + stale), is 8 s here. Broker calls of the API give up after
+OMNET_BROKER_TIMEOUT_S = 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.support import Api, Phantom, Proc, Stack, redis_env, wait_until
+from tests.service.support import stack as make_stack
+
+HEARTBEAT_S, STALE_S = 1.0, 3.0
+BOUND_S = 2 * (HEARTBEAT_S + STALE_S)
+BROKER_TIMEOUT_S = 2.0
+#: A job of several seconds: the paper's overlapping tiles on the test phantom.
+SLOW = {"OMNET_TILING": "paper"}
+
+
+def _deployment(tmp_path: Path, redis_url: str, tiny_checkpoint: Path, **env: str) -> Stack:
+    prefix = f"omnet-faults-{uuid.uuid4().hex[:8]}"
+    extra = {"OMNET_BROKER_TIMEOUT_S": str(BROKER_TIMEOUT_S), **env}
+    return make_stack("faults", tmp_path, redis_env(redis_url, prefix, tiny_checkpoint, **extra))
+
+
+@pytest.fixture
+def deployment(tmp_path, redis_url, tiny_checkpoint) -> Iterator[Stack]:
+    with _deployment(tmp_path, redis_url, tiny_checkpoint) as s:
+        s.wait_api(s.start_api("api"))
+        yield s
+
+
+def _submit(api: Api, phantom: Phantom) -> str:
+    response = api.client("alice").post("/v1/jobs", files=phantom.files())
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def _running_on(deployment: Stack, job_id: str, worker: str | None = None) -> Any:
+    record = deployment.record(job_id)
+    if record is None or record.state != "running":
+        return None
+    return record if worker is None or record.worker == worker else None
+
+
+def _successes(procs: list[Proc], job_id: str) -> int:
+    return sum(p.output().count(f"job {job_id}: succeeded") for p in procs)
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+# --------------------------------------------------------------------------- workers
+@pytest.fixture(scope="module")
+def half_checkpoint(tmp_path_factory) -> Path:
+    """A width-16 half-precision checkpoint (random weights). Loading it converts large
+    tensors to float32, which starts PyTorch's OpenMP threads in the loading process,
+    as loading the bundled model does; the tiny test model's tensors are too small."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.network import ArchConfig, build_model
+
+    torch.manual_seed(0)
+    config = ArchConfig(width=16)
+    path = tmp_path_factory.mktemp("half") / "half16.pt"
+    return save_checkpoint(path, build_model(config), config, half=True).resolve()
+
+
+def test_a_killed_pool_child_is_replaced_and_the_job_succeeds_once(
+    deployment, phantom, half_checkpoint
+):
+    model = {"OMNET_CHECKPOINT": str(half_checkpoint), "OMP_NUM_THREADS": "2"}
+    worker = deployment.start_worker("prefork", pool="prefork", **SLOW, **model)
+    deployment.wait_worker(worker)
+    api = deployment.apis[0]
+    job_id = _submit(api, phantom)
+    record = wait_until(
+        lambda: _running_on(deployment, job_id), 60, "the job to run", deployment, 0.05
+    )
+    child = int(record.worker.rsplit(":", 1)[1])  # the pool process running it
+    assert child in _children(worker.pid), "the job should run in a pool child"
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    status = deployment.wait_state(api.client("alice"), job_id, ("succeeded",), timeout=120)
+    resumed = deployment.record(job_id)
+    assert resumed is not None and resumed.worker != record.worker
+    assert status["attempts"] == 2
+    assert _successes([worker], job_id) == 1
+    assert worker.alive()
+    # A new child serves the next job too (the first replacement did not hang).
+    second = _submit(api, phantom)
+    deployment.wait_state(api.client("alice"), second, ("succeeded",), timeout=120)
+    assert time.monotonic() - killed_at < 120
+
+
+@pytest.mark.parametrize("recovery", ["restart", "second_worker"])
+def test_jobs_of_a_killed_worker_run_once(deployment, phantom, recovery):
+    """One running and two queued jobs when the worker's main process is SIGKILLed."""
+    api = deployment.apis[0]
+    worker_a = deployment.start_worker("worker-a", **SLOW)
+    name_a = deployment.wait_worker(worker_a)
+    workers = [worker_a]
+    if recovery == "second_worker":
+        # B is busy with a job of its own when A dies, then takes over A's jobs.
+        worker_b = deployment.start_worker("worker-b", **SLOW)
+        deployment.wait_worker(worker_b)
+        workers.append(worker_b)
+    jobs = [_submit(api, phantom) for _ in range(3 if recovery == "restart" else 4)]
+    running = wait_until(
+        lambda: next((j for j in jobs if _running_on(deployment, j, name_a)), None),
+        60,
+        "worker A to run a job",
+        deployment,
+        0.05,
+    )
+    worker_a.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    if recovery == "restart":
+        worker_b = deployment.start_worker("worker-b", **SLOW)
+        deployment.wait_worker(worker_b)
+        workers.append(worker_b)
+    ready_at = time.monotonic()
+
+    def resumed() -> Any:
+        record = deployment.record(running)
+        return record if record and record.worker != name_a else None
+
+    wait_until(resumed, 60, "A's running job to be taken over", deployment, 0.1)
+    # Within the bound, counted from when a live worker was there to take it.
+    assert time.monotonic() - max(killed_at, ready_at) <= BOUND_S + 3
+    client = api.client("alice")
+    for job_id in jobs:
+        status = deployment.wait_state(client, job_id, ("succeeded",), timeout=180)
+        assert _successes(workers, job_id) == 1, job_id
+        assert status["attempts"] == (2 if job_id == running else 1), job_id
+
+
+# --------------------------------------------------------------------------- broker
+@pytest.fixture
+def private_broker(tmp_path, tiny_checkpoint) -> Iterator[tuple[Stack, Proc]]:
+    """A deployment on its own redis-server, which a test may pause or empty."""
+    with _deployment(tmp_path, "redis://unused", tiny_checkpoint) as s:
+        redis_proc, url = s.start_redis()
+        s.env["OMNET_BROKER_URL"] = url
+        s.wait_api(s.start_api("api"))
+        try:
+            yield s, redis_proc
+        finally:
+            os.killpg(redis_proc.pid, signal.SIGCONT)
+
+
+def test_a_paused_broker_does_not_freeze_the_api(private_broker, phantom):
+    deployment, redis_proc = private_broker
+    api = deployment.apis[0]
+    client = api.client("alice")
+    existing = _submit(api, phantom)
+    jobs_before = client.get("/v1/jobs").json()["total"]
+    folders_before = sorted(p.name for p in (deployment.storage / "jobs").iterdir())
+
+    os.killpg(redis_proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        quick = httpx.get(f"{api.url}/healthz", timeout=2)
+        assert quick.status_code == 200 and time.monotonic() - started < 1.0
+
+        started = time.monotonic()
+        refused = client.post("/v1/jobs", files=phantom.files(), timeout=30)
+        waited = time.monotonic() - started
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "queue_unavailable"
+        assert waited <= BROKER_TIMEOUT_S + 2, waited
+
+        # Reads answer while the broker hangs; the refused job left nothing behind.
+        assert client.get(f"/v1/jobs/{existing}").json()["state"] == "queued"
+        assert client.get("/v1/jobs").json()["total"] == jobs_before
+        assert sorted(p.name for p in (deployment.storage / "jobs").iterdir()) == folders_before
+        started = time.monotonic()
+        not_ready = api.client(None).get("/readyz", timeout=30)
+        assert not_ready.status_code == 503 and time.monotonic() - started <= 10
+    finally:
+        os.killpg(redis_proc.pid, signal.SIGCONT)
+
+    after = wait_until(
+        lambda: (r := client.post("/v1/jobs", files=phantom.files())).status_code == 202 and r,
+        30,
+        "a submission to be accepted again",
+        deployment,
+    )
+    worker = deployment.start_worker("worker")
+    deployment.wait_worker(worker)
+    for job_id in (existing, after.json()["id"]):
+        deployment.wait_state(client, job_id, ("succeeded",), timeout=120)
+
+
+def test_jobs_whose_messages_vanished_are_sent_again(private_broker, phantom):
+    """A broker restart without persistence loses every message; the records keep the
+    jobs, and the workers send them again."""
+    deployment, _ = private_broker
+    api = deployment.apis[0]
+    jobs = [_submit(api, phantom) for _ in range(2)]
+    import redis
+
+    broker = redis.Redis.from_url(deployment.env["OMNET_BROKER_URL"])
+    broker.flushall()  # what a restart without persistence leaves
+    broker.close()
+    worker = deployment.start_worker("worker")
+    deployment.wait_worker(worker)
+    client = api.client("alice")
+    for job_id in jobs:
+        status = deployment.wait_state(client, job_id, ("succeeded",), timeout=60)
+        assert status["attempts"] == 1
+        assert f"job {job_id} (queued) had no message left" in worker.output()
+        assert _successes([worker], job_id) == 1
