@@ -5,18 +5,23 @@ Every variable is ``OMNET_<FIELD>`` (upper case), e.g. ``OMNET_BROKER_URL``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Configuration shared by ``omnet serve``, the API processes and the workers."""
 
-    model_config = SettingsConfigDict(env_prefix="OMNET_", extra="ignore")
+    # Errors name the field, never its value: some values are secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="OMNET_", extra="ignore", hide_input_in_errors=True
+    )
 
     storage_dir: Path = Field(
         Path("omnet-data"), description="folder shared by API and workers: uploads, results, DB"
@@ -70,6 +75,37 @@ class Settings(BaseSettings):
     )
     worker_heartbeat_s: float = Field(10.0, gt=0, description="worker liveness interval")
     queue_prefix: str = Field("omnet", description="queues are <prefix>.gpu and <prefix>.cpu")
+    webhook_secrets: SecretStr = Field(
+        SecretStr(""),
+        description="signing secrets of completion webhooks: comma-separated 'owner:whsec_...' "
+        "(an owner named twice is signed with each secret, for rotation; owner '*': every "
+        "owner without its own)",
+    )
+    webhook_allow_http: bool = Field(False, description="accept http:// callback URLs")
+    webhook_allow_private: bool = Field(
+        False,
+        description="accept callback targets on loopback, private and other non-public "
+        "addresses (link-local, multicast, unspecified and reserved ones are refused regardless)",
+    )
+    webhook_allowed_hosts: str = Field(
+        "",
+        description="comma-separated host names callbacks may target ('.example.org': it and "
+        "its subdomains); empty: any host",
+    )
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="one delivery attempt (connect, send, answer) gives up after this"
+    )
+    webhook_max_attempts: int = Field(15, ge=1, description="attempts per event before it fails")
+    webhook_backoff_s: float = Field(
+        10.0, gt=0, description="wait before the second attempt; doubled for each further one"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="longest wait between attempts")
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="how often each worker looks for webhook attempts that are due"
+    )
+    webhook_concurrency: int = Field(
+        4, ge=1, description="webhook requests each worker process sends at a time"
+    )
 
     @field_validator("tiling")
     @classmethod
@@ -83,6 +119,12 @@ class Settings(BaseSettings):
     def _known_postprocess(cls, value: str) -> str:
         if value not in ("paper", "guarded"):
             raise ValueError(f"postprocess must be 'paper' or 'guarded'; got {value!r}")
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _valid_webhook_secrets(cls, value: SecretStr) -> SecretStr:
+        parse_webhook_secrets(value.get_secret_value())
         return value
 
     @property
@@ -113,12 +155,75 @@ class Settings(BaseSettings):
     def queue(self, device_type: str) -> str:
         return f"{self.queue_prefix}.{'gpu' if device_type == 'cuda' else 'cpu'}"
 
+    def webhook_secrets_of(self, owner: str) -> list[str]:
+        """The secrets that sign ``owner``'s webhook events (the owner's own, else those
+        of ``*``); empty when none is configured."""
+        secrets = parse_webhook_secrets(self.webhook_secrets.get_secret_value())
+        return secrets.get(owner) or secrets.get("*", [])
+
+    def webhook_hosts(self) -> tuple[str, ...]:
+        """The host allowlist of callback URLs, lower case; empty: any host."""
+        hosts = (h.strip().lower().rstrip(".") for h in self.webhook_allowed_hosts.split(","))
+        return tuple(h for h in hosts if h)
+
 
 def key_owner(key: str) -> str:
     """The owner name of an API key configured without one: ``key-`` and 16 hex digits
     of the key's SHA-256. Distinct keys get distinct owners (a collision needs 2**32
     keys), and the name shows nothing of the key."""
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+#: Prefix of Standard Webhooks secrets; base64 of the key bytes follows it.
+SECRET_PREFIX = "whsec_"
+#: Fewest key bytes of a webhook secret (Standard Webhooks recommends 24 to 64).
+MIN_SECRET_BYTES = 24
+
+
+def decode_webhook_secret(secret: str) -> bytes:
+    """The key bytes of a ``whsec_<base64>`` secret (padding optional).
+
+    Raises:
+        ValueError: not a ``whsec_`` secret, not base64, or shorter than 24 bytes.
+    """
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a webhook secret must start with {SECRET_PREFIX!r}")
+    text = secret[len(SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("a webhook secret must be 'whsec_' and base64") from None
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"a webhook secret must hold at least {MIN_SECRET_BYTES} bytes; got {len(key)} "
+            '(make one with: python -c "import base64, os; '
+            "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\")"
+        )
+    return key
+
+
+def parse_webhook_secrets(value: str) -> dict[str, list[str]]:
+    """Owner -> webhook secrets from ``owner:whsec_...`` items separated by commas.
+
+    Raises:
+        ValueError: an item without an owner, or with a malformed secret (the message
+            names the owner, never the secret).
+    """
+    out: dict[str, list[str]] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        owner, _, secret = item.partition(":")
+        owner, secret = owner.strip(), secret.strip()
+        if not owner or not secret:
+            raise ValueError("webhook_secrets items are 'owner:whsec_...'")
+        try:
+            decode_webhook_secret(secret)
+        except ValueError as exc:
+            raise ValueError(f"webhook secret of owner {owner!r}: {exc}") from None
+        out.setdefault(owner, []).append(secret)
+    return out
 
 
 @lru_cache(maxsize=1)

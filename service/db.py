@@ -1,4 +1,5 @@
-"""Job records and worker registrations, shared by every API process and worker.
+"""Job records, worker registrations and webhook deliveries, shared by every API process
+and worker.
 
 SQLAlchemy Core over SQLite by default (a file in the shared storage folder, WAL mode)
 or any other database URL (PostgreSQL in a larger deployment). Every state change is
@@ -35,6 +36,15 @@ class JobState(StrEnum):
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 #: Final states: nothing changes a finished job any more.
 FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class DeliveryStatus(StrEnum):
+    """Where a webhook event's delivery stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
 
 metadata = sa.MetaData()
 
@@ -74,6 +84,30 @@ workers = sa.Table(
     sa.Column("model", sa.Text, nullable=False),
     sa.Column("started_at", sa.DateTime, nullable=False),
     sa.Column("seen_at", sa.DateTime, nullable=False),
+)
+
+#: Webhook events waiting to be sent, or sent (an outbox): one row per event of a job,
+#: written in the same transaction as the state change that caused it.
+deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # the webhook-id header
+    sa.Column("job_id", sa.String(36), nullable=False, index=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # sent byte for byte on every attempt
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.DateTime, nullable=True, index=True),
+    sa.Column("claim", sa.String(64), nullable=True),  # the sender's token while it sends
+    sa.Column("claimed_until", sa.DateTime, nullable=True),
+    sa.Column("last_status_code", sa.Integer, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("last_attempt_at", sa.DateTime, nullable=True),
+    sa.Column("finished_at", sa.DateTime, nullable=True),
+    sa.UniqueConstraint("job_id", "event", name="uq_delivery_job_event"),
 )
 
 
@@ -116,6 +150,63 @@ class Job:
         data["inputs"] = json.loads(data["inputs"])
         data["result"] = json.loads(data["result"]) if data["result"] else None
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A webhook event to record with the state change that causes it."""
+
+    id: str
+    job_id: str
+    owner: str
+    event: str
+    url: str
+    body: str
+
+
+@dataclass
+class Delivery:
+    """One webhook event and how its delivery went."""
+
+    id: str
+    job_id: str
+    owner: str
+    event: str
+    url: str
+    body: str
+    status: DeliveryStatus
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None = None
+    claim: str | None = None
+    claimed_until: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Delivery:
+        data = dict(row._mapping)
+        data["status"] = DeliveryStatus(data["status"])
+        return cls(**data)
+
+
+def _insert_delivery(conn: Connection, event: NewDelivery, now: datetime) -> None:
+    conn.execute(
+        deliveries.insert().values(
+            id=event.id,
+            job_id=event.job_id,
+            owner=event.owner,
+            event=event.event,
+            url=event.url,
+            body=event.body,
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
 
 
 def make_engine(url: str) -> Engine:
@@ -295,8 +386,10 @@ class JobStore:
         error_message: str | None = None,
         model_name: str | None = None,
         model_sha256: str | None = None,
+        event: NewDelivery | None = None,
     ) -> bool:
-        """Moves a job this worker runs to a final state; False if it is no longer its job."""
+        """Moves a job this worker runs to a final state; False if it is no longer its job.
+        ``event``, a webhook event, is recorded with the change (and only with it)."""
         now = utcnow()
         with self._tx() as conn:
             res = conn.execute(
@@ -317,13 +410,18 @@ class JobStore:
                     model_sha256=model_sha256,
                 )
             )
+            if res.rowcount == 1 and event is not None:
+                _insert_delivery(conn, event, now)
         return res.rowcount == 1
 
-    def cancel(self, job_id: str, owner: str, retention: timedelta) -> Job | None:
-        """Cancels a queued or running job of ``owner``; returns the job after the change."""
+    def cancel(
+        self, job_id: str, owner: str, retention: timedelta, event: NewDelivery | None = None
+    ) -> Job | None:
+        """Cancels a queued or running job of ``owner``; returns the job after the change.
+        ``event``, a webhook event, is recorded if this call cancelled it."""
         now = utcnow()
         with self._tx() as conn:
-            conn.execute(
+            res = conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.owner == owner, jobs.c.state.in_(ACTIVE))
                 .values(
@@ -333,11 +431,20 @@ class JobStore:
                     stage=None,
                 )
             )
+            if res.rowcount == 1 and event is not None:
+                _insert_delivery(conn, event, now)
         return self.get(job_id, owner)
 
     def delete(self, job_id: str) -> None:
+        """Deletes the job's record and its finished webhook deliveries (a pending one is
+        still sent, then removed: see :meth:`end_delivery`)."""
         with self._tx() as conn:
             conn.execute(jobs.delete().where(jobs.c.id == job_id))
+            conn.execute(
+                deliveries.delete().where(
+                    deliveries.c.job_id == job_id, deliveries.c.status != DeliveryStatus.PENDING
+                )
+            )
 
     def expired(self, now: datetime | None = None) -> list[str]:
         query = sa.select(jobs.c.id).where(jobs.c.expires_at < (now or utcnow()))
@@ -355,6 +462,86 @@ class JobStore:
         )
         with self.engine.connect() as conn:
             return [Job.from_row(r) for r in conn.execute(query).all()]
+
+    # ---------------------------------------------------------------- webhooks
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        """The webhook events of a job, oldest first."""
+        query = (
+            sa.select(deliveries)
+            .where(deliveries.c.job_id == job_id)
+            .order_by(deliveries.c.created_at, deliveries.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [Delivery.from_row(r) for r in conn.execute(query).all()]
+
+    def claim_deliveries(self, limit: int, lease_s: float) -> list[Delivery]:
+        """Claims up to ``limit`` pending deliveries that are due and that no live sender
+        holds, for ``lease_s`` seconds, each counting one more attempt. Each claim is a
+        conditional UPDATE, so two senders never hold (and send) the same attempt; the
+        returned deliveries carry their claim tokens."""
+        now = utcnow()
+        due = sa.and_(
+            deliveries.c.status == DeliveryStatus.PENDING,
+            deliveries.c.next_attempt_at <= now,
+            sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now),
+        )
+        query = sa.select(deliveries.c.id).where(due).order_by(deliveries.c.next_attempt_at)
+        with self.engine.connect() as conn:
+            candidates = [r.id for r in conn.execute(query.limit(limit)).all()]
+        claimed = []
+        for delivery_id in candidates:
+            token = uuid.uuid4().hex
+            with self._tx() as conn:
+                res = conn.execute(
+                    deliveries.update()
+                    .where(deliveries.c.id == delivery_id, due)
+                    .values(
+                        claim=token,
+                        claimed_until=now + timedelta(seconds=lease_s),
+                        attempts=deliveries.c.attempts + 1,
+                        last_attempt_at=now,
+                    )
+                )
+                if res.rowcount == 1:
+                    row = conn.execute(
+                        sa.select(deliveries).where(deliveries.c.id == delivery_id)
+                    ).one()
+                    claimed.append(Delivery.from_row(row))
+        return claimed
+
+    def end_delivery(
+        self,
+        delivery: Delivery,
+        status: DeliveryStatus,
+        status_code: int | None,
+        error: str | None,
+        retry_at: datetime | None = None,
+    ) -> bool:
+        """Records the outcome of the attempt that ``delivery`` (as claimed) made:
+        ``status`` pending with ``retry_at`` for another attempt, or delivered or failed.
+        A finished delivery whose job record is gone is deleted. False when the claim was
+        lost (it expired and another sender took the delivery)."""
+        now = utcnow()
+        final = status != DeliveryStatus.PENDING
+        with self._tx() as conn:
+            res = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == delivery.id, deliveries.c.claim == delivery.claim)
+                .values(
+                    status=status,
+                    claim=None,
+                    claimed_until=None,
+                    next_attempt_at=None if final else retry_at,
+                    finished_at=now if final else None,
+                    last_status_code=status_code,
+                    last_error=error,
+                )
+            )
+            if res.rowcount == 1 and final:
+                job = conn.execute(sa.select(jobs.c.id).where(jobs.c.id == delivery.job_id))
+                if job.first() is None:
+                    conn.execute(deliveries.delete().where(deliveries.c.id == delivery.id))
+        return res.rowcount == 1
 
     # ---------------------------------------------------------------- workers
     def register_worker(self, name: str, device: str, queue: str, model: dict[str, Any]) -> None:

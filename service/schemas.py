@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.db import JobState
+from service.db import DeliveryStatus, JobState
 
 
 class JobOptions(BaseModel):
@@ -20,6 +20,13 @@ class JobOptions(BaseModel):
     )
     probabilities: bool = Field(False, description="also write per-class probability maps")
     preview: bool = Field(True, description="also render an overlay preview PNG")
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        json_schema_extra={"format": "uri"},
+        description="an https URL that is sent a signed POST (Standard Webhooks) when the "
+        "job succeeds, fails or is cancelled",
+    )
 
 
 #: What each uploaded file of a submission holds (descriptions in the OpenAPI schema).
@@ -32,6 +39,16 @@ UPLOAD_DESCRIPTIONS = {
     "four files",
     "reference": "optional reference label map: the segmentation is scored against it",
 }
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """A form field's schema: an optional value (``anyOf: [T, null]``) is a plain T that
+    may be left out (a form cannot send null)."""
+    variants = [v for v in schema.get("anyOf", []) if v.get("type") != "null"]
+    if len(variants) != 1 or len(schema["anyOf"]) != 2:
+        return schema
+    rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    return {**variants[0], **rest}
 
 
 def submission_form(file_fields: Sequence[str]) -> dict[str, Any]:
@@ -50,7 +67,10 @@ def submission_form(file_fields: Sequence[str]) -> dict[str, Any]:
         }
         for name in file_fields
     }
-    options = JobOptions.model_json_schema()["properties"]
+    options = {
+        name: _form_field(schema)
+        for name, schema in JobOptions.model_json_schema()["properties"].items()
+    }
     return {
         "requestBody": {
             "required": True,
@@ -99,6 +119,22 @@ class JobCreated(BaseModel):
     created_at: datetime
 
 
+class WebhookDelivery(BaseModel):
+    """A completion event of the job and how its delivery to ``callback_url`` went."""
+
+    id: str = Field(description="the webhook-id header: the same on every attempt")
+    event: str = Field(description="job.succeeded, job.failed or job.cancelled")
+    url: str
+    status: DeliveryStatus = Field(description="pending, delivered or failed")
+    attempts: int
+    last_status_code: int | None = Field(None, description="HTTP status of the last answer")
+    last_error: str | None = Field(None, description="why the last attempt failed")
+    created_at: datetime
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = Field(None, description="when pending: the next attempt")
+    finished_at: datetime | None = Field(None, description="when delivered or failed")
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -115,6 +151,9 @@ class JobStatus(BaseModel):
     error: ErrorDetail | None = None
     links: JobLinks
     metrics: dict[str, Any] | None = Field(None, description="region volumes (and scores)")
+    deliveries: list[WebhookDelivery] = Field(
+        default_factory=list, description="completion events sent to callback_url"
+    )
 
 
 class JobPage(BaseModel):

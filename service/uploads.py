@@ -39,6 +39,7 @@ from model.nifti_io import MODALITIES, InputError, load_case, load_labels
 from service.errors import ApiError, error_body
 from service.schemas import JobOptions
 from service.storage import Storage
+from service.webhooks import CallbackRefusedError, CallbackRules
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -442,11 +443,19 @@ def split_fields(form: FormData) -> tuple[dict[str, UploadFile], dict[str, str]]
     return files, values
 
 
-def parse_options(values: dict[str, str]) -> JobOptions:
-    """The job options from their form values (defaults for those not sent)."""
+def parse_options(values: dict[str, str], callbacks: CallbackRules | None = None) -> JobOptions:
+    """The job options from their form values (defaults for those not sent); a
+    ``callback_url`` must pass ``callbacks`` (none: webhooks are not offered)."""
     parsed: dict[str, Any] = {}
     for name, value in values.items():
-        if name == "label_convention":
+        if name == "callback_url":
+            if callbacks is None:
+                raise ApiError(400, "webhooks_not_configured", "this service sends no webhooks")
+            try:
+                parsed[name] = callbacks.check(value)
+            except CallbackRefusedError as exc:
+                raise ApiError(400, exc.code, exc.message) from exc
+        elif name == "label_convention":
             if value.strip() not in ("3", "4"):
                 raise ApiError(
                     400, "bad_option", f"option 'label_convention' must be 4 or 3; got {value!r}"
@@ -507,16 +516,19 @@ class Submission:
     options: JobOptions
 
 
-async def receive_case(request: Request, storage: Storage, max_volume: int) -> Submission:
+async def receive_case(
+    request: Request, storage: Storage, max_volume: int, callbacks: CallbackRules | None = None
+) -> Submission:
     """Reads, checks and stores the case of a job submission.
 
     Raises :class:`~service.errors.ApiError` when anything is wrong; nothing is left in
-    storage then. ``max_volume`` is the ceiling of one decompressed volume, in bytes.
+    storage then. ``max_volume`` is the ceiling of one decompressed volume, in bytes;
+    ``callbacks`` checks a ``callback_url``.
     """
     form = await read_form(request)
     try:
         files, values = split_fields(form)
-        options = parse_options(values)
+        options = parse_options(values, callbacks)
         check_inputs(files)
         staging = storage.staging_dir()
         try:

@@ -29,8 +29,9 @@ from model.nifti_io import MODALITIES, InputError
 from model.pipeline import SegmentationOptions, load_predictor
 from model.tiling import TILINGS, Predictor
 from service.config import Settings
-from service.db import FINISHED, JobState, JobStore
+from service.db import FINISHED, Job, JobState, JobStore
 from service.storage import Storage
+from service.webhooks import completion_event
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
 
 
 def _fail(
-    job_id: str,
+    job: Job,
     worker: str,
     store: JobStore,
     storage: Storage,
@@ -213,10 +214,18 @@ def _fail(
     code: str,
     message: str,
 ) -> RunOutcome:
-    """Records the job failed and removes its partial outputs (its inputs stay, so that the
-    owner can see what was sent until the record expires)."""
+    """Records the job failed (with its webhook event) and removes its partial outputs
+    (its inputs stay, so that the owner can see what was sent until the record expires)."""
+    job_id = job.id
+    event = completion_event(job, JobState.FAILED, error=(code, message))
     if not store.finish(
-        job_id, worker, JobState.FAILED, retention, error_code=code, error_message=message
+        job_id,
+        worker,
+        JobState.FAILED,
+        retention,
+        error_code=code,
+        error_message=message,
+        event=event,
     ):
         return _lost(job_id, store, storage)
     shutil.rmtree(storage.outputs_dir(job_id), ignore_errors=True)
@@ -265,7 +274,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
         if stop.reason != StopReason.TIME_LIMIT:
             return _lost(job_id, store, storage)
         return _fail(
-            job_id,
+            job,
             me,
             store,
             storage,
@@ -275,11 +284,11 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             "retry with a smaller case or ask the operator to raise OMNET_JOB_TIME_LIMIT_S",
         )
     except InputError as exc:
-        return _fail(job_id, me, store, storage, retention, exc.code, str(exc))
+        return _fail(job, me, store, storage, retention, exc.code, str(exc))
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         return _fail(
-            job_id,
+            job,
             me,
             store,
             storage,
@@ -290,6 +299,8 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
     finally:
         hb.close()
     model = result.pop("model")
+    volumes = result.get("metrics", {}).get("volumes_ml")
+    event = completion_event(job, JobState.SUCCEEDED, volumes_ml=volumes)
     done = store.finish(
         job_id,
         me,
@@ -298,6 +309,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
         result=result,
         model_name=model["name"],
         model_sha256=model["sha256"],
+        event=event,
     )
     if not done:  # cancelled or taken over between the last beat and now
         return _lost(job_id, store, storage)

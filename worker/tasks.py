@@ -18,6 +18,7 @@ from celery.utils.log import get_task_logger
 from model.checkpoint import describe_checkpoints
 from service.db import utcnow
 from service.queue import TASK_SEGMENT, BrokerLedger, send_job
+from service.webhooks import run_deliveries
 from worker.app import WorkerContext, context
 from worker.runner import default_checkpoints, get_predictor, run_job, worker_name
 
@@ -130,6 +131,11 @@ def _ready(sender: Any = None, **_kwargs: Any) -> None:
         ledger = BrokerLedger(settings.broker_url, settings.broker_timeout_s)
     threading.Thread(
         target=_keep_alive, args=(ctx, ledger), daemon=True, name="worker-heartbeat"
+    ).start()
+    # Webhook events wait in the job store; this process sends those that are due (in
+    # the pool's parent: no job holds it up).
+    threading.Thread(
+        target=run_deliveries, args=(settings, ctx.store, _alive), daemon=True, name="webhooks"
     ).start()
     if settings.embedded:
         # The filesystem transport keeps no record of handed-out messages: jobs queued,

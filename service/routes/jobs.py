@@ -26,10 +26,12 @@ from service.schemas import (
     JobPage,
     JobStatus,
     ModelRef,
+    WebhookDelivery,
     submission_form,
 )
 from service.storage import Storage
 from service.uploads import FILE_FIELDS, OPTION_FIELDS, receive_case
+from service.webhooks import CallbackRules, completion_event
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -56,6 +58,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
     metrics = None
     if job.result:
         metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
+    deliveries = store.deliveries(job.id) if job.options.get("callback_url") else []
     return JobStatus(
         id=job.id,
         state=job.state,
@@ -74,6 +77,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         else None,
         links=_links(request, job),
         metrics=metrics,
+        deliveries=[WebhookDelivery.model_validate(d, from_attributes=True) for d in deliveries],
     )
 
 
@@ -126,9 +130,17 @@ async def create_job(
         existing = store.by_idempotency_key(owner, idempotency_key)
         if existing is not None:
             return _created(request, response, store, existing)
-    upload = await receive_case(request, storage, int(settings.max_volume_mb * 2**20))
+    upload = await receive_case(
+        request,
+        storage,
+        int(settings.max_volume_mb * 2**20),
+        CallbackRules.for_owner(settings, owner),
+    )
     queue = _queue(settings, store)
     options = upload.options.model_dump()
+    if upload.options.callback_url:
+        # Not an option the client sets: the URL its events link to (the one answered now).
+        options["status_url"] = str(request.url_for("get_job", job_id=upload.job_id))
     job, created = store.create(
         owner, options, upload.inputs, queue, idempotency_key, job_id=upload.job_id
     )
@@ -268,7 +280,8 @@ def delete_job(
 ) -> Any:
     job = _owned(store, job_id, owner)
     if job.state in ACTIVE:
-        job = store.cancel(job_id, owner, timedelta(hours=settings.retention_hours)) or job
+        event = completion_event(job, JobState.CANCELLED)  # recorded only if this cancels it
+        job = store.cancel(job_id, owner, timedelta(hours=settings.retention_hours), event) or job
         storage.delete_job(job_id)
         if job.state == JobState.CANCELLED:
             return _status(request, store, job)

@@ -656,7 +656,13 @@ def test_openapi_describes_the_submission_form(api):
     properties = schema["properties"]
     assert list(properties) == [*FILE_FIELDS, *OPTION_FIELDS]
     assert list(FILE_FIELDS) == ["t1", "t1ce", "t2", "flair", "image", "reference"]
-    assert list(OPTION_FIELDS) == ["postprocess", "label_convention", "probabilities", "preview"]
+    assert list(OPTION_FIELDS) == [
+        "postprocess",
+        "label_convention",
+        "probabilities",
+        "preview",
+        "callback_url",
+    ]
     for name in FILE_FIELDS:
         assert properties[name]["type"] == "string" and properties[name]["format"] == "binary"
     assert properties["postprocess"]["type"] == "boolean"

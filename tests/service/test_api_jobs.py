@@ -164,7 +164,9 @@ def test_segmentation_on_the_input_grid(deployment, api, phantom, submitted, wor
         "label_convention": 4,
         "probabilities": False,
         "preview": True,
+        "callback_url": None,
     }
+    assert status["deliveries"] == []
     links = status["links"]
     assert links["segmentation"].endswith(f"/v1/jobs/{submitted.basic}/segmentation")
     assert links["probabilities"] is None

@@ -6,6 +6,7 @@ A real SQLite job store and storage folder, a tiny checkpoint and a phantom; no 
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import uuid
@@ -147,6 +148,35 @@ def test_inputs_broken_after_submission_fail_with_a_code(settings, store, storag
     job = store.get(job_id)
     assert job is not None and job.state == JobState.FAILED
     assert job.error_code == "unreadable" and "flair" in (job.error_message or "")
+
+
+def test_final_states_record_their_webhook_event(settings, store, storage, case):
+    url = "https://hooks.example.org/omnet"
+    ok = _submit(store, storage, case, preview=False, callback_url=url)
+    broken = _submit(store, storage, case, callback_url=url)
+    flair = storage.inputs_dir(broken) / "flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:500])
+    assert run_job(ok, settings, store, storage) == RunOutcome.SUCCEEDED
+    assert run_job(broken, settings, store, storage) == RunOutcome.FAILED
+    # A message delivered again makes no second event.
+    assert run_job(ok, settings, store, storage) == RunOutcome.GONE
+
+    [succeeded] = store.deliveries(ok)
+    body = json.loads(succeeded.body)
+    assert (succeeded.event, succeeded.url, succeeded.status) == ("job.succeeded", url, "pending")
+    job = store.get(ok)
+    assert job is not None and job.result is not None
+    assert body["data"]["volumes_ml"] == job.result["metrics"]["volumes_ml"]
+    assert (body["data"]["state"], body["data"]["error"]) == ("succeeded", None)
+
+    [failed] = store.deliveries(broken)
+    body = json.loads(failed.body)
+    assert (failed.event, body["type"], body["data"]["state"]) == (
+        "job.failed",
+        "job.failed",
+        "failed",
+    )
+    assert body["data"]["error"]["code"] == "unreadable" and body["data"]["volumes_ml"] is None
 
 
 def _run_in_thread(settings, store, storage, job_id) -> tuple[threading.Thread, list[RunOutcome]]:
