@@ -85,6 +85,21 @@ ERROR_CODES: tuple[str, ...] = (
     "ambiguous_files",
     "bad_labels",
     "unsupported_dtype",
+    # DICOM studies (model/dicom_study.py)
+    "not_dicom",
+    "too_large",
+    "unknown_series",
+    "ambiguous_series",
+    "unsupported_series",
+    "derived_series",
+    "multiframe",
+    "mixed_orientation",
+    "inconsistent_slices",
+    "duplicate_slices",
+    "gantry_tilt",
+    "uneven_spacing",
+    "frame_of_reference_mismatch",
+    "patient_mismatch",
 )
 
 #: numpy dtype kinds a volume may be stored as: signed and unsigned integers, floats.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from service.cli.common import CommandError, LazyChoices, one_line, positive_int
 
 if TYPE_CHECKING:
     from model.case import CaseReport
+    from model.dicom_outputs import AlgorithmInfo
+    from model.dicom_study import DicomStudy
     from model.pipeline import SegmentationOptions
     from model.tiling import Predictor
 
@@ -65,13 +68,15 @@ class _CaseInput:
 
     Attributes:
         name: the case name (output file prefix); None: load_case derives it.
-        source: what :func:`model.nifti_io.load_case` reads.
+        source: what :func:`model.nifti_io.load_case` reads, or a DICOM study.
         folder: the BraTS case folder, where ``--evaluate`` looks for a label map.
+        dicom: ``source`` is a DICOM study (a folder or zip file).
     """
 
     name: str | None
     source: Path | dict[str, Path]
     folder: Path | None = None
+    dicom: bool = False
 
     @property
     def label(self) -> str:
@@ -87,13 +92,20 @@ def configure(p: argparse.ArgumentParser) -> None:
         "  a case folder (BraTS names <case>_t1, _t1ce, _t2, _flair or <case>-t1n, -t1c,\n"
         "  -t2w, -t2f; .nii, .nii.gz or .nii.bz2), a folder of such case folders, a 4D file\n"
         "  (X, Y, Z, 4) holding T1, T1ce, T2, FLAIR, or the four files given with\n"
-        "  --t1 --t1ce --t2 --flair instead of INPUT.\n\n"
+        "  --t1 --t1ce --t2 --flair instead of INPUT; or a DICOM study, a folder (searched\n"
+        "  recursively) or zip file of its series: T1, T1ce, T2 and FLAIR are recognised by\n"
+        "  their descriptions and sequences (name a series with --series t1ce=UID) and put\n"
+        "  on the T1ce grid.\n\n"
         "outputs, per case, in --out:\n"
         "  <case>_seg.nii.gz            labels on the input's grid (uint8)\n"
         "  <case>_metrics.json          region volumes (mL), timings, evaluation\n"
         "  <case>_probabilities.nii.gz  with --probabilities: (X, Y, Z, 4) background,\n"
         "                               NCR/NET, edema, ET\n"
-        "  <case>_preview.png           with --preview: FLAIR with the labels\n\n"
+        "  <case>_preview.png           with --preview: FLAIR with the labels\n"
+        "  <case>_seg.dcm               with --dicom-seg (DICOM input): DICOM SEG of the\n"
+        "                               labels on the T1ce series\n"
+        "  <case>_preview.dcm           with --dicom-seg and --preview: the preview as a\n"
+        "                               DICOM Secondary Capture\n\n"
         "One line per case goes to stdout, progress bars and errors to stderr. When\n"
         "several cases are given, a case that fails is reported on one line and the\n"
         "others go on; the exit status is then 1."
@@ -150,6 +162,18 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="label of the enhancing tumour: 4 (BraTS 2018-2021, default) or 3 (BraTS 2023)",
     )
     p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="DICOM input: also write the labels as a DICOM SEG, <case>_seg.dcm",
+    )
+    p.add_argument(
+        "--series",
+        action="append",
+        metavar="MOD=UID",
+        help="DICOM input: the series to use for a modality (t1, t1ce, t2, flair), by "
+        "SeriesInstanceUID or SeriesNumber; repeat for several",
+    )
+    p.add_argument(
         "--evaluate",
         action="store_true",
         help="compare with the case folder's label map (<case>_seg) when it has one",
@@ -158,6 +182,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _folder_inputs(folder: Path, out_dir: Path) -> list[_CaseInput]:
     """A case folder, or the case folders inside a folder of cases."""
+    from model.dicom_study import looks_like_dicom
+
     if _has_nifti(folder):
         return [_CaseInput(folder.name, folder, folder)]
     out = out_dir.resolve()
@@ -169,8 +195,11 @@ def _folder_inputs(folder: Path, out_dir: Path) -> list[_CaseInput]:
         if p.is_dir() and not p.name.startswith(".") and p.resolve() != out and _has_nifti(p)
     )
     if not cases:
+        if looks_like_dicom(folder):
+            return [_CaseInput(folder.name, folder, dicom=True)]
         raise CommandError(
-            f"folder {folder} holds neither the NIfTI files of a case nor case folders with them"
+            f"folder {folder} holds neither the NIfTI files of a case, nor case folders with "
+            "them, nor DICOM files"
         )
     return [_CaseInput(p.name, p, p) for p in cases]
 
@@ -200,6 +229,8 @@ def _segment_inputs(args: argparse.Namespace, out_dir: Path) -> list[_CaseInput]
         path = Path(raw)
         if path.is_dir():
             jobs.extend(_folder_inputs(path, out_dir))
+        elif path.exists() and zipfile.is_zipfile(path):
+            jobs.append(_CaseInput(_zip_stem(path), path, dicom=True))
         elif path.exists():
             jobs.append(_CaseInput(_file_stem(path), path))
         else:
@@ -207,6 +238,14 @@ def _segment_inputs(args: argparse.Namespace, out_dir: Path) -> list[_CaseInput]
                 f"input {path} does not exist; give a case folder, a folder of case "
                 "folders or a 4D NIfTI file"
             )
+    not_dicom = [job.label for job in jobs if not job.dicom]
+    if args.dicom_seg and not_dicom:
+        raise CommandError(
+            f"--dicom-seg needs DICOM inputs (a SEG references its source series); "
+            f"{not_dicom[0]} is NIfTI"
+        )
+    if args.series and (not_dicom or len(jobs) != 1):
+        raise CommandError("--series names the series of one DICOM study: give exactly one")
     seen: dict[str, _CaseInput] = {}
     for job in jobs:
         if job.folder is not None and job.folder.resolve() == out_dir.resolve():
@@ -242,6 +281,21 @@ class _TileProgress:
         self._bar.close()
 
 
+def _zip_stem(path: Path) -> str:
+    return path.name[: -len(".zip")] if path.name.lower().endswith(".zip") else path.stem
+
+
+def _series_overrides(values: list[str] | None) -> dict[str, str]:
+    """``--series MOD=UID`` values as a mapping."""
+    overrides: dict[str, str] = {}
+    for value in values or []:
+        modality, sep, uid = value.partition("=")
+        if not sep or not modality.strip() or not uid.strip():
+            raise CommandError(f"--series takes MOD=UID (e.g. t1ce=1.2.840...), got {value!r}")
+        overrides[modality.strip().lower()] = uid.strip()
+    return overrides
+
+
 def _file_stem(path: Path) -> str:
     from model.nifti_io import nifti_stem
 
@@ -270,13 +324,26 @@ def _segment_one(
     args: argparse.Namespace,
     out_dir: Path,
     run_info: Mapping[str, Any],
+    algorithm: AlgorithmInfo | None = None,
 ) -> str:
     """Segments one case, writes its outputs and metrics; returns its one-line summary."""
     from model.atomic import atomic_write_text
     from model.case import CaseOutputs, process_case
+    from model.dicom_study import read_dicom_study
     from model.nifti_io import find_label_file, load_case
 
-    case = load_case(job.source, name=job.name)
+    study = None
+    if job.dicom:
+        if not isinstance(job.source, Path):
+            raise CommandError("a DICOM study is one folder or zip file")
+        study = read_dicom_study(
+            job.source, name=job.name, overrides=_series_overrides(args.series)
+        )
+        case = study.case
+        for warning in study.warnings:
+            print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
+    else:
+        case = load_case(job.source, name=job.name)
     reference = find_label_file(job.folder) if args.evaluate and job.folder else None
     outputs = CaseOutputs.in_folder(out_dir, case.name, args.probabilities, args.preview)
     progress = _TileProgress(case.name)
@@ -292,7 +359,18 @@ def _segment_one(
         )
     finally:
         progress.close()
+    if study is not None and args.dicom_seg:
+        report.outputs.update(_write_dicom(study, report, args, out_dir, algorithm))
     document = report.to_dict()
+    if study is not None:
+        document["dicom"] = {
+            "series": {
+                m: {"uid": s.uid, "number": s.number, "description": s.description}
+                for m, s in study.series.items()
+            },
+            "resampled": list(study.resampled),
+            "warnings": list(study.warnings),
+        }
     evaluation = document.pop("evaluation")
     document.update(run_info)
     document["timings_s"] = document.pop("timings_s")
@@ -300,6 +378,33 @@ def _segment_one(
         document["evaluation"] = evaluation  # null: the case has no label map
     atomic_write_text(out_dir / f"{case.name}_metrics.json", json.dumps(document, indent=2) + "\n")
     return _summary_line(report, args.evaluate)
+
+
+def _write_dicom(
+    study: DicomStudy,
+    report: CaseReport,
+    args: argparse.Namespace,
+    out_dir: Path,
+    algorithm: AlgorithmInfo | None,
+) -> dict[str, Path]:
+    """The SEG (and, with --preview, the Secondary Capture) of a DICOM case."""
+    from model.dicom_outputs import write_dicom_seg, write_preview_dicom
+    from model.nifti_io import MODALITIES, load_labels
+
+    case = study.case
+    labels = load_labels(report.outputs["segmentation"], like=case, et_label=args.label_convention)
+    name = case.name
+    written = {
+        "dicom_seg": write_dicom_seg(
+            labels, study.reference, out_dir / f"{name}_seg.dcm", algorithm=algorithm
+        )
+    }
+    if args.preview:
+        flair = case.images[MODALITIES.index("flair")]
+        written["dicom_preview"] = write_preview_dicom(
+            flair, labels, case.affine, study.reference[0], out_dir / f"{name}_preview.dcm"
+        )
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,11 +433,19 @@ def run(args: argparse.Namespace) -> int:
         "postprocess": args.postprocess,
         "checkpoints": describe_checkpoints(loaded, metadata=False)["checkpoints"],
     }
+    algorithm = None
+    if args.dicom_seg:
+        from model.dicom_outputs import AlgorithmInfo, software_version
+
+        model = describe_checkpoints(loaded, metadata=False)
+        algorithm = AlgorithmInfo(
+            version=software_version(), model_name=model["name"], model_sha256=model["sha256"]
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for job in jobs:
         try:
-            line = _segment_one(job, predictor, options, args, out_dir, run_info)
+            line = _segment_one(job, predictor, options, args, out_dir, run_info, algorithm)
         except Exception as exc:
             if len(jobs) == 1 or args.debug:
                 raise
