@@ -10,7 +10,8 @@
 Every case goes through :func:`model.case.process_case` (what ``omnet segment`` and
 the workers run), once per model and setting. A setting names the tiling (``paper`` or
 ``fast``) followed by levers joined with ``+``: ``pp`` (the paper's post-processing),
-``guard`` (post-processing with the guarded edema relabelling), ``tta`` (flip
+``guard`` (post-processing with the guarded edema relabelling), ``rm`` (small-component
+removal only, no edema relabelling), ``tta`` (flip
 averaging). Prints Dice and HD95 (WT, TC, ET) per institution group (from the case
 name), the mean over cases, the mean over groups (each institution weighs the same) and
 the CPU seconds per case relative to the first model and setting, measured in this run.
@@ -76,12 +77,14 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        unknown = set(levers) - {"pp", "guard", "tta"}
+        unknown = set(levers) - {"pp", "guard", "rm", "tta"}
         if tiling not in TILINGS or unknown:
-            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard][+tta]")
-        post = "pp" in levers or "guard" in levers
+            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard|+rm][+tta]")
+        relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
-            remove_small=post, relabel_edema=post, relabel_guard="guard" in levers
+            remove_small=relabel or "rm" in levers,
+            relabel_edema=relabel,
+            relabel_guard="guard" in levers,
         )
         return cls(text, tiling, options, "tta" in levers)
 

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
+#: Post-processing modes: the paper's two steps; the relabelling guarded to tumours that
+#: hold core; small-component removal alone; nothing.
+POSTPROCESS_MODES = ("paper", "guarded", "components", "none")
+
+
 @dataclass(frozen=True)
 class SegmentationOptions:
     """What to compute beyond the label map.
@@ -49,6 +54,23 @@ class SegmentationOptions:
     relabel_guard: bool = False
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
+
+    @classmethod
+    def for_postprocess(cls, mode: str, probabilities: bool = False) -> SegmentationOptions:
+        """The options of a post-processing mode of :data:`POSTPROCESS_MODES`.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
+        if mode not in POSTPROCESS_MODES:
+            raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}; got {mode!r}")
+        relabel = mode in ("paper", "guarded")
+        return cls(
+            remove_small=mode != "none",
+            relabel_edema=relabel,
+            relabel_guard=mode == "guarded",
+            probabilities=probabilities,
+        )
 
 
 @dataclass

@@ -159,12 +159,8 @@ def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}
     source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     opts = job.options
-    options = SegmentationOptions(
-        remove_small=opts["postprocess"],
-        relabel_edema=opts["postprocess"],
-        relabel_guard=settings.postprocess == "guarded",
-        probabilities=opts["probabilities"],
-    )
+    mode = settings.postprocess if opts["postprocess"] else "none"
+    options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
     outputs = CaseOutputs(
         storage.output(job.id, "segmentation"),
         storage.output(job.id, "probabilities") if opts["probabilities"] else None,

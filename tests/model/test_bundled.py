@@ -21,10 +21,14 @@ def test_bundled_checkpoint_states_what_it_is():
     assert ckpt.config.variant == "omnet_cga"
     info = ckpt.metadata["bundled"]
     assert "BraTS 2018" in info["trained_on"]
-    validation = info["held_out_validation"]
-    assert sorted(validation["cases"]) == sorted(read_split(SPLITS_DIR / "brats2018_val.txt"))
+    validation = sorted(info["validation_cases"])
+    assert validation == sorted(read_split(SPLITS_DIR / "multisite_val.txt"))
+    assert not set(validation) & set(read_split(SPLITS_DIR / "multisite_train.txt"))
+    groups = info["validation_dice_by_group"]
+    assert {"CBICA", "2013", "TCIA01", "TCIA02", "TCIA10"} == set(groups)
     for region in ("WT", "TC", "ET"):
-        assert 0.0 <= validation["mean"]["paper+pp"][region]["dice"] <= 1.0
+        assert 0.0 <= info["validation_dice_default"]["mean_of_9_cases"][region] <= 1.0
+        assert all(0.0 <= g[region] <= 1.0 for g in groups.values())
     assert ckpt.metadata["training"]["steps"] > 0
 
 

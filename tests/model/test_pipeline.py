@@ -303,3 +303,25 @@ def test_real_case_end_to_end(brats_case_dir, tmp_path, model):
     data = np.asanyarray(img.dataobj)
     np.testing.assert_array_equal(data, seg.labels)
     _check_label_map(data, case.images)
+
+
+def test_postprocess_modes_map_to_options():
+    from model.pipeline import POSTPROCESS_MODES, SegmentationOptions
+
+    expected = {
+        "paper": (True, True, False),
+        "guarded": (True, True, True),
+        "components": (True, False, False),
+        "none": (False, False, False),
+    }
+    assert set(expected) == set(POSTPROCESS_MODES)
+    for mode, (small, relabel, guard) in expected.items():
+        options = SegmentationOptions.for_postprocess(mode, probabilities=True)
+        assert (options.remove_small, options.relabel_edema, options.relabel_guard) == (
+            small,
+            relabel,
+            guard,
+        ), mode
+        assert options.probabilities
+    with pytest.raises(ValueError, match="postprocess"):
+        SegmentationOptions.for_postprocess("kmeans")
