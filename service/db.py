@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -195,12 +195,7 @@ class Delivery:
 def _insert_delivery(conn: Connection, event: NewDelivery, now: datetime) -> None:
     conn.execute(
         deliveries.insert().values(
-            id=event.id,
-            job_id=event.job_id,
-            owner=event.owner,
-            event=event.event,
-            url=event.url,
-            body=event.body,
+            **asdict(event),
             status=DeliveryStatus.PENDING,
             attempts=0,
             next_attempt_at=now,
