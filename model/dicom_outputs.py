@@ -41,6 +41,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -50,7 +51,11 @@ from pydicom.uid import generate_uid
 
 from model.atomic import atomic_write
 from model.labels import EDEMA, ENHANCING, NCR_NET, LabelError, to_brats2018
+from model.nifti_io import MODALITIES
 from model.preview import LABEL_COLOURS, render_preview
+
+if TYPE_CHECKING:
+    from model.dicom_study import DicomStudy
 
 logger = logging.getLogger(__name__)
 
@@ -327,3 +332,36 @@ def write_preview_dicom(
     sc.SeriesDescription = PREVIEW_SERIES_DESCRIPTION
     sc.BurnedInAnnotation = "NO"  # captions and legend only, no patient identifiers
     return atomic_write(Path(path), lambda tmp: sc.save_as(tmp))
+
+
+def write_study_outputs(
+    study: DicomStudy,
+    labels: np.ndarray,
+    seg_path: PathLike,
+    preview_path: PathLike | None = None,
+    *,
+    algorithm: AlgorithmInfo | None = None,
+) -> dict[str, Path]:
+    """The DICOM results of a case read from DICOM: the SEG of its T1ce series and,
+    with ``preview_path``, the overlay preview on the FLAIR as a Secondary Capture.
+
+    Args:
+        study: the study the case was read from (:func:`model.dicom_study.read_dicom_study`).
+        labels: the label map on the case's (the T1ce's) grid, any ET convention.
+        seg_path: the SEG file to write.
+        preview_path: the Secondary Capture file to write, or None.
+        algorithm: the algorithm's identification.
+
+    Returns:
+        ``dicom_seg`` (and ``dicom_preview``) -> the file written.
+    """
+    case = study.case
+    written = {
+        "dicom_seg": write_dicom_seg(labels, study.reference, seg_path, algorithm=algorithm)
+    }
+    if preview_path is not None:
+        flair = case.images[MODALITIES.index("flair")]
+        written["dicom_preview"] = write_preview_dicom(
+            flair, labels, case.affine, study.reference[0], preview_path
+        )
+    return written

@@ -67,7 +67,7 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,6 +496,31 @@ def _find_override(
     )
 
 
+def parse_series_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``MOD=UID`` items (``t1ce=1.2.840...``, or a SeriesNumber) as overrides of
+    :func:`map_series`.
+
+    Raises:
+        ValueError: an item that is not ``MOD=UID``, an unknown modality, or one given
+            twice.
+    """
+    overrides: dict[str, str] = {}
+    for item in items:
+        modality, sep, uid = item.partition("=")
+        modality, uid = modality.strip().lower(), uid.strip()
+        if not sep or not modality or not uid:
+            raise ValueError(f"a series override is MOD=UID (e.g. t1ce=1.2.840...), got {item!r}")
+        if modality not in MODALITIES:
+            raise ValueError(
+                f"unknown modality {modality!r} in series override {item!r}; use "
+                f"{', '.join(MODALITIES)}"
+            )
+        if modality in overrides:
+            raise ValueError(f"the series of {modality} is given twice")
+        overrides[modality] = uid
+    return overrides
+
+
 def map_series(
     all_series: Sequence[SeriesInfo],
     *,
@@ -829,6 +854,18 @@ class DicomStudy:
     resampled: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready account: the series used per modality, those resampled, the
+        warnings."""
+        return {
+            "series": {
+                m: {"uid": s.uid, "number": s.number, "description": s.description}
+                for m, s in self.series.items()
+            },
+            "resampled": list(self.resampled),
+            "warnings": list(self.warnings),
+        }
+
 
 def _header(affine: np.ndarray, shape: tuple[int, int, int]) -> nib.Nifti1Header:
     header = nib.Nifti1Header()
@@ -854,6 +891,83 @@ def _check_shared(series: Mapping[str, SeriesInfo], keyword: str, code: str, pla
         raise InputError(
             code, f"the four series of DICOM study {place} {what} ({keyword} {listing})", place
         )
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """What the header-only checks of a study found (:func:`check_dicom_study`).
+
+    Attributes:
+        root: the study folder or zip file.
+        series: modality -> the series chosen.
+        stacks: modality -> its checked slices and grid.
+        others: the study's series that were not chosen.
+    """
+
+    root: Path
+    series: dict[str, SeriesInfo]
+    stacks: dict[str, SliceStack]
+    others: tuple[SeriesInfo, ...] = ()
+
+
+def check_dicom_study(
+    path: PathLike,
+    *,
+    rules: Sequence[SeriesRule] = DEFAULT_RULES,
+    overrides: Mapping[str, str] | None = None,
+    use_sequence: bool = True,
+    max_bytes: int = MAX_STUDY_BYTES,
+) -> StudyLayout:
+    """Steps 1 to 3 of the module docstring, on headers only: finds the series, maps
+    them to modalities and checks their geometry. Cheap enough to run before a job is
+    queued; :func:`read_dicom_study` runs it first.
+
+    Raises:
+        InputError: the study cannot be used safely; ``code`` says why.
+    """
+    root = Path(path)
+    all_series = scan_study(root, max_bytes=max_bytes)
+    chosen = map_series(
+        all_series, rules=rules, overrides=overrides, use_sequence=use_sequence, where=root
+    )
+    _check_shared(chosen, "PatientID", "patient_mismatch", root)
+    _check_shared(chosen, "FrameOfReferenceUID", "frame_of_reference_mismatch", root)
+    stacks = {m: slice_stack(s, m, root) for m, s in chosen.items()}
+    used = {s.uid for s in chosen.values()}
+    others = tuple(s for s in all_series if s.uid not in used)
+    return StudyLayout(root, chosen, stacks, others)
+
+
+def _volumes_on_grid(layout: StudyLayout, affine_atol: float) -> tuple[np.ndarray, list[str]]:
+    """The four modalities decoded and brought onto the T1ce grid (step 4 and 5): the
+    ``(4, X, Y, Z)`` images and the modalities that were resampled."""
+    root, stacks = layout.root, layout.stacks
+    grid = stacks[GRID_MODALITY]
+    images = np.empty((len(MODALITIES), *grid.shape), dtype=np.float32)
+    resampled = []
+    for c, modality in enumerate(MODALITIES):
+        stack = stacks[modality]
+        what = f"{modality} {layout.series[modality].label()}"
+        volume = _read_volume(stack, what, root)
+        if not np.all(np.isfinite(volume)):
+            raise InputError("non_finite", f"{what} holds non-finite values", root)
+        if not np.any(volume):
+            raise InputError(
+                "empty_volume",
+                f"{what} is zero everywhere; it is probably the wrong series. Name the "
+                f"right one, {modality}=<SeriesInstanceUID>",
+                root,
+            )
+        same = (
+            stack.shape == grid.shape and np.max(np.abs(stack.affine - grid.affine)) <= affine_atol
+        )
+        if same:
+            images[c] = volume
+            continue
+        images[c] = resample_to_grid(volume, stack.affine, grid.shape, grid.affine, order=1)
+        resampled.append(modality)
+        logger.info("%s resampled onto the T1ce grid", what)
+    return images, resampled
 
 
 def read_dicom_study(
@@ -885,44 +999,14 @@ def read_dicom_study(
     Raises:
         InputError: the study cannot be used safely; ``code`` says why.
     """
-    root = Path(path)
-    all_series = scan_study(root, max_bytes=max_bytes)
-    chosen = map_series(
-        all_series, rules=rules, overrides=overrides, use_sequence=use_sequence, where=root
+    layout = check_dicom_study(
+        path, rules=rules, overrides=overrides, use_sequence=use_sequence, max_bytes=max_bytes
     )
-    _check_shared(chosen, "PatientID", "patient_mismatch", root)
-    _check_shared(chosen, "FrameOfReferenceUID", "frame_of_reference_mismatch", root)
-    stacks = {m: slice_stack(s, m, root) for m, s in chosen.items()}
-
-    grid = stacks[GRID_MODALITY]
-    images = np.empty((len(MODALITIES), *grid.shape), dtype=np.float32)  # (4, X, Y, Z)
-    resampled = []
-    for c, modality in enumerate(MODALITIES):
-        stack = stacks[modality]
-        what = f"{modality} {chosen[modality].label()}"
-        volume = _read_volume(stack, what, root)
-        if not np.all(np.isfinite(volume)):
-            raise InputError("non_finite", f"{what} holds non-finite values", root)
-        if not np.any(volume):
-            raise InputError(
-                "empty_volume",
-                f"{what} is zero everywhere; it is probably the wrong series. Name the "
-                f"right one, {modality}=<SeriesInstanceUID>",
-                root,
-            )
-        same = (
-            stack.shape == grid.shape and np.max(np.abs(stack.affine - grid.affine)) <= affine_atol
-        )
-        if same:
-            images[c] = volume
-            continue
-        images[c] = resample_to_grid(volume, stack.affine, grid.shape, grid.affine, order=1)
-        resampled.append(modality)
-        logger.info("%s resampled onto the T1ce grid", what)
-
+    root = layout.root
+    grid = layout.stacks[GRID_MODALITY]
+    images, resampled = _volumes_on_grid(layout, affine_atol)
     warnings = []
-    t1ce = images[MODALITIES.index(GRID_MODALITY)]
-    warning = skull_stripping_warning(t1ce, grid.affine)
+    warning = skull_stripping_warning(images[MODALITIES.index(GRID_MODALITY)], grid.affine)
     if warning:
         warnings.append(warning)
         logger.warning("%s: %s", root, warning)
@@ -938,12 +1022,11 @@ def read_dicom_study(
         name=case_name,
         sources={m: root for m in MODALITIES},
     )
-    used = {s.uid for s in chosen.values()}
     return DicomStudy(
         case=case,
-        series=chosen,
+        series=layout.series,
         reference=tuple(inst.header for inst in grid.instances),
-        others=tuple(s for s in all_series if s.uid not in used),
+        others=layout.others,
         resampled=tuple(resampled),
         warnings=tuple(warnings),
     )

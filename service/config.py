@@ -8,10 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -108,6 +111,31 @@ class Settings(BaseSettings):
         4, ge=1, description="webhook requests each worker process sends at a time"
     )
 
+    dicomweb_source: SecretStr = Field(
+        SecretStr(""),
+        description="DICOMweb server (QIDO-RS and WADO-RS root, e.g. "
+        "http://orthanc:8042/dicom-web) that jobs submitted by study_uid are retrieved from; "
+        "credentials as http://user:password@host/...; empty: study_uid is refused",
+    )
+    dicomweb_destinations: SecretStr = Field(
+        SecretStr(""),
+        description="DICOMweb servers (STOW-RS roots) results of DICOM jobs are stored to: "
+        "comma-separated 'name=url' (credentials in the URL as for the source); a job names "
+        "its destinations, or gets all of them",
+    )
+    dicomweb_timeout_s: float = Field(
+        120.0, gt=0, description="one DICOMweb request (search, retrieval of a series, store)"
+    )
+    dicomweb_max_attempts: int = Field(
+        10, ge=1, description="attempts to store a job's results to a destination"
+    )
+    dicomweb_backoff_s: float = Field(
+        30.0, gt=0, description="wait before the second store attempt; doubled for each further"
+    )
+    max_study_mb: float = Field(
+        4096.0, gt=0, description="largest DICOM study (uncompressed), uploaded or retrieved"
+    )
+
     @field_validator("tiling")
     @classmethod
     def _known_tiling(cls, value: str) -> str:
@@ -122,6 +150,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"postprocess must be 'paper', 'guarded' or 'components'; got {value!r}"
             )
+        return value
+
+    @field_validator("dicomweb_source", "dicomweb_destinations")
+    @classmethod
+    def _valid_dicomweb(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        text = value.get_secret_value()
+        if info.field_name == "dicomweb_source":
+            if text.strip():
+                parse_endpoint("source", text)
+        else:
+            parse_destinations(text)
         return value
 
     @field_validator("webhook_secrets")
@@ -163,6 +202,15 @@ class Settings(BaseSettings):
         of ``*``); empty when none is configured."""
         secrets = parse_webhook_secrets(self.webhook_secrets.get_secret_value())
         return secrets.get(owner) or secrets.get("*", [])
+
+    def dicomweb_source_endpoint(self) -> DicomWebEndpoint | None:
+        """The DICOMweb source, or None when studies cannot be retrieved."""
+        text = self.dicomweb_source.get_secret_value().strip()
+        return parse_endpoint("source", text) if text else None
+
+    def dicomweb_destination_endpoints(self) -> dict[str, DicomWebEndpoint]:
+        """Destination name -> endpoint, in the order configured."""
+        return parse_destinations(self.dicomweb_destinations.get_secret_value())
 
     def webhook_hosts(self) -> tuple[str, ...]:
         """The host allowlist of callback URLs, lower case; empty: any host."""
@@ -226,6 +274,67 @@ def parse_webhook_secrets(value: str) -> dict[str, list[str]]:
         except ValueError as exc:
             raise ValueError(f"webhook secret of owner {owner!r}: {exc}") from None
         out.setdefault(owner, []).append(secret)
+    return out
+
+
+@dataclass(frozen=True)
+class DicomWebEndpoint:
+    """A DICOMweb server: its root URL (without credentials) and its HTTP basic
+    credentials, if any."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+
+    def __repr__(self) -> str:  # never the password
+        return f"DicomWebEndpoint({self.name!r}, {self.url!r})"
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def parse_endpoint(name: str, text: str) -> DicomWebEndpoint:
+    """The endpoint of a DICOMweb root URL, ``http(s)://[user:password@]host[:port]/path``.
+
+    Raises:
+        ValueError: not an http(s) URL with a host (the message names ``name``, never
+            the URL, which may hold a password).
+    """
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"DICOMweb endpoint {name!r} must be an http(s) URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"DICOMweb endpoint {name!r} must have no query or fragment")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return DicomWebEndpoint(name, url, username, password)
+
+
+def parse_destinations(value: str) -> dict[str, DicomWebEndpoint]:
+    """Name -> endpoint from ``name=url`` items separated by commas.
+
+    Raises:
+        ValueError: an item without a name or with a bad URL, or a name given twice.
+    """
+    out: dict[str, DicomWebEndpoint] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, url = item.partition("=")
+        name = name.strip()
+        if not _NAME.fullmatch(name) or not url.strip():
+            raise ValueError(
+                "dicomweb_destinations items are 'name=url', names of letters, digits, "
+                "'_', '.' and '-'"
+            )
+        if name in out:
+            raise ValueError(f"DICOMweb destination {name!r} is named twice")
+        out[name] = parse_endpoint(name, url)
     return out
 
 

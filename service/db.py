@@ -1,5 +1,5 @@
-"""Job records, worker registrations and webhook deliveries, shared by every API process
-and worker.
+"""Job records, worker registrations and deliveries (webhook events, DICOMweb stores),
+shared by every API process and worker.
 
 SQLAlchemy Core over SQLite by default (a file in the shared storage folder, WAL mode)
 or any other database URL (PostgreSQL in a larger deployment). Every state change is
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -86,8 +86,11 @@ workers = sa.Table(
     sa.Column("seen_at", sa.DateTime, nullable=False),
 )
 
-#: Webhook events waiting to be sent, or sent (an outbox): one row per event of a job,
-#: written in the same transaction as the state change that caused it.
+#: Deliveries waiting to be made, or made (an outbox): one row per webhook event of a job
+#: or per DICOMweb destination its results go to, written in the same transaction as the
+#: state change that caused it. ``event`` tells them apart (``job.*``: a webhook event to
+#: ``url``; ``dicomweb.store:<name>``: the files listed in ``body`` to destination
+#: ``<name>``, whose URL stays in the settings).
 deliveries = sa.Table(
     "webhook_deliveries",
     metadata,
@@ -190,6 +193,19 @@ class Delivery:
         data = dict(row._mapping)
         data["status"] = DeliveryStatus(data["status"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one delivery attempt (a webhook POST, a DICOMweb store) came to."""
+
+    delivered: bool
+    status_code: int | None = None
+    error: str | None = None
+    #: False when another attempt cannot help (a refused target, no secret).
+    retry: bool = True
+    #: The receiver's Retry-After, in seconds.
+    retry_after_s: float | None = None
 
 
 def _insert_delivery(conn: Connection, event: NewDelivery, now: datetime) -> None:
@@ -382,9 +398,11 @@ class JobStore:
         model_name: str | None = None,
         model_sha256: str | None = None,
         event: NewDelivery | None = None,
+        deliveries: Sequence[NewDelivery] = (),
     ) -> bool:
         """Moves a job this worker runs to a final state; False if it is no longer its job.
-        ``event``, a webhook event, is recorded with the change (and only with it)."""
+        ``event``, a webhook event, and ``deliveries`` (results to store elsewhere) are
+        recorded with the change (and only with it)."""
         now = utcnow()
         with self._tx() as conn:
             res = conn.execute(
@@ -405,8 +423,9 @@ class JobStore:
                     model_sha256=model_sha256,
                 )
             )
-            if res.rowcount == 1 and event is not None:
-                _insert_delivery(conn, event, now)
+            if res.rowcount == 1:
+                for new in (*deliveries, *([event] if event is not None else [])):
+                    _insert_delivery(conn, new, now)
         return res.rowcount == 1
 
     def cancel(
@@ -468,6 +487,28 @@ class JobStore:
         )
         with self.engine.connect() as conn:
             return [Delivery.from_row(r) for r in conn.execute(query).all()]
+
+    def retry_deliveries(self, job_id: str, event_prefix: str) -> int:
+        """Makes the failed deliveries of ``job_id`` whose event starts with
+        ``event_prefix`` pending again, due now, with a fresh count of attempts; returns
+        how many."""
+        now = utcnow()
+        with self._tx() as conn:
+            res = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.job_id == job_id,
+                    deliveries.c.status == DeliveryStatus.FAILED,
+                    deliveries.c.event.startswith(event_prefix, autoescape=True),
+                )
+                .values(
+                    status=DeliveryStatus.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    finished_at=None,
+                )
+            )
+        return int(res.rowcount)
 
     def claim_deliveries(self, limit: int, lease_s: float) -> list[Delivery]:
         """Claims up to ``limit`` pending deliveries that are due and that no live sender

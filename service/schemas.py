@@ -27,6 +27,26 @@ class JobOptions(BaseModel):
         description="an https URL that is sent a signed POST (Standard Webhooks) when the "
         "job succeeds, fails or is cancelled",
     )
+    study_uid: str | None = Field(
+        None,
+        max_length=64,
+        description="StudyInstanceUID of a study the worker retrieves from the configured "
+        "DICOMweb source (WADO-RS), instead of uploaded files",
+    )
+    series: str | None = Field(
+        None,
+        max_length=1000,
+        description="DICOM input: which series is which modality, overriding the rules, as "
+        "comma-separated modality=SeriesInstanceUID (or =SeriesNumber), e.g. "
+        "'t1ce=1.2.3,flair=7'",
+    )
+    destinations: str | None = Field(
+        None,
+        max_length=1000,
+        description="DICOM input: comma-separated names of the configured DICOMweb "
+        "destinations that the SEG (and preview) are stored to when the job succeeds; "
+        "default: all of them; empty: none",
+    )
 
 
 #: What each uploaded file of a submission holds (descriptions in the OpenAPI schema).
@@ -38,6 +58,9 @@ UPLOAD_DESCRIPTIONS = {
     "image": "one 4D volume holding t1, t1ce, t2 and flair in that order, instead of the "
     "four files",
     "reference": "optional reference label map: the segmentation is scored against it",
+    "study": "a DICOM study as one .zip file holding its MR series, instead of NIfTI volumes",
+    "dicom": "DICOM files (.dcm) of the study's MR series, one per part (repeat the field), "
+    "instead of NIfTI volumes",
 }
 
 
@@ -58,15 +81,19 @@ def submission_form(file_fields: Sequence[str]) -> dict[str, Any]:
     form of the ``file_fields`` (binary uploads) and one text field per
     :class:`JobOptions` field, so that ``/docs`` can submit a case.
     """
-    files = {
+    files: dict[str, Any] = {
         name: {
             "type": "string",
             "format": "binary",
             "contentMediaType": "application/octet-stream",
-            "description": f"{UPLOAD_DESCRIPTIONS.get(name, name)}; .nii, .nii.gz or .nii.bz2",
+            "description": UPLOAD_DESCRIPTIONS.get(name, name)
+            + ("" if name in ("study", "dicom") else "; .nii, .nii.gz or .nii.bz2"),
         }
         for name in file_fields
     }
+    if "dicom" in files:  # a repeated field
+        item = files["dicom"]
+        files["dicom"] = {"type": "array", "items": item, "description": item["description"]}
     options = {
         name: _form_field(schema)
         for name, schema in JobOptions.model_json_schema()["properties"].items()
@@ -109,6 +136,8 @@ class JobLinks(BaseModel):
     probabilities: str | None = None
     metrics: str | None = None
     preview: str | None = None
+    dicom_seg: str | None = None
+    dicom_preview: str | None = None
 
 
 class JobCreated(BaseModel):
@@ -120,11 +149,15 @@ class JobCreated(BaseModel):
 
 
 class WebhookDelivery(BaseModel):
-    """A completion event of the job and how its delivery to ``callback_url`` went."""
+    """A delivery of the job and how it went: a completion event to ``callback_url``, or
+    its DICOM results to a DICOMweb destination."""
 
-    id: str = Field(description="the webhook-id header: the same on every attempt")
-    event: str = Field(description="job.succeeded, job.failed or job.cancelled")
-    url: str
+    id: str = Field(description="webhooks: the webhook-id header, the same on every attempt")
+    event: str = Field(
+        description="job.succeeded, job.failed or job.cancelled (webhooks); "
+        "dicomweb.store:<destination> (STOW-RS of the SEG and preview)"
+    )
+    url: str = Field(description="the callback URL, or the destination's DICOMweb root")
     status: DeliveryStatus = Field(description="pending, delivered or failed")
     attempts: int
     last_status_code: int | None = Field(None, description="HTTP status of the last answer")
@@ -150,9 +183,19 @@ class JobStatus(BaseModel):
     model: ModelRef | None = None
     error: ErrorDetail | None = None
     links: JobLinks
-    metrics: dict[str, Any] | None = Field(None, description="region volumes (and scores)")
+    metrics: dict[str, Any] | None = Field(
+        None,
+        description="region volumes in mL (and scores against a reference); for DICOM input "
+        "also the series used per modality and those resampled",
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the user should know about the input (e.g. it does not look "
+        "skull-stripped)",
+    )
     deliveries: list[WebhookDelivery] = Field(
-        default_factory=list, description="completion events sent to callback_url"
+        default_factory=list,
+        description="completion events sent to callback_url and DICOMweb stores of the results",
     )
 
 

@@ -16,6 +16,8 @@ OUTPUT_FILES = {
     "probabilities": "probabilities.nii.gz",
     "metrics": "metrics.json",
     "preview": "preview.png",
+    "dicom_seg": "segmentation.dcm",
+    "dicom_preview": "preview.dcm",
 }
 
 

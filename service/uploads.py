@@ -21,8 +21,10 @@ import json
 import shutil
 import uuid
 import zlib
+from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +38,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.nifti_io import MODALITIES, InputError, load_case, load_labels
+from service.config import DicomWebEndpoint, Settings
+from service.dicom_uploads import (
+    check_study_on_source,
+    check_uid,
+    parse_destinations,
+    parse_series,
+    series_overrides,
+    store_dicom,
+)
 from service.errors import ApiError, error_body
 from service.schemas import JobOptions
 from service.storage import Storage
@@ -67,8 +78,13 @@ COMPRESSIONS = (
 )
 #: File endings accepted for uploaded volumes.
 NIFTI_ENDINGS = (".nii", *(c.ending for c in COMPRESSIONS))
-#: Form fields that carry files: the four modalities, or one 4D image, and a reference.
-FILE_FIELDS = (*MODALITIES, "image", "reference")
+#: Form fields that carry files: the four modalities, or one 4D image, and a reference;
+#: or a DICOM study as one zip ('study') or as its files ('dicom', repeated).
+FILE_FIELDS = (*MODALITIES, "image", "reference", "study", "dicom")
+#: The file fields of NIfTI input.
+NIFTI_FIELDS = (*MODALITIES, "image", "reference")
+#: Most 'dicom' parts in one submission (a larger study is sent as one 'study' zip).
+MAX_DICOM_PARTS = 5000
 #: Form fields that carry job options.
 OPTION_FIELDS = tuple(JobOptions.model_fields)
 
@@ -391,7 +407,7 @@ async def read_form(request: Request) -> FormData:
             parser = SubmissionParser(
                 request.headers,
                 stream,
-                max_files=len(FILE_FIELDS),
+                max_files=len(FILE_FIELDS) + MAX_DICOM_PARTS,
                 max_fields=len(OPTION_FIELDS) + 2,
             )
             form = await parser.parse()
@@ -417,11 +433,19 @@ async def read_form(request: Request) -> FormData:
     return form
 
 
-def split_fields(form: FormData) -> tuple[dict[str, UploadFile], dict[str, str]]:
-    """The form's files and option values by field name; unknown, repeated or misplaced
-    fields are refused."""
-    files: dict[str, UploadFile] = {}
-    values: dict[str, str] = {}
+@dataclass
+class Fields:
+    """A submission form sorted: files by field name, the ``dicom`` parts, options."""
+
+    files: dict[str, UploadFile]
+    dicom: list[UploadFile]
+    values: dict[str, str]
+
+
+def split_fields(form: FormData) -> Fields:
+    """The form's files and option values by field name; unknown, repeated (but for
+    ``dicom``) or misplaced fields are refused."""
+    fields = Fields({}, [], {})
     for name, value in form.multi_items():
         if name not in FILE_FIELDS and name not in OPTION_FIELDS:
             raise ApiError(
@@ -430,22 +454,30 @@ def split_fields(form: FormData) -> tuple[dict[str, UploadFile], dict[str, str]]
                 f"unknown field {name!r}; files: {', '.join(FILE_FIELDS)}; "
                 f"options: {', '.join(OPTION_FIELDS)}",
             )
-        if name in files or name in values:
+        if name == "dicom" and isinstance(value, UploadFile):
+            fields.dicom.append(value)
+            continue
+        if name in fields.files or name in fields.values:
             raise ApiError(400, "duplicate_field", f"field {name!r} was sent twice")
         if isinstance(value, UploadFile):
             if name not in FILE_FIELDS:
                 raise ApiError(400, "bad_option", f"option {name!r} must be a value, not a file")
-            files[name] = value
+            fields.files[name] = value
         else:
             if name not in OPTION_FIELDS:
                 raise ApiError(400, "missing_file", f"field {name!r} must be a file upload")
-            values[name] = value
-    return files, values
+            fields.values[name] = value
+    return fields
 
 
-def parse_options(values: dict[str, str], callbacks: CallbackRules | None = None) -> JobOptions:
+def parse_options(
+    values: dict[str, str],
+    callbacks: CallbackRules | None = None,
+    destinations: Mapping[str, DicomWebEndpoint] | None = None,
+) -> JobOptions:
     """The job options from their form values (defaults for those not sent); a
-    ``callback_url`` must pass ``callbacks`` (none: webhooks are not offered)."""
+    ``callback_url`` must pass ``callbacks`` (none: webhooks are not offered), named
+    ``destinations`` must be among those configured."""
     parsed: dict[str, Any] = {}
     for name, value in values.items():
         if name == "callback_url":
@@ -461,13 +493,47 @@ def parse_options(values: dict[str, str], callbacks: CallbackRules | None = None
                     400, "bad_option", f"option 'label_convention' must be 4 or 3; got {value!r}"
                 )
             parsed[name] = int(value)
+        elif name == "study_uid":
+            parsed[name] = check_uid(name, value)
+        elif name == "series":
+            parsed[name] = parse_series(value)
+        elif name == "destinations":
+            parsed[name] = parse_destinations(value, destinations or {})
         else:
             parsed[name] = parse_bool(name, value)
     return JobOptions(**parsed)
 
 
-def check_inputs(files: dict[str, UploadFile]) -> None:
-    """The files must be one 4D 'image' or the four modalities (a reference is optional)."""
+class InputKind(StrEnum):
+    """How a submission sends its case."""
+
+    NIFTI = "nifti"
+    DICOM = "dicom"  # an uploaded study
+    STUDY_UID = "study_uid"  # a study the worker retrieves
+
+
+def check_inputs(fields: Fields, options: JobOptions) -> InputKind:
+    """The files must be one 4D 'image' or the four modalities (a reference is
+    optional), or one DICOM study (a 'study' zip, 'dicom' parts, or a 'study_uid')."""
+    files = fields.files
+    nifti = [n for n in NIFTI_FIELDS if n in files]
+    dicom = [n for n in ("study",) if n in files] + (["dicom"] if fields.dicom else [])
+    dicom += ["study_uid"] if options.study_uid else []
+    if dicom:
+        if nifti or len(dicom) > 1:
+            raise ApiError(
+                400,
+                "conflicting_inputs",
+                "send one case: NIfTI volumes, or a DICOM study as one 'study' zip, as "
+                f"'dicom' files or as a 'study_uid'; got {', '.join(nifti + dicom)}",
+            )
+        return InputKind.STUDY_UID if options.study_uid else InputKind.DICOM
+    if options.series or options.destinations:
+        raise ApiError(
+            400,
+            "conflicting_inputs",
+            "options 'series' and 'destinations' apply to DICOM input only",
+        )
     if "image" in files:
         extra = [m for m in MODALITIES if m in files]
         if extra:
@@ -476,15 +542,17 @@ def check_inputs(files: dict[str, UploadFile]) -> None:
                 "conflicting_inputs",
                 f"send either one 4D 'image' or the four modalities, not both (also got {extra})",
             )
-        return
+        return InputKind.NIFTI
     missing = [m for m in MODALITIES if m not in files]
     if missing:
         raise ApiError(
             400,
             "missing_modality",
             f"missing {', '.join(missing)}: send the four modalities as files t1, t1ce, t2 and "
-            "flair (or one 4D file as 'image', modalities in that order)",
+            "flair (or one 4D file as 'image', modalities in that order), or a DICOM study "
+            "('study' zip, 'dicom' files or 'study_uid')",
         )
+    return InputKind.NIFTI
 
 
 def store_case(files: dict[str, UploadFile], staging: Path, max_volume: int) -> dict[str, Path]:
@@ -517,22 +585,42 @@ class Submission:
 
 
 async def receive_case(
-    request: Request, storage: Storage, max_volume: int, callbacks: CallbackRules | None = None
+    request: Request,
+    storage: Storage,
+    settings: Settings,
+    callbacks: CallbackRules | None = None,
 ) -> Submission:
     """Reads, checks and stores the case of a job submission.
 
     Raises :class:`~service.errors.ApiError` when anything is wrong; nothing is left in
-    storage then. ``max_volume`` is the ceiling of one decompressed volume, in bytes;
-    ``callbacks`` checks a ``callback_url``.
+    storage then. ``callbacks`` checks a ``callback_url``.
     """
     form = await read_form(request)
     try:
-        files, values = split_fields(form)
-        options = parse_options(values, callbacks)
-        check_inputs(files)
+        fields = split_fields(form)
+        destinations = settings.dicomweb_destination_endpoints()
+        options = parse_options(fields.values, callbacks, destinations)
+        kind = check_inputs(fields, options)
+        overrides = series_overrides(options.model_dump())
+        if kind == InputKind.STUDY_UID:
+            assert options.study_uid is not None
+            await run_in_threadpool(check_study_on_source, settings, options.study_uid, overrides)
+            job_id = str(uuid.uuid4())
+            return Submission(job_id, {}, options)
         staging = storage.staging_dir()
         try:
-            paths = await run_in_threadpool(store_case, files, staging, max_volume)
+            if kind == InputKind.DICOM:
+                paths = await run_in_threadpool(
+                    store_dicom,
+                    fields.files.get("study"),
+                    fields.dicom,
+                    staging,
+                    int(settings.max_study_mb * 2**20),
+                    overrides,
+                )
+            else:
+                max_volume = int(settings.max_volume_mb * 2**20)
+                paths = await run_in_threadpool(store_case, fields.files, staging, max_volume)
             job_id = str(uuid.uuid4())
             storage.adopt(staging, job_id)
         except BaseException:

@@ -9,13 +9,11 @@ An event goes through these steps:
   runner on success and failure, the API on cancellation), and the job store records it
   in the same transaction as the change (:meth:`service.db.JobStore.finish`,
   :meth:`~service.db.JobStore.cancel`), so an event is never lost nor made twice;
-- :func:`run_deliveries`, a thread of every worker process, claims the events that are
-  due (:meth:`~service.db.JobStore.claim_deliveries`: one sender per attempt), POSTs
-  each signed the Standard Webhooks way (:func:`sign`) to an address checked again as it
-  is sent (:meth:`TargetPolicy.resolve`), and records what came of it: delivered,
-  another attempt after an exponential back-off (:func:`retry_delay`), or failed.
-
-The worker starts that thread (worker/tasks.py); nothing here imports the worker.
+- :func:`service.deliveries.run_deliveries`, a thread of every worker process, claims
+  the events that are due (one sender per attempt) and makes each attempt with
+  :func:`send_attempt`: a POST signed the Standard Webhooks way (:func:`sign`) to an
+  address checked again as it is sent (:meth:`TargetPolicy.resolve`); it records what
+  came of it: delivered, another attempt after an exponential back-off, or failed.
 """
 
 from __future__ import annotations
@@ -27,24 +25,20 @@ import http.client
 import ipaddress
 import json
 import logging
-import random
 import re
 import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 from service.config import Settings, decode_webhook_secret
-from service.db import Delivery, DeliveryStatus, Job, JobState, JobStore, NewDelivery, utcnow
+from service.db import AttemptResult, Delivery, Job, JobState, NewDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +52,6 @@ EVENT_TYPES = {
 }
 #: Longest callback URL accepted.
 MAX_URL_LENGTH = 2048
-#: Up to this fraction of each back-off is taken off at random, so that the retries of
-#: many events to a receiver that was down do not all arrive at once.
-JITTER = 0.2
 USER_AGENT = "omnet-webhooks/0.1"
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NUMERIC_HOST = re.compile(r"[0-9a-fx.]+")
@@ -357,19 +348,6 @@ def completion_event(
 
 
 # ------------------------------------------------------------------ sending
-@dataclass(frozen=True)
-class AttemptResult:
-    """What one attempt came to."""
-
-    delivered: bool
-    status_code: int | None = None
-    error: str | None = None
-    #: False when another attempt cannot help (a refused target, no secret).
-    retry: bool = True
-    #: The receiver's Retry-After, in seconds.
-    retry_after_s: float | None = None
-
-
 class _PinnedConnection(http.client.HTTPConnection):
     """HTTP(S) to ``address``, the checked address of the URL's host: the name is not
     looked up again, while the Host header, the TLS server name and the certificate
@@ -487,91 +465,3 @@ def send_attempt(delivery: Delivery, settings: Settings) -> AttemptResult:
     if 200 <= status < 300:
         return AttemptResult(True, status)
     return AttemptResult(False, status, f"HTTP {status} {reason}".strip()[:500], True, retry_after)
-
-
-def retry_delay(
-    attempts: int,
-    backoff_s: float,
-    cap_s: float,
-    retry_after_s: float | None = None,
-    draw: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait after failed attempt number ``attempts`` (1, 2, ...):
-    ``backoff_s * 2**(attempts - 1)``, at most ``cap_s``, less up to :data:`JITTER` of
-    it at random; at least the receiver's Retry-After (itself capped by ``cap_s``)."""
-    delay = min(cap_s, backoff_s * 2.0 ** min(attempts - 1, 64))
-    delay *= 1.0 - JITTER * draw()
-    if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, cap_s))
-    return delay
-
-
-def deliver(delivery: Delivery, settings: Settings, store: JobStore) -> DeliveryStatus:
-    """Makes the attempt that ``delivery`` was claimed for and records its outcome."""
-    if delivery.attempts > settings.webhook_max_attempts:
-        # The sender of the last allowed attempt stopped before recording it.
-        result = AttemptResult(
-            False,
-            delivery.last_status_code,
-            f"gave up after {settings.webhook_max_attempts} attempts "
-            f"(the last: {delivery.last_error or 'interrupted'})",
-            retry=False,
-        )
-    else:
-        result = send_attempt(delivery, settings)
-    retry_at = None
-    if result.delivered:
-        status = DeliveryStatus.DELIVERED
-    elif result.retry and delivery.attempts < settings.webhook_max_attempts:
-        status = DeliveryStatus.PENDING
-        delay = retry_delay(
-            delivery.attempts,
-            settings.webhook_backoff_s,
-            settings.webhook_backoff_max_s,
-            result.retry_after_s,
-        )
-        retry_at = utcnow() + timedelta(seconds=delay)
-    else:
-        status = DeliveryStatus.FAILED
-    host = urlsplit(delivery.url).hostname  # the query of a URL may hold a token: not logged
-    log = logger.info if status != DeliveryStatus.FAILED else logger.warning
-    log(
-        "webhook %s (%s of job %s) to %s, attempt %d: %s%s",
-        delivery.id,
-        delivery.event,
-        delivery.job_id,
-        host,
-        delivery.attempts,
-        status,
-        f" ({result.error})" if result.error else "",
-    )
-    if not store.end_delivery(delivery, status, result.status_code, result.error, retry_at):
-        logger.warning("webhook %s: the claim expired before the outcome was recorded", delivery.id)
-    return status
-
-
-def run_deliveries(settings: Settings, store: JobStore, stop: threading.Event) -> None:
-    """Sends the webhook events that are due until ``stop`` is set: looks for them every
-    ``webhook_poll_s``, sends up to ``webhook_concurrency`` at a time (so one slow
-    receiver does not hold up the others). A claim lasts long enough for an attempt; if
-    this process dies during one, another sender takes the event up when it expires."""
-    lease_s = 2 * settings.webhook_timeout_s + 60.0
-    slots = settings.webhook_concurrency
-
-    def attempt(delivery: Delivery) -> None:
-        try:
-            deliver(delivery, settings, store)
-        except Exception:  # the claim expires and another attempt is made then
-            logger.exception("webhook %s: the attempt failed unexpectedly", delivery.id)
-
-    running: set[Future[Any]] = set()
-    with ThreadPoolExecutor(slots, thread_name_prefix="webhook") as pool:
-        while not stop.is_set():
-            running = {f for f in running if not f.done()}
-            if len(running) < slots:
-                try:
-                    for delivery in store.claim_deliveries(slots - len(running), lease_s):
-                        running.add(pool.submit(attempt, delivery))
-                except Exception:
-                    logger.warning("looking for webhook events to send failed", exc_info=True)
-            stop.wait(settings.webhook_poll_s)

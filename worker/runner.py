@@ -20,16 +20,21 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from model.atomic import atomic_write_text
-from model.case import CaseOutputs, process_case
+from model.case import CaseOutputs, CaseReport, process_case
 from model.checkpoint import Checkpoint, describe_checkpoints
-from model.nifti_io import MODALITIES, InputError
+from model.dicom_outputs import AlgorithmInfo, software_version, write_study_outputs
+from model.dicom_study import DicomStudy, read_dicom_study
+from model.nifti_io import MODALITIES, InputError, load_labels
 from model.pipeline import SegmentationOptions, load_predictor
 from model.tiling import TILINGS, Predictor
 from service.config import Settings
 from service.db import FINISHED, Job, JobState, JobStore
+from service.dicom_uploads import job_destinations, series_overrides
+from service.dicomweb import DicomWebError, retrieve_study, store_deliveries
 from service.storage import Storage
 from service.webhooks import completion_event
 
@@ -152,13 +157,64 @@ class _Heartbeat(threading.Thread):
         self._done.set()
 
 
-def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:
+def _dicom_study_path(
+    job: Job, settings: Settings, storage: Storage, hb: _Heartbeat
+) -> Path | None:
+    """Where the job's DICOM study is: its uploaded zip or folder, or the folder its
+    ``study_uid`` is retrieved into (WADO-RS) now; None for NIfTI input."""
+    for name in ("study", "dicom"):
+        if name in job.inputs:
+            return storage.path(job.inputs[name])
+    study_uid = job.options.get("study_uid")
+    if not study_uid:
+        return None
+    endpoint = settings.dicomweb_source_endpoint()
+    if endpoint is None:
+        raise DicomWebError(
+            "dicomweb_not_configured",
+            "the workers have no DICOMweb source (OMNET_DICOMWEB_SOURCE) to retrieve the "
+            "study from",
+        )
+    folder = storage.inputs_dir(job.id) / "retrieved"
+    shutil.rmtree(folder, ignore_errors=True)  # a job taken over starts its retrieval again
+    folder.mkdir(parents=True)
+    overrides = series_overrides(job.options)
+    # Four series named by UID: only those are retrieved; otherwise the study's MR series.
+    named = list(overrides.values()) if len(overrides) == len(MODALITIES) else []
+    uids = named if all("." in uid for uid in named) else []
+
+    def progress(done: int, total: int) -> None:
+        hb.progress.fraction = 0.05 * done / max(total, 1)
+        hb.check()
+
+    hb.progress.stage = "retrieving"
+    retrieve_study(
+        endpoint,
+        study_uid,
+        folder,
+        series_uids=uids,
+        max_bytes=int(settings.max_study_mb * 2**20),
+        timeout_s=settings.dicomweb_timeout_s,
+        progress=progress,
+    )
+    return folder
+
+
+def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:
     """Runs the job's case through :func:`model.case.process_case`; returns the files,
-    metrics and model of the job's result."""
+    metrics and model of the job's result (and, for DICOM input, its SEG)."""
     predictor, checkpoints = get_predictor(settings)
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}
-    source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     opts = job.options
+    study = None
+    study_path = _dicom_study_path(job, settings, storage, hb)
+    source: Any
+    if study_path is not None:
+        hb.progress.stage = "converting"
+        study = read_dicom_study(study_path, name=job.id, overrides=series_overrides(opts))
+        source = study.case
+    else:
+        source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     mode = settings.postprocess if opts["postprocess"] else "none"
     options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
     outputs = CaseOutputs(
@@ -184,6 +240,9 @@ def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         check=hb.check,
     )
     hb.progress.stage, hb.progress.fraction = "writing", 0.92
+    model = describe_checkpoints(checkpoints)
+    if study is not None:
+        report.outputs.update(_write_dicom(job, study, report, model, storage))
     files = {kind: storage.key(path) for kind, path in report.outputs.items()}
     metrics: dict[str, Any] = {
         "volumes_ml": report.volumes_ml,
@@ -192,13 +251,29 @@ def _segment(job: Any, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         "spacing_mm": list(report.spacing_mm),
         "timings_s": {k: round(v, 3) for k, v in report.timings_s.items()},
     }
+    if study is not None:
+        metrics["dicom"] = study.summary()
     if report.evaluation is not None:
         metrics["reference"] = {region: m.to_dict() for region, m in report.evaluation.items()}
     metrics_path = atomic_write_text(
         storage.output(job.id, "metrics"), json.dumps(metrics, indent=2)
     )
     files["metrics"] = storage.key(metrics_path)
-    return {"files": files, "metrics": metrics, "model": describe_checkpoints(checkpoints)}
+    return {"files": files, "metrics": metrics, "model": model}
+
+
+def _write_dicom(
+    job: Job, study: DicomStudy, report: CaseReport, model: dict[str, Any], storage: Storage
+) -> dict[str, Path]:
+    """The SEG (and, with a preview, the Secondary Capture) of a DICOM job."""
+    labels = load_labels(report.outputs["segmentation"], like=study.case, et_label=report.et_label)
+    algorithm = AlgorithmInfo(
+        version=software_version(), model_name=model["name"], model_sha256=model["sha256"]
+    )
+    preview = storage.output(job.id, "dicom_preview") if job.options["preview"] else None
+    return write_study_outputs(
+        study, labels, storage.output(job.id, "dicom_seg"), preview, algorithm=algorithm
+    )
 
 
 def _fail(
@@ -281,6 +356,8 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
         )
     except InputError as exc:
         return _fail(job, me, store, storage, retention, exc.code, str(exc))
+    except DicomWebError as exc:
+        return _fail(job, me, store, storage, retention, exc.code, exc.message)
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         return _fail(
@@ -297,6 +374,16 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
     model = result.pop("model")
     volumes = result.get("metrics", {}).get("volumes_ml")
     event = completion_event(job, JobState.SUCCEEDED, volumes_ml=volumes)
+    files = result["files"]
+    stores = []
+    if "dicom_seg" in files:
+        kinds = ("dicom_seg", "dicom_preview")
+        stores = store_deliveries(
+            job_id,
+            job.owner,
+            job_destinations(job.options, settings),
+            [files[k] for k in kinds if k in files],
+        )
     done = store.finish(
         job_id,
         me,
@@ -306,6 +393,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
         model_name=model["name"],
         model_sha256=model["sha256"],
         event=event,
+        deliveries=stores,
     )
     if not done:  # cancelled or taken over between the last beat and now
         return _lost(job_id, store, storage)

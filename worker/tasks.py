@@ -17,8 +17,8 @@ from celery.utils.log import get_task_logger
 
 from model.checkpoint import describe_checkpoints
 from service.db import utcnow
+from service.deliveries import run_deliveries
 from service.queue import TASK_SEGMENT, BrokerLedger, send_job
-from service.webhooks import run_deliveries
 from worker.app import WorkerContext, context
 from worker.runner import default_checkpoints, get_predictor, run_job, worker_name
 

@@ -288,13 +288,12 @@ def _zip_stem(path: Path) -> str:
 
 def _series_overrides(values: list[str] | None) -> dict[str, str]:
     """``--series MOD=UID`` values as a mapping."""
-    overrides: dict[str, str] = {}
-    for value in values or []:
-        modality, sep, uid = value.partition("=")
-        if not sep or not modality.strip() or not uid.strip():
-            raise CommandError(f"--series takes MOD=UID (e.g. t1ce=1.2.840...), got {value!r}")
-        overrides[modality.strip().lower()] = uid.strip()
-    return overrides
+    from model.dicom_study import parse_series_overrides
+
+    try:
+        return parse_series_overrides(values or [])
+    except ValueError as exc:
+        raise CommandError(f"--series: {exc}") from None
 
 
 def _file_stem(path: Path) -> str:
@@ -364,14 +363,7 @@ def _segment_one(
         report.outputs.update(_write_dicom(study, report, args, out_dir, algorithm))
     document = report.to_dict()
     if study is not None:
-        document["dicom"] = {
-            "series": {
-                m: {"uid": s.uid, "number": s.number, "description": s.description}
-                for m, s in study.series.items()
-            },
-            "resampled": list(study.resampled),
-            "warnings": list(study.warnings),
-        }
+        document["dicom"] = study.summary()
     evaluation = document.pop("evaluation")
     document.update(run_info)
     document["timings_s"] = document.pop("timings_s")
@@ -389,23 +381,15 @@ def _write_dicom(
     algorithm: AlgorithmInfo | None,
 ) -> dict[str, Path]:
     """The SEG (and, with --preview, the Secondary Capture) of a DICOM case."""
-    from model.dicom_outputs import write_dicom_seg, write_preview_dicom
-    from model.nifti_io import MODALITIES, load_labels
+    from model.dicom_outputs import write_study_outputs
+    from model.nifti_io import load_labels
 
     case = study.case
     labels = load_labels(report.outputs["segmentation"], like=case, et_label=args.label_convention)
-    name = case.name
-    written = {
-        "dicom_seg": write_dicom_seg(
-            labels, study.reference, out_dir / f"{name}_seg.dcm", algorithm=algorithm
-        )
-    }
-    if args.preview:
-        flair = case.images[MODALITIES.index("flair")]
-        written["dicom_preview"] = write_preview_dicom(
-            flair, labels, case.affine, study.reference[0], out_dir / f"{name}_preview.dcm"
-        )
-    return written
+    preview = out_dir / f"{case.name}_preview.dcm" if args.preview else None
+    return write_study_outputs(
+        study, labels, out_dir / f"{case.name}_seg.dcm", preview, algorithm=algorithm
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service.config import Settings
 from service.db import ACTIVE, FINISHED, Job, JobState, JobStore
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
+from service.dicomweb import STORE_EVENT
 from service.errors import ApiError
 from service.queue import send_job
 from service.schemas import (
@@ -51,14 +52,20 @@ def _links(request: Request, job: Job) -> JobLinks:
             links.probabilities = f"{base}/probabilities"
         if "preview" in files:
             links.preview = f"{base}/preview.png"
+        if "dicom_seg" in files:
+            links.dicom_seg = f"{base}/segmentation?format=dicom-seg"
+        if "dicom_preview" in files:
+            links.dicom_preview = f"{base}/preview.dcm"
     return links
 
 
 def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
     metrics = None
+    warnings: list[str] = []
     if job.result:
         metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
-    deliveries = store.deliveries(job.id) if job.options.get("callback_url") else []
+        warnings = list((metrics.get("dicom") or {}).get("warnings", []))
+    deliveries = store.deliveries(job.id)
     return JobStatus(
         id=job.id,
         state=job.state,
@@ -77,6 +84,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         else None,
         links=_links(request, job),
         metrics=metrics,
+        warnings=warnings,
         deliveries=[WebhookDelivery.model_validate(d, from_attributes=True) for d in deliveries],
     )
 
@@ -131,10 +139,7 @@ async def create_job(
         if existing is not None:
             return _created(request, response, store, existing)
     upload = await receive_case(
-        request,
-        storage,
-        int(settings.max_volume_mb * 2**20),
-        CallbackRules.for_owner(settings, owner),
+        request, storage, settings, CallbackRules.for_owner(settings, owner)
     )
     queue = _queue(settings, store)
     options = upload.options.model_dump()
@@ -216,18 +221,82 @@ def _result_file(storage: Storage, job: Job, kind: str) -> Path:
     return path
 
 
+SEGMENTATION_FORMATS = ("nifti", "dicom-seg")
+
+
 @router.get(
     "/jobs/{job_id}/segmentation",
     response_class=FileResponse,
     responses=ERRORS,
-    summary="Label map (NIfTI, on the input's grid)",
+    summary="Label map: NIfTI on the input's grid, or (DICOM input) a DICOM SEG of the T1ce",
 )
 def get_segmentation(
+    job_id: str,
+    store: StoreDep,
+    storage: StorageDep,
+    owner: OwnerDep,
+    format: Annotated[
+        str, Query(description="nifti (default) or dicom-seg (jobs with DICOM input)")
+    ] = "nifti",
+) -> FileResponse:
+    if format not in SEGMENTATION_FORMATS:
+        raise ApiError(
+            400,
+            "bad_format",
+            f"format must be one of {', '.join(SEGMENTATION_FORMATS)}; got {format!r}",
+        )
+    job = _owned(store, job_id, owner)
+    if format == "dicom-seg":
+        _dicom_result(job)
+        path = _result_file(storage, job, "dicom_seg")
+        return FileResponse(path, media_type="application/dicom", filename=f"{job.id}_seg.dcm")
+    path = _result_file(storage, job, "segmentation")
+    return FileResponse(path, media_type="application/gzip", filename=f"{job.id}_seg.nii.gz")
+
+
+def _dicom_result(job: Job) -> None:
+    """A DICOM result exists only for DICOM input; say so rather than 'not requested'."""
+    dicom = job.options.get("study_uid") or "study" in job.inputs or "dicom" in job.inputs
+    if job.state == JobState.SUCCEEDED and not dicom:
+        raise ApiError(
+            404,
+            "not_dicom_input",
+            f"job {job.id} was sent as NIfTI: a DICOM SEG references its source series, "
+            "so it is made for DICOM input only; download the NIfTI label map",
+        )
+
+
+@router.get(
+    "/jobs/{job_id}/preview.dcm",
+    response_class=FileResponse,
+    responses=ERRORS,
+    summary="Overlay preview as a DICOM Secondary Capture (jobs with DICOM input)",
+)
+def get_preview_dicom(
     job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep
 ) -> FileResponse:
     job = _owned(store, job_id, owner)
-    path = _result_file(storage, job, "segmentation")
-    return FileResponse(path, media_type="application/gzip", filename=f"{job.id}_seg.nii.gz")
+    _dicom_result(job)
+    path = _result_file(storage, job, "dicom_preview")
+    return FileResponse(path, media_type="application/dicom", filename=f"{job.id}_preview.dcm")
+
+
+@router.post(
+    "/jobs/{job_id}/deliveries/retry",
+    response_model=JobStatus,
+    responses=ERRORS,
+    summary="Store a job's results again to the DICOMweb destinations that failed",
+)
+def retry_deliveries(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> JobStatus:
+    job = _owned(store, job_id, owner)
+    if store.retry_deliveries(job.id, STORE_EVENT) == 0:
+        raise ApiError(
+            409,
+            "nothing_to_retry",
+            f"job {job.id} has no failed DICOMweb delivery; its deliveries are listed in its "
+            "status",
+        )
+    return _status(request, store, _owned(store, job_id, owner))
 
 
 @router.get(

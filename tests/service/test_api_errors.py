@@ -424,7 +424,7 @@ def test_submit_without_valid_key_is_401(owner_key, code, api, phantom, assert_n
             "bad_multipart",
         ),
         (
-            {"files": [("postprocess", (None, b"true"))] * 9},
+            {"files": [("postprocess", (None, b"true"))] * 20},
             400,
             "bad_multipart",
         ),
@@ -655,16 +655,30 @@ def test_openapi_describes_the_submission_form(api):
     schema = body["content"]["multipart/form-data"]["schema"]
     properties = schema["properties"]
     assert list(properties) == [*FILE_FIELDS, *OPTION_FIELDS]
-    assert list(FILE_FIELDS) == ["t1", "t1ce", "t2", "flair", "image", "reference"]
+    assert list(FILE_FIELDS) == [
+        "t1",
+        "t1ce",
+        "t2",
+        "flair",
+        "image",
+        "reference",
+        "study",
+        "dicom",
+    ]
     assert list(OPTION_FIELDS) == [
         "postprocess",
         "label_convention",
         "probabilities",
         "preview",
         "callback_url",
+        "study_uid",
+        "series",
+        "destinations",
     ]
     for name in FILE_FIELDS:
-        assert properties[name]["type"] == "string" and properties[name]["format"] == "binary"
+        field = properties[name]["items"] if name == "dicom" else properties[name]
+        assert field["type"] == "string" and field["format"] == "binary"
+    assert properties["dicom"]["type"] == "array"  # repeated: one part per file
     assert properties["postprocess"]["type"] == "boolean"
     assert properties["postprocess"]["default"] is True
     assert properties["label_convention"]["enum"] == [4, 3]

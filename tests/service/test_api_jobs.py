@@ -165,8 +165,12 @@ def test_segmentation_on_the_input_grid(deployment, api, phantom, submitted, wor
         "probabilities": False,
         "preview": True,
         "callback_url": None,
+        "study_uid": None,
+        "series": None,
+        "destinations": None,
     }
     assert status["deliveries"] == []
+    assert status["warnings"] == []
     links = status["links"]
     assert links["segmentation"].endswith(f"/v1/jobs/{submitted.basic}/segmentation")
     assert links["probabilities"] is None

@@ -108,4 +108,4 @@ def test_dicom_options_need_a_dicom_input(tmp_path, checkpoint, capsys, extra, m
 
 def test_bad_series_option(study, checkpoint, tmp_path, capsys):
     assert _segment([study], tmp_path, checkpoint, "--series", "t1ce") != 0
-    assert "--series takes MOD=UID" in capsys.readouterr().err
+    assert "--series: a series override is MOD=UID" in capsys.readouterr().err

@@ -27,15 +27,14 @@ from standardwebhooks.webhooks import Webhook
 from service import webhooks
 from service.config import Settings
 from service.db import DeliveryStatus, JobState, JobStore, utcnow
+from service.deliveries import deliver, retry_delay
 from service.webhooks import (
     CallbackRefusedError,
     CallbackRules,
     TargetPolicy,
     address_refusal,
     completion_event,
-    deliver,
     ip_literal,
-    retry_delay,
     send_attempt,
     sign,
     signature_headers,
