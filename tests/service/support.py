@@ -9,6 +9,7 @@ and show the logs' tails when something fails.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -244,6 +245,34 @@ class Stack:
         wait_until(answers, 20, f"{name} to answer", self)
         return proc, url
 
+    def start_orthanc(self, name: str = "orthanc", port: int | None = None) -> tuple[Proc, str]:
+        """A private Orthanc with its DICOMweb plugin (HTTP only, no DICOM port, no
+        authentication, loopback only); returns it and its DICOMweb root URL."""
+        binary, plugin = shutil.which("Orthanc"), orthanc_plugin()
+        if binary is None or plugin is None:
+            pytest.skip(
+                "Orthanc and its DICOMweb plugin are not installed (apt-get install orthanc "
+                "orthanc-dicomweb); the PACS tests need them"
+            )
+        port = port or free_port()
+        config = {
+            "Name": name,
+            "StorageDirectory": str(self.root / f"{name}-db"),
+            "IndexDirectory": str(self.root / f"{name}-db"),
+            "HttpPort": port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(plugin)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        path = self.root / f"{name}.json"
+        path.write_text(json.dumps(config))
+        proc = self.spawn(name, [binary, str(path)])
+        url = f"http://127.0.0.1:{port}/dicom-web"
+        wait_until(lambda: dicomweb_answers(url), 30, f"{name} to answer", self)
+        return proc, url
+
     def wait_api(self, api: Api, timeout: float = 90.0) -> Api:
         def up() -> bool:
             if not api.proc.alive():
@@ -328,6 +357,28 @@ def stack(name: str, root: Path, env: dict[str, str]) -> Iterator[Stack]:
         yield s
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- Orthanc
+#: Where the Debian packages put Orthanc's plugins.
+ORTHANC_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+
+
+def orthanc_plugin() -> Path | None:
+    """The DICOMweb plugin of an installed Orthanc, or None."""
+    for folder in ORTHANC_PLUGIN_DIRS:
+        path = Path(folder) / "libOrthancDicomWeb.so"
+        if path.is_file():
+            return path
+    return None
+
+
+def dicomweb_answers(url: str) -> bool:
+    """Whether a DICOMweb server answers QIDO-RS at ``url``."""
+    try:
+        return httpx.get(f"{url}/studies", params={"limit": 1}, timeout=3).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 # --------------------------------------------------------------------------- inputs
