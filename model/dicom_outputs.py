@@ -356,9 +356,7 @@ def write_study_outputs(
         ``dicom_seg`` (and ``dicom_preview``) -> the file written.
     """
     case = study.case
-    written = {
-        "dicom_seg": write_dicom_seg(labels, study.reference, seg_path, algorithm=algorithm)
-    }
+    written = {"dicom_seg": write_dicom_seg(labels, study.reference, seg_path, algorithm=algorithm)}
     if preview_path is not None:
         flair = case.images[MODALITIES.index("flair")]
         written["dicom_preview"] = write_preview_dicom(

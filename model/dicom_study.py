@@ -62,6 +62,7 @@ beside the minutes of inference.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -179,6 +180,47 @@ DEFAULT_RULES: tuple[SeriesRule, ...] = (
     SeriesRule("t1", _T1_WORDS, exclude=_FLAIR_WORDS, contrast=False),
     SeriesRule("t2", r"\bt2", exclude=_T2_EXCLUDE),
 )
+
+
+def parse_series_rules(text: str) -> tuple[SeriesRule, ...]:
+    """Site rules from JSON: a list of objects with ``modality``, ``include`` and
+    optionally ``exclude`` and ``contrast`` (true, false or null), e.g.
+    ``[{"modality": "t1ce", "include": "mprage.*km"}]``. They are tried before
+    :data:`DEFAULT_RULES` (the caller adds those).
+
+    Raises:
+        ValueError: not such a list, an unknown modality, or a bad regular expression.
+    """
+    if not text.strip():
+        return ()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"series rules are not JSON ({exc.msg})") from None
+    if not isinstance(items, list):
+        raise ValueError("series rules are a JSON list of objects")
+    rules = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"modality", "include", "exclude", "contrast"}:
+            raise ValueError(
+                f"series rule {n} must be an object with modality, include, exclude, contrast"
+            )
+        modality, include = item.get("modality"), item.get("include")
+        exclude, contrast = item.get("exclude", ""), item.get("contrast")
+        if modality not in MODALITIES:
+            raise ValueError(f"series rule {n}: modality must be one of {', '.join(MODALITIES)}")
+        if not isinstance(include, str) or not include or not isinstance(exclude, str):
+            raise ValueError(f"series rule {n}: include (and exclude) must be regular expressions")
+        if contrast not in (True, False, None):
+            raise ValueError(f"series rule {n}: contrast must be true, false or null")
+        for pattern in (include, exclude):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"series rule {n}: bad regular expression ({exc})") from None
+        rules.append(SeriesRule(modality, include, exclude, contrast))
+    return tuple(rules)
+
 
 #: Words saying that a series was acquired after (or before) the contrast agent.
 _POST_CONTRAST = re.compile(

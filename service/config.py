@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.dicom_study import DEFAULT_RULES, SeriesRule, parse_series_rules
+
 
 class Settings(BaseSettings):
     """Configuration shared by ``omnet serve``, the API processes and the workers."""
@@ -132,6 +134,13 @@ class Settings(BaseSettings):
     dicomweb_backoff_s: float = Field(
         30.0, gt=0, description="wait before the second store attempt; doubled for each further"
     )
+    dicom_series_rules: str = Field(
+        "",
+        description="site rules that recognise DICOM series, tried before the built-in ones: "
+        'a JSON list like [{"modality": "t1ce", "include": "mprage.*km", "exclude": "", '
+        '"contrast": null}] (regular expressions on the lower-case SeriesDescription, '
+        "ProtocolName and SequenceName)",
+    )
     max_study_mb: float = Field(
         4096.0, gt=0, description="largest DICOM study (uncompressed), uploaded or retrieved"
     )
@@ -161,6 +170,12 @@ class Settings(BaseSettings):
                 parse_endpoint("source", text)
         else:
             parse_destinations(text)
+        return value
+
+    @field_validator("dicom_series_rules")
+    @classmethod
+    def _valid_series_rules(cls, value: str) -> str:
+        parse_series_rules(value)
         return value
 
     @field_validator("webhook_secrets")
@@ -211,6 +226,10 @@ class Settings(BaseSettings):
     def dicomweb_destination_endpoints(self) -> dict[str, DicomWebEndpoint]:
         """Destination name -> endpoint, in the order configured."""
         return parse_destinations(self.dicomweb_destinations.get_secret_value())
+
+    def series_rules(self) -> tuple[SeriesRule, ...]:
+        """The site's series rules, then the built-in ones."""
+        return (*parse_series_rules(self.dicom_series_rules), *DEFAULT_RULES)
 
     def webhook_hosts(self) -> tuple[str, ...]:
         """The host allowlist of callback URLs, lower case; empty: any host."""

@@ -13,12 +13,17 @@ on the source (QIDO-RS); its series are mapped by the worker once retrieved.
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from starlette.datastructures import UploadFile
 
-from model.dicom_study import check_dicom_study, parse_series_overrides
+from model.dicom_study import (
+    DEFAULT_RULES,
+    SeriesRule,
+    check_dicom_study,
+    parse_series_overrides,
+)
 from model.nifti_io import InputError
 from service.config import DicomWebEndpoint, Settings
 from service.dicomweb import DicomWebError, find_study
@@ -113,6 +118,7 @@ def store_dicom(
     staging: Path,
     max_bytes: int,
     overrides: Mapping[str, str],
+    rules: Sequence[SeriesRule] = DEFAULT_RULES,
 ) -> dict[str, Path]:
     """Stores an uploaded study (a zip, or ``.dcm`` parts into one folder) in
     ``staging`` and checks its headers; returns ``{"study": zip}`` or ``{"dicom":
@@ -136,7 +142,7 @@ def store_dicom(
             total = _copy(part, path / f"{n:05d}.dcm", "dicom", max_bytes, total)
         stored = {"dicom": path}
     try:
-        check_dicom_study(path, overrides=overrides, max_bytes=max_bytes)
+        check_dicom_study(path, rules=rules, overrides=overrides, max_bytes=max_bytes)
     except InputError as exc:
         message = str(exc).replace(f"{staging}/", "").replace(str(staging), "the upload")
         raise ApiError(422, exc.code, message) from exc

@@ -617,6 +617,7 @@ async def receive_case(
                     staging,
                     int(settings.max_study_mb * 2**20),
                     overrides,
+                    settings.series_rules(),
                 )
             else:
                 max_volume = int(settings.max_volume_mb * 2**20)

@@ -211,7 +211,13 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
     source: Any
     if study_path is not None:
         hb.progress.stage = "converting"
-        study = read_dicom_study(study_path, name=job.id, overrides=series_overrides(opts))
+        study = read_dicom_study(
+            study_path,
+            name=job.id,
+            rules=settings.series_rules(),
+            overrides=series_overrides(opts),
+            max_bytes=int(settings.max_study_mb * 2**20),
+        )
         source = study.case
     else:
         source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
