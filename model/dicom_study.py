@@ -691,16 +691,11 @@ def _vector(ds: Dataset, keyword: str, n: int, series: SeriesInfo, where: Path) 
     return values
 
 
-def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> SliceStack:
-    """Checks a series' geometry and sorts its slices (module docstring, step 3).
-
-    Raises:
-        InputError: ``mixed_orientation``, ``inconsistent_slices``,
-            ``duplicate_slices``, ``gantry_tilt``, ``uneven_spacing``, ``not_3d``,
-            ``bad_voxel_size`` or ``unsupported_series`` (no geometry).
-    """
-    place = Path(where)
-    what = f"{modality} {series.label()}"
+def _one_plane(
+    series: SeriesInfo, what: str, place: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """The orientation, pixel spacing and (rows, columns) that every image of
+    ``series`` must share (``mixed_orientation``, ``inconsistent_slices``)."""
     first = series.first
     orientation = _vector(first, "ImageOrientationPatient", 6, series, place)
     spacing = _vector(first, "PixelSpacing", 2, series, place)
@@ -727,6 +722,13 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
                 f"{other_spacing.tolist()} mm, file {inst.where}); a volume needs one grid",
                 place,
             )
+    return orientation, spacing, size
+
+
+def _in_plane_axes(
+    orientation: np.ndarray, what: str, place: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The unit row and column directions of an ImageOrientationPatient."""
     row_dir, col_dir = orientation[:3], orientation[3:]
     row_dir = row_dir / np.linalg.norm(row_dir)
     col_dir = col_dir / np.linalg.norm(col_dir)
@@ -737,22 +739,27 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
             "directions are not perpendicular; the header is broken",
             place,
         )
-    normal = np.cross(row_dir, col_dir)
+    return row_dir, col_dir
+
+
+def _sorted_slices(
+    series: SeriesInfo, normal: np.ndarray, what: str, place: Path
+) -> tuple[list[_Instance], np.ndarray]:
+    """The instances sorted along ``normal`` and their (n, 3) LPS positions; at least
+    two, at distinct positions (``not_3d``, ``duplicate_slices``)."""
     positions = {
         id(inst): _vector(inst.header, "ImagePositionPatient", 3, series, place)
         for inst in series.instances
     }
     ordered = sorted(series.instances, key=lambda inst: float(positions[id(inst)] @ normal))
-    n = len(ordered)
-    if n < 2:
+    if len(ordered) < 2:
         raise InputError(
             "not_3d",
             f"{what} has a single slice; each modality must be a 3D volume of at least two slices",
             place,
         )
-    p = np.stack([positions[id(inst)] for inst in ordered])  # (n, 3) LPS
-    along = p @ normal
-    steps = np.diff(along)
+    p = np.stack([positions[id(inst)] for inst in ordered])
+    steps = np.diff(p @ normal)
     if np.min(steps) < 1e-3:
         k = int(np.argmin(steps))
         raise InputError(
@@ -762,6 +769,15 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
             "one image per slice position, or name another series for it",
             place,
         )
+    return ordered, p
+
+
+def _slice_step(
+    p: np.ndarray, normal: np.ndarray, first: Dataset, what: str, place: Path
+) -> np.ndarray:
+    """The step from one slice to the next: along the normal (``gantry_tilt``) and the
+    same everywhere (``uneven_spacing``)."""
+    n = len(p)
     step = (p[-1] - p[0]) / (n - 1)
     tilt = float(np.linalg.norm(step - (step @ normal) * normal) / np.linalg.norm(step))
     gantry = _float(first, "GantryDetectorTilt") or 0.0
@@ -779,6 +795,7 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
     expected = p[0] + np.arange(n)[:, None] * step
     deviation = float(np.max(np.linalg.norm(p - expected, axis=1)))
     if deviation > SPACING_RTOL * spacing_z:
+        steps = np.diff(p @ normal)
         raise InputError(
             "uneven_spacing",
             f"{what} has unevenly spaced slices (steps from {np.min(steps):.4g} to "
@@ -786,7 +803,25 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
             "series mixes slabs. Export the complete series",
             place,
         )
-    sizes = [float(spacing[1]), float(spacing[0]), spacing_z]
+    return step
+
+
+def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> SliceStack:
+    """Checks a series' geometry and sorts its slices (module docstring, step 3).
+
+    Raises:
+        InputError: ``mixed_orientation``, ``inconsistent_slices``,
+            ``duplicate_slices``, ``gantry_tilt``, ``uneven_spacing``, ``not_3d``,
+            ``bad_voxel_size`` or ``unsupported_series`` (no geometry).
+    """
+    place = Path(where)
+    what = f"{modality} {series.label()}"
+    orientation, spacing, size = _one_plane(series, what, place)
+    row_dir, col_dir = _in_plane_axes(orientation, what, place)
+    normal = np.cross(row_dir, col_dir)
+    ordered, p = _sorted_slices(series, normal, what, place)
+    step = _slice_step(p, normal, series.first, what, place)
+    sizes = [float(spacing[1]), float(spacing[0]), float(step @ normal)]
     if any(not MIN_VOXEL_MM <= s <= MAX_VOXEL_MM for s in sizes):
         raise InputError(
             "bad_voxel_size",
@@ -799,7 +834,7 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
     lps[:3, 1] = col_dir * spacing[0]  # down a column: the row index, y
     lps[:3, 2] = step
     lps[:3, 3] = p[0]
-    return SliceStack(tuple(ordered), (size[1], size[0], n), _RAS_TO_LPS @ lps)
+    return SliceStack(tuple(ordered), (size[1], size[0], len(ordered)), _RAS_TO_LPS @ lps)
 
 
 # --------------------------------------------------------------------------- pixels
