@@ -591,47 +591,11 @@ def map_series(
             be used (``multiframe``, ``derived_series``, ``unsupported_series``).
     """
     place = Path(where)
-    chosen: dict[str, SeriesInfo] = {}
-    for key, value in (overrides or {}).items():
-        modality = str(key).lower()
-        if modality not in MODALITIES:
-            raise InputError(
-                "unknown_modality",
-                f"unknown modality {key!r} in the series mapping; use {', '.join(MODALITIES)}",
-                place,
-            )
-        series = _find_override(all_series, modality, value, place)
-        twice = [m for m, s in chosen.items() if s.uid == series.uid]
-        if twice:
-            raise InputError(
-                "ambiguous_series",
-                f"{series.label()} is given for both {twice[0]} and {modality}; give each "
-                "modality its own series",
-                place,
-            )
-        problem = _unusable(series)
-        if problem:
-            raise InputError(
-                problem[0], f"{series.label()} given for {modality}: {problem[1]}", place
-            )
-        chosen[modality] = series
-
+    chosen = _overridden(all_series, overrides or {}, place)
     notes: dict[str, str] = {s.uid: m for m, s in chosen.items()}
-    candidates: dict[str, list[SeriesInfo]] = {m: [] for m in MODALITIES if m not in chosen}
-    for series in all_series:
-        if series.uid in notes:
-            continue
-        problem = _unusable(series)
-        if problem:
-            notes[series.uid] = f"skipped: {problem[1]}"
-            continue
-        guess = classify_series(series.first, rules, use_sequence)
-        if guess is None:
-            continue
-        notes[series.uid] = guess + (" (derived)" if series.derived else "")
-        if guess in candidates:
-            candidates[guess].append(series)
-
+    candidates = _candidates(
+        all_series, [m for m in MODALITIES if m not in chosen], notes, rules, use_sequence
+    )
     for modality, found in candidates.items():
         if len(found) > 1 and any(not s.derived for s in found):
             found[:] = [s for s in found if not s.derived]
@@ -655,6 +619,63 @@ def map_series(
     for modality, found in candidates.items():
         chosen[modality] = found[0]
     return {m: chosen[m] for m in MODALITIES}
+
+
+def _overridden(
+    all_series: Sequence[SeriesInfo], overrides: Mapping[str, str], place: Path
+) -> dict[str, SeriesInfo]:
+    """The series that ``overrides`` name, checked usable and distinct."""
+    chosen: dict[str, SeriesInfo] = {}
+    for key, value in overrides.items():
+        modality = str(key).lower()
+        if modality not in MODALITIES:
+            raise InputError(
+                "unknown_modality",
+                f"unknown modality {key!r} in the series mapping; use {', '.join(MODALITIES)}",
+                place,
+            )
+        series = _find_override(all_series, modality, value, place)
+        twice = [m for m, s in chosen.items() if s.uid == series.uid]
+        if twice:
+            raise InputError(
+                "ambiguous_series",
+                f"{series.label()} is given for both {twice[0]} and {modality}; give each "
+                "modality its own series",
+                place,
+            )
+        problem = _unusable(series)
+        if problem:
+            raise InputError(
+                problem[0], f"{series.label()} given for {modality}: {problem[1]}", place
+            )
+        chosen[modality] = series
+    return chosen
+
+
+def _candidates(
+    all_series: Sequence[SeriesInfo],
+    modalities: Sequence[str],
+    notes: dict[str, str],
+    rules: Sequence[SeriesRule],
+    use_sequence: bool,
+) -> dict[str, list[SeriesInfo]]:
+    """The usable series the rules recognise as each of ``modalities``; ``notes`` gets
+    how each series was read (for messages)."""
+    candidates: dict[str, list[SeriesInfo]] = {m: [] for m in modalities}
+    for series in all_series:
+        if series.uid in notes:
+            continue
+        problem = _unusable(series)
+        if problem:
+            notes[series.uid] = f"skipped: {problem[1]}"
+            continue
+        guess = classify_series(series.first, rules, use_sequence)
+        if guess is None:
+            continue
+        notes[series.uid] = guess + (" (derived)" if series.derived else "")
+        if guess in candidates:
+            candidates[guess].append(series)
+    return candidates
 
 
 # --------------------------------------------------------------------------- geometry
