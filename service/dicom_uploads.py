@@ -30,6 +30,8 @@ from service.dicomweb import DicomWebError, find_study
 from service.errors import ApiError
 
 CHUNK = 1 << 20
+#: Longest wait for the DICOMweb source while a submission is answered (seconds).
+SUBMIT_LOOKUP_TIMEOUT_S = 15.0
 #: A StudyInstanceUID: digits in dot-separated components, at most 64 characters.
 UID_CHARS = frozenset("0123456789.")
 
@@ -160,7 +162,9 @@ def check_study_on_source(settings: Settings, study_uid: str, overrides: Mapping
             "retrieve studies by study_uid; upload the study instead",
         )
     try:
-        series = find_study(endpoint, study_uid, settings.dicomweb_timeout_s)
+        # The caller is waiting: one attempt, bounded more tightly than a worker's.
+        timeout_s = min(settings.dicomweb_timeout_s, SUBMIT_LOOKUP_TIMEOUT_S)
+        series = find_study(endpoint, study_uid, timeout_s, retries=False)
     except DicomWebError as exc:
         status = 422 if exc.code == "study_not_found" else 503
         raise ApiError(status, exc.code, exc.message) from exc

@@ -90,7 +90,7 @@ def _failure(endpoint: DicomWebEndpoint, what: str, exc: Exception) -> DicomWebE
 
 
 def find_study(
-    endpoint: DicomWebEndpoint, study_uid: str, timeout_s: float
+    endpoint: DicomWebEndpoint, study_uid: str, timeout_s: float, retries: bool = True
 ) -> list[dict[str, Any]]:
     """The series of ``study_uid`` on ``endpoint`` (QIDO-RS): UID, modality,
     description, number and instance count of each.
@@ -99,7 +99,7 @@ def find_study(
         DicomWebError: ``study_not_found`` (no series), ``dicomweb_unavailable`` or
             ``dicomweb_refused``.
     """
-    web = client(endpoint, timeout_s)
+    web = client(endpoint, timeout_s, retries)
     try:
         found = web.search_for_series(
             study_instance_uid=study_uid,

@@ -13,7 +13,12 @@ from model.dicom_study import DEFAULT_RULES, SeriesRule, parse_series_rules
 from service.config import Settings, parse_destinations, parse_endpoint
 from service.db import DeliveryStatus, JobState, JobStore
 from service.deliveries import deliver
-from service.dicom_uploads import check_uid, job_destinations, parse_series
+from service.dicom_uploads import (
+    check_study_on_source,
+    check_uid,
+    job_destinations,
+    parse_series,
+)
 from service.dicomweb import STORE_EVENT, store_deliveries
 from service.errors import ApiError
 
@@ -122,3 +127,11 @@ def test_store_deliveries_fail_clearly_and_can_be_retried(tmp_path):
     gone = Settings(storage_dir=tmp_path)  # the destination was removed from the settings
     assert deliver(claimed, gone, store) == DeliveryStatus.FAILED
     assert "no longer configured" in (store.deliveries(job_id)[0].last_error or "")
+
+
+def test_an_unreachable_source_is_answered_503(tmp_path):
+    settings = Settings(storage_dir=tmp_path, dicomweb_source="http://127.0.0.1:9/dicom-web")
+    with pytest.raises(ApiError) as info:
+        check_study_on_source(settings, "1.2.3", {})
+    assert (info.value.status, info.value.code) == (503, "dicomweb_unavailable")
+    assert "try again later" in info.value.message
