@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from model.nifti_io import MODALITIES
@@ -456,51 +456,22 @@ def write_mr_series(
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    vol = np.asarray(volume)
-    if vol.ndim != 3 or vol.dtype.kind not in "iuf":
-        raise ValueError(f"volume must be a 3D real array, got shape {vol.shape} {vol.dtype}")
-    aff = np.asarray(affine, dtype=np.float64)
-    acquisition = acquisition or Acquisition()
-    if acquisition.plane is not None:
-        shape, aff_out = acquisition_grid(
-            (vol.shape[0], vol.shape[1], vol.shape[2]),
-            aff,
-            acquisition.plane,
-            acquisition.spacing,
-            acquisition.angle_deg,
-        )
-        vol = resample_to_grid(vol, aff, shape, aff_out, order=1)
-        aff = aff_out
+    vol, aff = _acquired(volume, affine, acquisition or Acquisition())
     geometry = slice_geometry(aff, vol.shape[2])
     protocol = protocol or PROTOCOLS[modality]
     series_uid = series_instance_uid or generate_uid()
     stored, slope, intercept = _encode(vol)
     nonzero = vol[vol != 0]
     low, high = np.percentile(nonzero, (1, 99)) if nonzero.size else (0.0, 1.0)
+    window = (float(low + high) / 2, max(float(high - low), 1.0))
     plane = _plane_of(geometry.normal)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    step = geometry.slice_step
     files: list[Path] = []
     for k in range(vol.shape[2]):
         path = out / f"IM{k + 1:04d}.dcm"
         ds = _dataset(path, protocol, study, series_uid, series_number, plane)
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_format_ds(float(x)) for x in geometry.positions[k]]
-        ds.ImageOrientationPatient = [_format_ds(x) for x in geometry.orientation]
-        ds.SliceLocation = _format_ds(float(geometry.positions[k] @ geometry.normal))
-        ds.SliceThickness = _format_ds(step)
-        ds.SpacingBetweenSlices = _format_ds(step)
-        ds.PixelSpacing = [_format_ds(x) for x in geometry.pixel_spacing]
-        pixels = np.ascontiguousarray(stored[:, :, k].T)  # (rows, columns)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
-        if slope != 1.0 or intercept != 0.0:
-            ds.RescaleIntercept = _format_ds(intercept)
-            ds.RescaleSlope = _format_ds(slope)
-        ds.WindowCenter = _format_ds(float(low + high) / 2)
-        ds.WindowWidth = _format_ds(max(float(high - low), 1.0))
-        ds.PixelData = pixels.tobytes()
+        _set_slice(ds, k, geometry, stored[:, :, k], (slope, intercept), window)
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     logger.debug("wrote %s series %s: %d slices in %s", modality, series_uid, len(files), out)
@@ -511,6 +482,55 @@ def write_mr_series(
         (int(vol.shape[0]), int(vol.shape[1]), int(vol.shape[2])),
         aff,
     )
+
+
+def _acquired(
+    volume: np.ndarray, affine: np.ndarray, acquisition: Acquisition
+) -> tuple[np.ndarray, np.ndarray]:
+    """The volume and affine as ``acquisition`` sees them (resampled onto its plane)."""
+    vol = np.asarray(volume)
+    if vol.ndim != 3 or vol.dtype.kind not in "iuf":
+        raise ValueError(f"volume must be a 3D real array, got shape {vol.shape} {vol.dtype}")
+    aff = np.asarray(affine, dtype=np.float64)
+    if acquisition.plane is None:
+        return vol, aff
+    shape, aff_out = acquisition_grid(
+        (vol.shape[0], vol.shape[1], vol.shape[2]),
+        aff,
+        acquisition.plane,
+        acquisition.spacing,
+        acquisition.angle_deg,
+    )
+    return resample_to_grid(vol, aff, shape, aff_out, order=1), aff_out
+
+
+def _set_slice(
+    ds: Dataset,
+    k: int,
+    geometry: SliceGeometry,
+    stored: np.ndarray,
+    rescale: tuple[float, float],
+    window: tuple[float, float],
+) -> None:
+    """Slice ``k``'s position, geometry and pixels (``stored``: ``(X, Y)``)."""
+    step = geometry.slice_step
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [_format_ds(float(x)) for x in geometry.positions[k]]
+    ds.ImageOrientationPatient = [_format_ds(x) for x in geometry.orientation]
+    ds.SliceLocation = _format_ds(float(geometry.positions[k] @ geometry.normal))
+    ds.SliceThickness = _format_ds(step)
+    ds.SpacingBetweenSlices = _format_ds(step)
+    ds.PixelSpacing = [_format_ds(x) for x in geometry.pixel_spacing]
+    pixels = np.ascontiguousarray(stored.T)  # (rows, columns)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    slope, intercept = rescale
+    if slope != 1.0 or intercept != 0.0:
+        ds.RescaleIntercept = _format_ds(intercept)
+        ds.RescaleSlope = _format_ds(slope)
+    ds.WindowCenter = _format_ds(window[0])
+    ds.WindowWidth = _format_ds(window[1])
+    ds.PixelData = pixels.tobytes()
 
 
 def write_study(
