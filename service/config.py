@@ -17,8 +17,6 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.dicom_study import DEFAULT_RULES, SeriesRule, parse_series_rules
-
 
 class Settings(BaseSettings):
     """Configuration shared by ``omnet serve``, the API processes and the workers."""
@@ -175,7 +173,12 @@ class Settings(BaseSettings):
     @field_validator("dicom_series_rules")
     @classmethod
     def _valid_series_rules(cls, value: str) -> str:
-        parse_series_rules(value)
+        # Checked with the DICOM reader's own parser, imported only when rules are set,
+        # so that reading settings does not load the DICOM stack.
+        if value.strip():
+            from model.dicom_study import parse_series_rules
+
+            parse_series_rules(value)
         return value
 
     @field_validator("webhook_secrets")
@@ -226,10 +229,6 @@ class Settings(BaseSettings):
     def dicomweb_destination_endpoints(self) -> dict[str, DicomWebEndpoint]:
         """Destination name -> endpoint, in the order configured."""
         return parse_destinations(self.dicomweb_destinations.get_secret_value())
-
-    def series_rules(self) -> tuple[SeriesRule, ...]:
-        """The site's series rules, then the built-in ones."""
-        return (*parse_series_rules(self.dicom_series_rules), *DEFAULT_RULES)
 
     def webhook_hosts(self) -> tuple[str, ...]:
         """The host allowlist of callback URLs, lower case; empty: any host."""

@@ -23,6 +23,7 @@ from model.dicom_study import (
     SeriesRule,
     check_dicom_study,
     parse_series_overrides,
+    parse_series_rules,
 )
 from model.nifti_io import InputError
 from service.config import DicomWebEndpoint, Settings
@@ -68,6 +69,11 @@ def series_overrides(options: Mapping[str, object]) -> dict[str, str]:
     """The modality -> series overrides of a job's options."""
     value = options.get("series")
     return parse_series_overrides(str(value).split(",")) if value else {}
+
+
+def series_rules(settings: Settings) -> tuple[SeriesRule, ...]:
+    """The site's series rules (``OMNET_DICOM_SERIES_RULES``), then the built-in ones."""
+    return (*parse_series_rules(settings.dicom_series_rules), *DEFAULT_RULES)
 
 
 def parse_destinations(value: str, configured: Mapping[str, DicomWebEndpoint]) -> str:

@@ -45,6 +45,7 @@ from service.dicom_uploads import (
     parse_destinations,
     parse_series,
     series_overrides,
+    series_rules,
     store_dicom,
 )
 from service.errors import ApiError, error_body
@@ -617,7 +618,7 @@ async def receive_case(
                     staging,
                     int(settings.max_study_mb * 2**20),
                     overrides,
-                    settings.series_rules(),
+                    series_rules(settings),
                 )
             else:
                 max_volume = int(settings.max_volume_mb * 2**20)

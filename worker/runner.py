@@ -33,7 +33,7 @@ from model.pipeline import SegmentationOptions, load_predictor
 from model.tiling import TILINGS, Predictor
 from service.config import Settings
 from service.db import FINISHED, Job, JobState, JobStore
-from service.dicom_uploads import job_destinations, series_overrides
+from service.dicom_uploads import job_destinations, series_overrides, series_rules
 from service.dicomweb import DicomWebError, retrieve_study, store_deliveries
 from service.storage import Storage
 from service.webhooks import completion_event
@@ -214,7 +214,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         study = read_dicom_study(
             study_path,
             name=job.id,
-            rules=settings.series_rules(),
+            rules=series_rules(settings),
             overrides=series_overrides(opts),
             max_bytes=int(settings.max_study_mb * 2**20),
         )

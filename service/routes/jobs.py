@@ -296,7 +296,7 @@ def retry_deliveries(request: Request, job_id: str, store: StoreDep, owner: Owne
             f"job {job.id} has no failed DICOMweb delivery; its deliveries are listed in its "
             "status",
         )
-    return _status(request, store, _owned(store, job_id, owner))
+    return _status(request, store, job)
 
 
 @router.get(

@@ -18,6 +18,7 @@ from service.dicom_uploads import (
     check_uid,
     job_destinations,
     parse_series,
+    series_rules,
 )
 from service.dicomweb import STORE_EVENT, store_deliveries
 from service.errors import ApiError
@@ -56,7 +57,7 @@ def test_settings_refuse_bad_dicomweb_values_without_echoing_them():
     with pytest.raises(ValidationError):
         Settings(dicom_series_rules='[{"modality": "dwi", "include": "x"}]')
     settings = Settings(dicom_series_rules='[{"modality": "t1ce", "include": "mprage km"}]')
-    rules = settings.series_rules()
+    rules = series_rules(settings)
     assert rules[0] == SeriesRule("t1ce", "mprage km") and rules[1:] == DEFAULT_RULES
 
 
