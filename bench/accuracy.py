@@ -11,8 +11,9 @@ Every case goes through :func:`model.case.process_case` (what ``omnet segment`` 
 the workers run), once per model and setting. A setting names the tiling (``paper`` or
 ``fast``) followed by levers joined with ``+``: ``pp`` (the paper's post-processing),
 ``guard`` (post-processing with the guarded edema relabelling), ``rm`` (small-component
-removal only, no edema relabelling), ``tta`` (flip
-averaging). Prints Dice and HD95 (WT, TC, ET) per institution group (from the case
+removal only, no edema relabelling), ``lesion`` (small-component removal and the tumour
+parts more than 10 mm from the main lesion removed: ``--postprocess main-lesion``),
+``tta`` (flip averaging). Prints Dice and HD95 (WT, TC, ET) per institution group (from the case
 name), the mean over cases, the mean over groups (each institution weighs the same) and
 the CPU seconds per case relative to the first model and setting, measured in this run.
 
@@ -39,6 +40,7 @@ from model.case import CaseOutputs, process_case
 from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split, resolve_data_dir
 from model.nifti_io import find_label_file, load_case
 from model.pipeline import SegmentationOptions, load_predictor
+from model.postprocess import MAIN_LESION_GAP_MM
 from model.tiling import TILINGS, Predictor, TaskProbabilities
 
 REGIONS = ("WT", "TC", "ET")
@@ -77,14 +79,15 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        unknown = set(levers) - {"pp", "guard", "rm", "tta"}
+        unknown = set(levers) - {"pp", "guard", "rm", "lesion", "tta"}
         if tiling not in TILINGS or unknown:
-            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard|+rm][+tta]")
+            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion][+tta]")
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
-            remove_small=relabel or "rm" in levers,
+            remove_small=relabel or "rm" in levers or "lesion" in levers,
             relabel_edema=relabel,
             relabel_guard="guard" in levers,
+            main_lesion_gap_mm=MAIN_LESION_GAP_MM if "lesion" in levers else None,
         )
         return cls(text, tiling, options, "tta" in levers)
 
@@ -131,7 +134,7 @@ def main() -> None:
         default=[data_dir / "brats2018", data_dir / "brats-extra"],
     )
     parser.add_argument("--split", type=Path, default=SPLITS_DIR / "multisite_val.txt")
-    parser.add_argument("--setting", nargs="+", default=["paper+pp"])
+    parser.add_argument("--setting", nargs="+", default=["paper+lesion"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

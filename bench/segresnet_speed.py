@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'       # monai, for this comparison only
     python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT] [--threads 2]
-        [--setting paper+rm ...] [--repeats 1]   (levers: +pp, +guard, +rm, +tta)
+        [--setting paper+lesion ...] [--repeats 1]   (levers: +pp, +guard, +rm, +lesion, +tta)
 
 The reference is MONAI's BraTS tutorial model: SegResNet(blocks_down=(1, 2, 2, 4),
 blocks_up=(1, 1, 1), init_filters=16, in_channels=4, out_channels=3), 4.7 M
@@ -61,7 +61,7 @@ def _omnet_seconds(
     case_dir: Path, checkpoint: Path, setting: str, out: Path
 ) -> tuple[float, float]:
     tiling, *levers = setting.split("+")
-    modes = {"pp": "paper", "guard": "guarded", "rm": "components"}
+    modes = {"pp": "paper", "guard": "guarded", "rm": "components", "lesion": "main-lesion"}
     mode = next((modes[lever] for lever in levers if lever in modes), "none")
     options = SegmentationOptions.for_postprocess(mode)
     predictor, _ = load_predictor([checkpoint], "cpu", layout=TILINGS[tiling], tta="tta" in levers)
@@ -81,7 +81,7 @@ def main() -> None:
     )
     parser.add_argument("--case", type=Path, default=default_case)
     parser.add_argument("--checkpoint", type=Path, default=BUNDLED_PATH)
-    parser.add_argument("--setting", nargs="+", default=["paper+rm"])
+    parser.add_argument("--setting", nargs="+", default=["paper+lesion"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()

@@ -67,6 +67,7 @@ class CaseReport:
         tiles: tiles the network ran on.
         timings_s: seconds per stage (load, pre-processing, inference, ..., total).
         outputs: kind (``segmentation``, ``probabilities``, ``preview``) -> file written.
+        warnings: what the user should know about the result.
     """
 
     case: str
@@ -80,6 +81,7 @@ class CaseReport:
     tiles: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (paths as strings, metrics as plain dicts)."""
@@ -93,6 +95,7 @@ class CaseReport:
             "volumes_ml": dict(self.volumes_ml),
             "tiles": self.tiles,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "warnings": list(self.warnings),
             "evaluation": None
             if self.evaluation is None
             else {
@@ -175,6 +178,7 @@ def process_case(
         tiles=tiles,
         timings_s=timings,
         outputs=written,
+        warnings=list(seg.warnings),
     )
 
 

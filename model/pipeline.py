@@ -22,7 +22,7 @@ import numpy as np
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
 from model.nifti_io import MODALITIES, Case, save_labels, save_probabilities
-from model.postprocess import postprocess
+from model.postprocess import MAIN_LESION_GAP_MM, keep_main_lesion, postprocess
 from model.preprocess import paste, preprocess
 from model.tiling import PAPER_TILING, Predictor, ProgressCallback, TaskProbabilities, TileLayout
 
@@ -31,9 +31,12 @@ logger = logging.getLogger(__name__)
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
-#: Post-processing modes: the paper's two steps; the relabelling guarded to tumours that
-#: hold core; small-component removal alone; nothing.
-POSTPROCESS_MODES = ("paper", "guarded", "components", "none")
+#: Post-processing modes: the main lesion kept (components far from the largest removed),
+#: then small-component removal; the paper's two steps; the relabelling guarded to tumours
+#: that hold core; small-component removal alone; nothing.
+POSTPROCESS_MODES = ("main-lesion", "paper", "guarded", "components", "none")
+#: The mode that measured best on cases from sites the model never saw (README).
+DEFAULT_POSTPROCESS = "main-lesion"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class SegmentationOptions:
         relabel_edema: post-processing step 2 (K-means edema relabelling).
         relabel_guard: step 2 only in tumour components that already hold core (not in
             the paper; see :func:`model.postprocess.relabel_edema_kmeans`).
+        main_lesion_gap_mm: after the other steps, remove tumour components farther than
+            this from the largest (None: keep them; not in the paper, see
+            :func:`model.postprocess.keep_main_lesion`).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
     """
@@ -52,6 +58,7 @@ class SegmentationOptions:
     remove_small: bool = True
     relabel_edema: bool = True
     relabel_guard: bool = False
+    main_lesion_gap_mm: float | None = None
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
 
@@ -69,6 +76,7 @@ class SegmentationOptions:
             remove_small=mode != "none",
             relabel_edema=relabel,
             relabel_guard=mode == "guarded",
+            main_lesion_gap_mm=MAIN_LESION_GAP_MM if mode == "main-lesion" else None,
             probabilities=probabilities,
         )
 
@@ -81,11 +89,14 @@ class Segmentation:
         labels: uint8 (X, Y, Z), BraTS 2018 convention (0, 1, 2, 4).
         probabilities: float32 (4, X, Y, Z) for background, NCR/NET, edema and ET, or None.
         timings: seconds per stage.
+        warnings: what the user should know about the result (e.g. tumour removed by
+            post-processing).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -146,6 +157,13 @@ def segment_images(
             relabel_edema=options.relabel_edema,
             relabel_guard=options.relabel_guard,
         )
+    warnings = []
+    if options.main_lesion_gap_mm is not None:
+        labels, removed = keep_main_lesion(
+            labels, canonical_spacing(affine), options.main_lesion_gap_mm
+        )
+        if removed:
+            warnings.append(_removed_warning(removed, affine, options.main_lesion_gap_mm))
     timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -155,7 +173,28 @@ def segment_images(
         full[0][np.all(full == 0, axis=0)] = 1.0  # outside the crop: background
         fused = from_canonical(full, affine)
     timings["paste"] = time.perf_counter() - start
-    return Segmentation(labels=labels, probabilities=fused, timings=timings)
+    return Segmentation(labels=labels, probabilities=fused, timings=timings, warnings=warnings)
+
+
+def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the axes of :func:`to_canonical`'s result."""
+    sizes = nib.affines.voxel_sizes(affine)
+    ornt = nib.orientations.io_orientation(affine)
+    out = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        out[int(target)] = float(sizes[axis])
+    return (out[0], out[1], out[2])
+
+
+def _removed_warning(removed: list[int], affine: np.ndarray, gap_mm: float) -> str:
+    voxel_ml = float(np.prod(nib.affines.voxel_sizes(affine))) / 1000.0
+    volume = sum(removed) * voxel_ml
+    parts = "part" if len(removed) == 1 else "parts"
+    return (
+        f"post-processing removed {len(removed)} predicted tumour {parts} ({volume:.1f} mL) "
+        f"lying more than {gap_mm:g} mm from the main lesion; for a multifocal tumour, "
+        "segment again with postprocess 'components' to keep them"
+    )
 
 
 def segment_case(

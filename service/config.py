@@ -58,10 +58,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, description="patches per forward pass in the worker")
     tiling: str = Field("paper", description="worker tiling: paper or fast")
     postprocess: str = Field(
-        "components",
-        description="post-processing of jobs that ask for it: components (small-component "
-        "removal; measured best on unseen sites), paper (removal and K-means edema "
-        "relabelling) or guarded (the relabelling only in tumours with core)",
+        "main-lesion",
+        description="post-processing of jobs that ask for it: main-lesion (tumour parts more "
+        "than 10 mm from the largest removed, then small-component removal; measured best "
+        "on unseen sites), components (small-component removal alone), paper (removal and "
+        "K-means edema relabelling) or guarded (the relabelling only in tumours with core)",
     )
     tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
@@ -153,9 +154,10 @@ class Settings(BaseSettings):
     @field_validator("postprocess")
     @classmethod
     def _known_postprocess(cls, value: str) -> str:
-        if value not in ("paper", "guarded", "components"):
+        if value not in ("main-lesion", "paper", "guarded", "components"):
             raise ValueError(
-                f"postprocess must be 'paper', 'guarded' or 'components'; got {value!r}"
+                "postprocess must be 'main-lesion', 'paper', 'guarded' or 'components'; "
+                f"got {value!r}"
             )
         return value
 

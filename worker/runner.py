@@ -257,6 +257,8 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         "spacing_mm": list(report.spacing_mm),
         "timings_s": {k: round(v, 3) for k, v in report.timings_s.items()},
     }
+    if report.warnings:
+        metrics["warnings"] = list(report.warnings)
     if study is not None:
         metrics["dicom"] = study.summary()
     if report.evaluation is not None:

@@ -29,8 +29,8 @@ NAME = "segment"
 HELP = "segment cases with a trained model"
 
 #: Post-processing modes of ``--postprocess``, and the default.
-POSTPROCESS_MODES = ("paper", "guarded", "components", "none")  # model.pipeline's
-DEFAULT_POSTPROCESS = "components"  # measured best on the multi-site validation split
+POSTPROCESS_MODES = ("main-lesion", "paper", "guarded", "components", "none")  # model.pipeline's
+DEFAULT_POSTPROCESS = "main-lesion"  # measured best on the multi-site validation split
 
 #: Command-line spelling of the four modality options; also load_case's mapping keys.
 MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
@@ -135,9 +135,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--postprocess",
         choices=POSTPROCESS_MODES,
         default=DEFAULT_POSTPROCESS,
-        help="paper: small-component removal and K-means edema relabelling; guarded: the "
-        "relabelling only in tumours that hold core; components: the removal alone; none "
-        "(default %(default)s)",
+        help="main-lesion: tumour parts more than 10 mm from the largest removed, then "
+        "small-component removal; paper: small-component removal and K-means edema "
+        "relabelling; guarded: the relabelling only in tumours that hold core; components: "
+        "small-component removal alone; none (default %(default)s)",
     )
     p.add_argument(
         "--no-postprocess",
@@ -359,6 +360,8 @@ def _segment_one(
         )
     finally:
         progress.close()
+    for warning in report.warnings:
+        print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
     if study is not None and args.dicom_seg:
         report.outputs.update(_write_dicom(study, report, args, out_dir, algorithm))
     document = report.to_dict()

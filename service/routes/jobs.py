@@ -65,6 +65,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
     if job.result:
         metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
         warnings = list((metrics.get("dicom") or {}).get("warnings", []))
+        warnings += list(metrics.get("warnings", []))
     deliveries = store.deliveries(job.id)
     return JobStatus(
         id=job.id,

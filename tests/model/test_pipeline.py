@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.case import CaseOutputs, process_case
 from model.checkpoint import CheckpointError, save_checkpoint
 from model.fusion import fuse, fused_probabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET
@@ -23,9 +24,11 @@ from model.phantom import make_phantom, write_phantom
 from model.pipeline import (
     Segmentation,
     SegmentationOptions,
+    canonical_spacing,
     load_predictor,
     segment_case,
     segment_images,
+    to_canonical,
 )
 from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
@@ -309,6 +312,7 @@ def test_postprocess_modes_map_to_options():
     from model.pipeline import POSTPROCESS_MODES, SegmentationOptions
 
     expected = {
+        "main-lesion": (True, False, False),
         "paper": (True, True, False),
         "guarded": (True, True, True),
         "components": (True, False, False),
@@ -323,5 +327,69 @@ def test_postprocess_modes_map_to_options():
             guard,
         ), mode
         assert options.probabilities
+        assert (options.main_lesion_gap_mm is not None) == (mode == "main-lesion")
     with pytest.raises(ValueError, match="postprocess"):
         SegmentationOptions.for_postprocess("kmeans")
+
+
+def _two_bright_lesions(spacing: tuple[float, float, float]):
+    """A plain brain with a bright-FLAIR main lesion and a smaller one 14 voxel steps
+    away along the first axis (both far above the small-component threshold)."""
+    images = np.full((4, *SHAPE), 100.0, np.float32)
+    images += np.random.default_rng(0).normal(0, 1, images.shape).astype(np.float32)
+    main = (slice(6, 14), slice(10, 18), slice(8, 14))
+    far = (slice(28, 32), slice(12, 16), slice(9, 13))
+    for box in (main, far):
+        images[(3, *box)] = 5000.0
+    affine = np.diag([*spacing, 1.0])
+    return images, affine, main, far
+
+
+def test_main_lesion_mode_removes_a_far_lesion_and_says_so(tmp_path):
+    predictor = Predictor([BrightFlairNet()], device="cpu", layout=SMALL_TILING)
+    images, affine, main, far = _two_bright_lesions((1.0, 1.0, 1.0))
+    kept = segment_images(
+        images, affine, predictor, SegmentationOptions.for_postprocess("components")
+    )
+    assert kept.labels[far].all() and kept.labels[main].all()
+    assert kept.warnings == []
+    seg = segment_images(
+        images, affine, predictor, SegmentationOptions.for_postprocess("main-lesion")
+    )
+    assert seg.labels[main].all() and not seg.labels[far].any()
+    np.testing.assert_array_equal(seg.labels[seg.labels != kept.labels], 0)
+    (warning,) = seg.warnings
+    assert "1 predicted tumour part (0.1 mL)" in warning and "10 mm" in warning
+    assert "components" in warning  # what to do about it
+
+    # the same lesions 14 voxels apart at 0.5 mm are 7 mm apart: one lesion
+    images, affine, main, far = _two_bright_lesions((0.5, 1.0, 1.0))
+    close = segment_images(
+        images, affine, predictor, SegmentationOptions.for_postprocess("main-lesion")
+    )
+    assert close.labels[far].all() and close.warnings == []
+
+    # the warning reaches the case report that the CLI and the workers write
+    images, affine, _, _ = _two_bright_lesions((1.0, 1.0, 1.0))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for channel, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+        nib.save(nib.Nifti1Image(images[channel], affine), folder / f"two_{modality}.nii.gz")
+    report = process_case(
+        folder,
+        predictor,
+        CaseOutputs(tmp_path / "out" / "two_seg.nii.gz"),
+        SegmentationOptions.for_postprocess("main-lesion"),
+    )
+    assert report.warnings == seg.warnings
+    assert report.to_dict()["warnings"] == seg.warnings
+
+
+def test_canonical_spacing_follows_the_reorientation():
+    # file axes (x, y, z) hold (S, R, A) at 3, 1 and 2 mm
+    affine = np.array(
+        [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0, 0, 0, 1]]
+    )
+    assert canonical_spacing(affine) == (1.0, 2.0, 3.0)
+    volume = np.zeros((4, 5, 6))
+    assert to_canonical(volume, affine).shape == (5, 6, 4)

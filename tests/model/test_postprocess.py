@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from model.labels import EDEMA, ENHANCING, NCR_NET
-from model.postprocess import postprocess, relabel_edema_kmeans, remove_small_components
+from model.postprocess import (
+    keep_main_lesion,
+    postprocess,
+    relabel_edema_kmeans,
+    remove_small_components,
+)
 
 T1CE = 1
 
@@ -405,3 +410,92 @@ def test_guard_relabels_only_components_that_hold_core():
     np.testing.assert_array_equal(guarded[dark_b], NCR_NET)
     np.testing.assert_array_equal(guarded[bright_b], EDEMA)
     assert (postprocess(labels, images, relabel_guard=True) == guarded).all()
+
+
+# --------------------------------------------------------------------------------------
+# keep_main_lesion (not in the paper)
+
+
+def _three_lesions(gap_near: int, gap_far: int, axis: int = 0) -> tuple[np.ndarray, dict]:
+    """A 10^3 main lesion and two 3^3 ones whose nearest voxel is ``gap_near`` voxel
+    steps from the main one along ``axis`` and ``gap_far`` along the next axis."""
+    labels = np.zeros((60, 60, 60), np.uint8)
+    masks = {"main": _block(labels, (2, 2, 2), (10, 10, 10), EDEMA)}
+    masks["main"] |= _block(labels, (5, 5, 5), (3, 3, 3), ENHANCING)
+    for name, gap, along in (("near", gap_near, axis), ("far", gap_far, (axis + 1) % 3)):
+        corner = [2, 2, 2]
+        corner[along] = 11 + gap
+        masks[name] = _block(labels, tuple(corner), (3, 3, 3), ENHANCING)
+    return labels, masks
+
+
+def test_keep_main_lesion_removes_only_far_components():
+    labels, masks = _three_lesions(gap_near=4, gap_far=20)
+    before = labels.copy()
+    out, removed = keep_main_lesion(labels, (1.0, 1.0, 1.0), max_gap_mm=10.0)
+    np.testing.assert_array_equal(labels, before)  # input untouched
+    assert removed == [27]
+    assert not out[masks["far"]].any()
+    np.testing.assert_array_equal(out[~masks["far"]], labels[~masks["far"]])
+    assert out.dtype == labels.dtype
+
+
+def test_keep_main_lesion_measures_the_gap_in_mm_along_each_axis():
+    # 8 voxel steps: 8 mm at 1 mm, 16 mm at 2 mm along the axis of the gap only
+    for axis in range(3):
+        labels, masks = _three_lesions(gap_near=8, gap_far=30, axis=axis)
+        kept, _ = keep_main_lesion(labels, (1.0, 1.0, 1.0))
+        assert kept[masks["near"]].all()
+        spacing = [1.0, 1.0, 1.0]
+        spacing[axis] = 2.0
+        out, removed = keep_main_lesion(labels, tuple(spacing))
+        assert not out[masks["near"]].any() and not out[masks["far"]].any()
+        assert removed == [27, 27]
+        other = [1.0, 1.0, 1.0]
+        other[(axis + 2) % 3] = 2.0
+        out, removed = keep_main_lesion(labels, tuple(other))
+        assert out[masks["near"]].all() and removed == [27]
+
+
+def test_keep_main_lesion_keeps_a_component_exactly_at_the_gap():
+    labels, masks = _three_lesions(gap_near=10, gap_far=11)  # 10 and 11 mm apart
+    out, removed = keep_main_lesion(labels, (1.0, 1.0, 1.0), max_gap_mm=10.0)
+    assert out[masks["near"]].all()
+    assert not out[masks["far"]].any() and removed == [27]
+
+
+def test_keep_main_lesion_leaves_one_or_no_component_alone():
+    empty = np.zeros((8, 8, 8), np.uint8)
+    out, removed = keep_main_lesion(empty, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(out, empty)
+    assert removed == []
+    one = empty.copy()
+    _block(one, (1, 1, 1), (3, 3, 3), NCR_NET)
+    out, removed = keep_main_lesion(one, (1.0, 1.0, 1.0), max_gap_mm=0.0)
+    np.testing.assert_array_equal(out, one)
+    assert removed == []
+
+
+def test_keep_main_lesion_commutes_with_small_component_removal():
+    labels, _ = _three_lesions(gap_near=3, gap_far=25)
+    _block(labels, (40, 40, 40), (20, 20, 20), EDEMA)  # now the largest, far from all
+    first = remove_small_components(keep_main_lesion(labels, (1.0, 1.0, 1.0))[0])
+    second = keep_main_lesion(remove_small_components(labels), (1.0, 1.0, 1.0))[0]
+    np.testing.assert_array_equal(first, second)
+    assert set(np.unique(first).tolist()) == {0, EDEMA}  # only the new largest is left
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"max_gap_mm": -1.0}, "max_gap_mm"),
+        ({"max_gap_mm": float("nan")}, "max_gap_mm"),
+        ({"spacing": (1.0, 1.0)}, "spacing"),
+        ({"spacing": (1.0, 0.0, 1.0)}, "spacing"),
+        ({"connectivity": 4}, "connectivity"),
+    ],
+)
+def test_keep_main_lesion_rejects_bad_arguments(kwargs, argument):
+    call = {"spacing": (1.0, 1.0, 1.0), **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        keep_main_lesion(np.zeros((4, 4, 4), np.uint8), **call)
