@@ -208,12 +208,21 @@ def keep_main_lesion(
     if len(sizes) <= 2:
         return out, []
     main = 1 + int(np.argmax(sizes[1:]))
-    # Every component lies in the tumour's bounding box, and a Euclidean distance does
-    # not depend on what lies between: the box alone gives exact distances.
-    low, high = _bounds(components)
-    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(low, high, strict=True))
-    gap = ndimage.distance_transform_edt(components[box] != main, sampling=sp)
-    nearest = ndimage.minimum(gap, components[box], index=np.arange(len(sizes)))
+    # A voxel more than the gap from the main lesion's bounding box along one axis is
+    # farther than the gap: distances are only needed in that box grown by the gap
+    # (exact there, since a Euclidean distance ignores what lies between), and a
+    # component with no voxel in it is far.
+    low, high = _bounds(components == main)
+    grow = [math.floor(max_gap_mm / v) + 1 for v in sp]
+    box = tuple(
+        slice(max(0, int(lo) - g), int(hi) + g + 1)
+        for lo, hi, g in zip(low, high, grow, strict=True)
+    )
+    near_main = components[box]
+    gap = ndimage.distance_transform_edt(near_main != main, sampling=sp)
+    tumour = near_main != 0
+    nearest = np.full(len(sizes), np.inf)
+    np.minimum.at(nearest, near_main[tumour], gap[tumour])
     far = np.asarray(nearest) > max_gap_mm
     far[0] = False
     far[main] = False
