@@ -1,7 +1,7 @@
 """Per-case CPU time of omnet's inference against MONAI's BraTS SegResNet, in one run.
 
     pip install -e '.[bench]'       # monai, for this comparison only
-    python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT] [--threads 2]
+    python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT ...] [--threads 2]
         [--setting paper+lesion ...] [--repeats 1]   (levers: +pp, +guard, +rm, +lesion, +tta)
 
 The reference is MONAI's BraTS tutorial model: SegResNet(blocks_down=(1, 2, 2, 4),
@@ -10,7 +10,8 @@ parameters, run with ``sliding_window_inference`` (roi 240 x 240 x 160, overlap 
 sw_batch_size 1) on the case's four z-scored modalities; its weights are random
 (speed does not depend on them). omnet runs the whole pipeline
 (:func:`model.case.process_case`: pre-process, inference, fusion, post-processing) with
-the given checkpoint and settings. Both run on the CPU with the same thread count,
+each given checkpoint (repeat ``--checkpoint`` to compare, e.g., widths) and setting.
+Both run on the CPU with the same thread count,
 alternately, and the script prints each one's wall and CPU seconds per case and omnet's
 time as a ratio of SegResNet's. Both are timed from the loaded volumes to the label map
 in memory: reading the files and writing the result are left out of both.
@@ -80,11 +81,14 @@ def main() -> None:
         resolve_data_dir(os.environ.get("OMNET_DATA_DIR")) / "brats2018" / "Brats18_CBICA_AMH_1"
     )
     parser.add_argument("--case", type=Path, default=default_case)
-    parser.add_argument("--checkpoint", type=Path, default=BUNDLED_PATH)
+    parser.add_argument(
+        "--checkpoint", type=Path, action="append", help="repeatable (default: the bundled model)"
+    )
     parser.add_argument("--setting", nargs="+", default=["paper+lesion"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    checkpoints = args.checkpoint or [BUNDLED_PATH]
     torch.set_num_threads(args.threads)
 
     images = load_case(args.case).images
@@ -93,16 +97,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             results.setdefault("segresnet", []).append(_segresnet_seconds(images))
-            for setting in args.setting:
-                seconds = _omnet_seconds(args.case, args.checkpoint, setting, Path(tmp))
-                results.setdefault(f"omnet {setting}", []).append(seconds)
+            for checkpoint in checkpoints:
+                for setting in args.setting:
+                    seconds = _omnet_seconds(args.case, checkpoint, setting, Path(tmp))
+                    label = f"omnet {setting}"
+                    if len(checkpoints) > 1:
+                        label = f"{label} {checkpoint.parent.name}/{checkpoint.name}"
+                    results.setdefault(label, []).append(seconds)
     base_wall = float(np.median([w for w, _ in results["segresnet"]]))
     base_cpu = float(np.median([c for _, c in results["segresnet"]]))
     for name, runs in results.items():
         wall = float(np.median([w for w, _ in runs]))
         cpu = float(np.median([c for _, c in runs]))
         print(
-            f"{name:<24} wall {wall:6.1f} s ({wall / base_wall:.2f} x SegResNet)   "
+            f"{name:<40} wall {wall:6.1f} s ({wall / base_wall:.2f} x SegResNet)   "
             f"CPU {cpu:6.1f} s ({cpu / base_cpu:.2f} x)"
         )
 
