@@ -35,8 +35,6 @@ _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 #: then small-component removal; the paper's two steps; the relabelling guarded to tumours
 #: that hold core; small-component removal alone; nothing.
 POSTPROCESS_MODES = ("main-lesion", "paper", "guarded", "components", "none")
-#: The mode that measured best on cases from sites the model never saw (README).
-DEFAULT_POSTPROCESS = "main-lesion"
 
 
 @dataclass(frozen=True)

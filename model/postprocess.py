@@ -212,18 +212,18 @@ def keep_main_lesion(
     # farther than the gap: distances are only needed in that box grown by the gap
     # (exact there, since a Euclidean distance ignores what lies between), and a
     # component with no voxel in it is far.
-    low, high = _bounds(components == main)
+    main_box = ndimage.find_objects(components, max_label=main)[main - 1]
     grow = [math.floor(max_gap_mm / v) + 1 for v in sp]
     box = tuple(
-        slice(max(0, int(lo) - g), int(hi) + g + 1)
-        for lo, hi, g in zip(low, high, grow, strict=True)
+        slice(max(0, int(side.start) - g), int(side.stop) + g)
+        for side, g in zip(main_box, grow, strict=True)
     )
     near_main = components[box]
     gap = ndimage.distance_transform_edt(near_main != main, sampling=sp)
     tumour = near_main != 0
     nearest = np.full(len(sizes), np.inf)
     np.minimum.at(nearest, near_main[tumour], gap[tumour])
-    far = np.asarray(nearest) > max_gap_mm
+    far = nearest > max_gap_mm
     far[0] = False
     far[main] = False
     removed = [int(n) for n in sizes[far]]
@@ -238,15 +238,6 @@ def keep_main_lesion(
         sum(removed),
     )
     return out, removed
-
-
-def _bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lowest and highest index per axis of the nonzero voxels of ``mask``."""
-    index = [
-        np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        for axis in range(mask.ndim)
-    ]
-    return np.array([i[0] for i in index]), np.array([i[-1] for i in index])
 
 
 def relabel_edema_kmeans(
