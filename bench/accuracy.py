@@ -5,17 +5,18 @@
         [--model ensemble=a.pt+b.pt] \
         [--data ../shared/data/brats2018 ../shared/data/brats-extra] \
         [--split model/splits/multisite_val.txt] \
-        [--setting paper+pp fast+pp paper+guard+tta ...] [--json out.json]
+        [--setting wide+lesion paper+pp fast+pp paper+guard+tta ...] [--json out.json]
 
 Every case goes through :func:`model.case.process_case` (what ``omnet segment`` and
-the workers run), once per model and setting. A setting names the tiling (``paper`` or
-``fast``) followed by levers joined with ``+``: ``pp`` (the paper's post-processing),
-``guard`` (post-processing with the guarded edema relabelling), ``rm`` (small-component
-removal only, no edema relabelling), ``lesion`` (small-component removal and the tumour
-parts more than 10 mm from the main lesion removed: ``--postprocess main-lesion``),
-``tta`` (flip averaging). Prints Dice and HD95 (WT, TC, ET) per institution group (from the case
-name), the mean over cases, the mean over groups (each institution weighs the same) and
-the CPU seconds per case relative to the first model and setting, measured in this run.
+the workers run), once per model and setting. A setting names the tiling (``wide``, the
+default, ``paper`` or ``fast``) followed by levers joined with ``+``: ``pp`` (the
+paper's post-processing), ``guard`` (post-processing with the guarded edema
+relabelling), ``rm`` (small-component removal only, no edema relabelling), ``lesion``
+(small-component removal and the tumour parts more than 10 mm from the main lesion
+removed: ``--postprocess main-lesion``), ``tta`` (flip averaging). Prints Dice and HD95
+(WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
+over groups (each institution weighs the same) and the CPU seconds per case relative to
+the first model and setting, measured in this run.
 
 Settings that share a model, tiling and TTA share one network pass per case (the
 probabilities are kept for the next setting); the CPU time of a setting that reused
@@ -134,7 +135,7 @@ def main() -> None:
         default=[data_dir / "brats2018", data_dir / "brats-extra"],
     )
     parser.add_argument("--split", type=Path, default=SPLITS_DIR / "multisite_val.txt")
-    parser.add_argument("--setting", nargs="+", default=["paper+lesion"])
+    parser.add_argument("--setting", nargs="+", default=["wide+lesion"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

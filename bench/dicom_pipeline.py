@@ -1,6 +1,6 @@
 """Time the DICOM steps of a job beside its inference, on a real case.
 
-    python bench/dicom_pipeline.py [CASE] [--checkpoint CKPT] [--tiling paper]
+    python bench/dicom_pipeline.py [CASE] [--checkpoint CKPT] [--tiling wide]
         [--dicomweb URL] [--threads 2] [--repeats 1] [--json]
 
 Writes the BraTS case CASE (default: the first under ``$OMNET_DATA_DIR/brats2018``) as a
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("case", nargs="?", type=Path, default=None)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--tiling", default="paper", choices=("paper", "fast"))
+    parser.add_argument("--tiling", default="wide", choices=("wide", "paper", "fast"))
     parser.add_argument("--dicomweb", default="http://127.0.0.1:8042/dicom-web")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)

@@ -2,7 +2,8 @@
 
     pip install -e '.[bench]'       # monai, for this comparison only
     python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT ...] [--threads 2]
-        [--setting paper+lesion ...] [--repeats 1]   (levers: +pp, +guard, +rm, +lesion, +tta)
+        [--setting wide+lesion paper+lesion ...] [--repeats 1]
+        (a setting: TILING[+pp|+guard|+rm|+lesion][+tta])
 
 The reference is MONAI's BraTS tutorial model: SegResNet(blocks_down=(1, 2, 2, 4),
 blocks_up=(1, 1, 1), init_filters=16, in_channels=4, out_channels=3), 4.7 M
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", type=Path, action="append", help="repeatable (default: the bundled model)"
     )
-    parser.add_argument("--setting", nargs="+", default=["paper+lesion"])
+    parser.add_argument("--setting", nargs="+", default=["wide+lesion", "paper+lesion"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()

@@ -5,7 +5,7 @@
     python bench/service_load.py --url http://HOST:8000 --api-key KEY
                                  [--api-pid PID] [--worker-pid PID ...]
     common: [--clients 2] [--jobs 12 | --duration SECONDS] [--shape 48 48 32]
-            [--cases 3] [--poll 0.2] [--device cpu] [--tiling paper] [--json]
+            [--cases 3] [--poll 0.2] [--device cpu] [--tiling wide] [--json]
 
 ``--embedded`` starts ``omnet serve`` (API + one solo worker, filesystem transport and
 SQLite, nothing else needed) on a temporary storage folder. ``--redis URL`` starts an
@@ -602,7 +602,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="serve this checkpoint (default: random network)")
     parser.add_argument("--width", type=int, default=4, help="width of the random network")
     parser.add_argument("--device", default="cpu", help="worker device (started services)")
-    parser.add_argument("--tiling", default="paper", choices=["paper", "fast"])
+    parser.add_argument("--tiling", default="wide", choices=["wide", "paper", "fast"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

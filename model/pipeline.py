@@ -24,7 +24,13 @@ from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
 from model.nifti_io import MODALITIES, Case, save_labels, save_probabilities
 from model.postprocess import MAIN_LESION_GAP_MM, keep_main_lesion, postprocess
 from model.preprocess import paste, preprocess
-from model.tiling import PAPER_TILING, Predictor, ProgressCallback, TaskProbabilities, TileLayout
+from model.tiling import (
+    WIDE_TILING,
+    Predictor,
+    ProgressCallback,
+    TaskProbabilities,
+    TileLayout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +215,7 @@ def load_predictor(
     checkpoints: Sequence[str | Path],
     device: str = "auto",
     batch_size: int = 16,
-    layout: TileLayout = PAPER_TILING,
+    layout: TileLayout = WIDE_TILING,
     tta: bool = False,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`

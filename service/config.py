@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:N")
     batch_size: int = Field(16, ge=1, description="patches per forward pass in the worker")
-    tiling: str = Field("paper", description="worker tiling: paper or fast")
+    tiling: str = Field("wide", description="worker tiling: wide, paper or fast")
     postprocess: str = Field(
         "main-lesion",
         description="post-processing of jobs that ask for it: main-lesion (tumour parts more "
@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     @field_validator("tiling")
     @classmethod
     def _known_tiling(cls, value: str) -> str:
-        if value not in ("paper", "fast"):
-            raise ValueError(f"tiling must be 'paper' or 'fast'; got {value!r}")
+        if value not in ("wide", "paper", "fast"):
+            raise ValueError(f"tiling must be 'wide', 'paper' or 'fast'; got {value!r}")
         return value
 
     @field_validator("postprocess")

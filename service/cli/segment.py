@@ -123,10 +123,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
         "--tiling",
-        default="paper",
+        default="wide",
         choices=LazyChoices("model.tiling", "TILINGS"),
         metavar="NAME",
-        help="paper (32x32x16 patches, default) or fast (64x64x32 patches)",
+        help="wide (default: 32x32x16 patches, centre 24x24x8 kept), paper (centre "
+        "20x20x5 kept, as the paper) or fast (64x64x32 patches)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="patches per forward pass (16)"

@@ -32,7 +32,7 @@ from model.pipeline import (
 )
 from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
-from model.tiling import FAST_TILING, PAPER_TILING, Predictor, TileLayout
+from model.tiling import FAST_TILING, WIDE_TILING, Predictor, TileLayout
 
 SHAPE = (40, 36, 24)
 LABELS = {0, NCR_NET, EDEMA, ENHANCING}
@@ -276,7 +276,7 @@ def test_load_predictor_from_checkpoint(tmp_path, model, config):
 
     ensemble, members = load_predictor([path, path], device="cpu")
     assert len(ensemble.models) == 2 and len(members) == 2
-    assert ensemble.layout == PAPER_TILING
+    assert ensemble.layout == WIDE_TILING  # the product default
 
 
 def test_load_predictor_rejects_single_task_checkpoint(tmp_path):

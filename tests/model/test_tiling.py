@@ -15,8 +15,11 @@ from torch import nn
 
 from model.network import ArchConfig, TaskOutputs, build_model
 from model.tiling import (
+    DEFAULT_TILING,
     FAST_TILING,
     PAPER_TILING,
+    TILINGS,
+    WIDE_TILING,
     Predictor,
     TaskProbabilities,
     TileLayout,
@@ -28,7 +31,12 @@ from model.tiling import (
 #: A layout with the kept block flush against the patch's start along X and its end
 #: along Y and Z, to exercise extreme offsets.
 SKEWED_TILING = TileLayout(patch=(8, 16, 8), kept=(3, 5, 2), offset=(0, 11, 6))
-LAYOUTS = {"paper": PAPER_TILING, "fast": FAST_TILING, "skewed": SKEWED_TILING}
+LAYOUTS = {
+    "paper": PAPER_TILING,
+    "wide": WIDE_TILING,
+    "fast": FAST_TILING,
+    "skewed": SKEWED_TILING,
+}
 SHAPES = [(45, 37, 23), (20, 20, 5), (7, 50, 11), (1, 1, 1), (40, 40, 10)]
 
 
@@ -77,6 +85,19 @@ def test_paper_layout_numbers_by_hand():
     ]
     assert len(PAPER_TILING.kept_origins((45, 37, 23))) == 3 * 2 * 5
     assert PAPER_TILING.efficiency == pytest.approx(20 * 20 * 5 / (32 * 32 * 16))
+
+
+def test_wide_layout_numbers_by_hand():
+    # The paper's patch with its centre 24 x 24 x 8 kept: 4 voxels of context each side.
+    assert WIDE_TILING.patch == PAPER_TILING.patch
+    assert WIDE_TILING.grid((45, 37, 23)) == (2, 2, 3)  # ceil(45/24), ceil(37/24), ceil(23/8)
+    assert WIDE_TILING.padding((45, 37, 23)) == [(4, 7), (4, 15), (4, 5)]
+    assert WIDE_TILING.efficiency == pytest.approx(24 * 24 * 8 / (32 * 32 * 16))
+    # A brain-sized box runs 2.3-2.4x fewer tiles than the paper's layout.
+    shape = (160, 192, 144)
+    ratio = len(PAPER_TILING.kept_origins(shape)) / len(WIDE_TILING.kept_origins(shape))
+    assert 2.2 < ratio < 2.5
+    assert TILINGS[DEFAULT_TILING] is WIDE_TILING
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -237,10 +258,11 @@ def _assert_background(probs: TaskProbabilities, where: np.ndarray) -> None:
     [
         (PAPER_TILING, (45, 37, 23)),
         (PAPER_TILING, (7, 50, 11)),
+        (WIDE_TILING, (45, 37, 23)),
         (FAST_TILING, (45, 37, 23)),
         (FAST_TILING, (70, 50, 23)),
     ],
-    ids=["paper-45x37x23", "paper-7x50x11", "fast-45x37x23", "fast-70x50x23"],
+    ids=["paper-45x37x23", "paper-7x50x11", "wide-45x37x23", "fast-45x37x23", "fast-70x50x23"],
 )
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_predictions_land_on_their_voxels(layout, shape, batch_size):
