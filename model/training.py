@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
-    val_tiling: str = "paper"
+    val_tiling: str = "wide"
     val_every: int = 1
     task1_tumour_fraction: float = 0.0
     augment: bool = False

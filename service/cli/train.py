@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli.common import LazyChoices
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -55,7 +57,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", type=Path, help="file of validation case names")
     p.add_argument("--train-split", type=Path, help="file of training case names")
     p.add_argument("--cache", type=Path, help="cache folder (default: RUN/../cache)")
-    p.add_argument("--val-tiling", default="paper", choices=["paper", "fast"])
+    p.add_argument(
+        "--val-tiling",
+        default="wide",
+        choices=LazyChoices("model.tiling", "TILINGS"),
+        metavar="NAME",
+        help="tiling of the validation passes: wide (default, as omnet segment), paper or fast",
+    )
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and last)")
     p.add_argument(
         "--task1-tumour-fraction",

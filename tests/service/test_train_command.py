@@ -170,3 +170,17 @@ def test_several_data_folders_and_a_duplicate_case(data, tmp_path, capsys):
     again = ["train", "--data", str(data), str(second), "--out", str(tmp_path / "r2"), *SMALL]
     assert main(again) != 0
     assert "only once" in _one_error_line(capsys)
+
+
+def test_validation_tiling_defaults_to_the_segment_default_and_checks_its_name(capsys):
+    from model.training import TrainConfig
+    from service.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--data", "d", "--out", "o"]
+    assert parser.parse_args(base).val_tiling == "wide" == TrainConfig().val_tiling
+    assert parser.parse_args([*base, "--val-tiling", "paper"]).val_tiling == "paper"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([*base, "--val-tiling", "slow"])
+    assert exc.value.code == 2
+    assert "slow" in capsys.readouterr().err
