@@ -42,7 +42,7 @@ from model.metrics import evaluate_case
 from model.network import ArchConfig, MCCascade, OMNet, build_model
 from model.nifti_io import Case
 from model.pipeline import SegmentationOptions, segment_case
-from model.tiling import TILINGS, Predictor, to_network
+from model.tiling import DEFAULT_TILING, TILINGS, Predictor, to_network
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
-    val_tiling: str = "wide"
+    val_tiling: str = DEFAULT_TILING
     val_every: int = 1
     task1_tumour_fraction: float = 0.0
     augment: bool = False
