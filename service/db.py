@@ -10,7 +10,10 @@ without locks of their own.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -236,16 +239,94 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+#: How long a fork waits for the store's connections in use to be returned.
+FORK_WAIT_S = 60.0
+
+
+class ForkGate:
+    """Keeps ``os.fork`` and the store's connections apart.
+
+    A Celery prefork worker forks its pool children from a parent whose threads use the
+    store (worker heartbeats, reconciliation, webhook deliveries). A child must not
+    inherit a connection: SQLite keeps per-process lock state that a copy corrupts (the
+    child's claims then fail with "database is locked"), and a server connection's
+    socket cannot be shared. So a fork waits until no connection is in use, holds new
+    ones back while it runs, and closes the parent's idle pooled connections; the child
+    starts with an empty pool of its own. Enter the gate around every use of the engine.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Condition()
+        self._in_use = 0
+        self._forking = False
+        self._depth = threading.local()  # a thread's nested uses never wait for a fork
+        gate = weakref.ref(self)  # the fork hooks must not keep the store alive
+        os.register_at_fork(
+            before=lambda: _call(gate, "_before_fork"),
+            after_in_parent=lambda: _call(gate, "_after_fork_in_parent"),
+            after_in_child=lambda: _call(gate, "_after_fork_in_child"),
+        )
+
+    def __enter__(self) -> None:
+        depth = getattr(self._depth, "n", 0)
+        with self._lock:
+            if depth == 0:
+                self._lock.wait_for(lambda: not self._forking)
+            self._in_use += 1
+        self._depth.n = depth + 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth.n -= 1
+        with self._lock:
+            self._in_use -= 1
+            if self._in_use == 0:
+                self._lock.notify_all()
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()  # held across the fork: no thread can start using the engine
+        self._forking = True  # and none starts while the fork waits for those in use
+        # A connection stuck for longer (a hung database server) does not stop the fork;
+        # the child still starts with a pool of its own.
+        self._lock.wait_for(lambda: self._in_use == 0, timeout=FORK_WAIT_S)
+        self._engine.dispose()  # nothing idle and open for the child to inherit
+
+    def _after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._lock.notify_all()
+        self._lock.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's other threads are gone, and the lock's copy is held.
+        self._lock = threading.Condition()
+        self._in_use = 0
+        self._forking = False
+        self._depth = threading.local()
+        self._engine.dispose(close=False)
+
+
+def _call(ref: weakref.ref[ForkGate], method: str) -> None:
+    gate = ref()
+    if gate is not None:
+        getattr(gate, method)()
+
+
 class JobStore:
     """Reads and changes job records; every method is one short transaction."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         metadata.create_all(self.engine)
+        self._fork_gate = ForkGate(self.engine)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
+        with self._fork_gate, self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._fork_gate, self.engine.connect() as conn:
             yield conn
 
     # ---------------------------------------------------------------- jobs
@@ -291,13 +372,13 @@ class JobStore:
         query = sa.select(jobs).where(jobs.c.id == job_id)
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(query).first()
         return Job.from_row(row) if row else None
 
     def by_idempotency_key(self, owner: str, key: str) -> Job | None:
         query = sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(query).first()
         return Job.from_row(row) if row else None
 
@@ -311,7 +392,7 @@ class JobStore:
             .offset(offset)
         )
         count = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.owner == owner)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
             total = conn.execute(count).scalar_one()
         return [Job.from_row(r) for r in rows], int(total)
@@ -325,12 +406,12 @@ class JobStore:
             .select_from(jobs)
             .where(jobs.c.state == JobState.QUEUED, jobs.c.created_at < job.created_at)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(query).scalar_one()) + 1
 
     def counts(self) -> dict[JobState, int]:
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             found: dict[str, int] = {s: n for s, n in conn.execute(query).all()}
         return {state: int(found.get(state, 0)) for state in JobState}
 
@@ -342,7 +423,7 @@ class JobStore:
             .order_by(jobs.c.finished_at.desc())
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [(f - c).total_seconds() for c, f in conn.execute(query).all()]
 
     def claim(self, job_id: str, worker: str, stale_after_s: float) -> Job | None:
@@ -462,7 +543,7 @@ class JobStore:
 
     def expired(self, now: datetime | None = None) -> list[str]:
         query = sa.select(jobs.c.id).where(jobs.c.expires_at < (now or utcnow()))
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [r.id for r in conn.execute(query).all()]
 
     def orphans(self, stale_after_s: float) -> list[Job]:
@@ -474,7 +555,7 @@ class JobStore:
                 sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
             )
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query).all()]
 
     # ---------------------------------------------------------------- webhooks
@@ -485,7 +566,7 @@ class JobStore:
             .where(deliveries.c.job_id == job_id)
             .order_by(deliveries.c.created_at, deliveries.c.id)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Delivery.from_row(r) for r in conn.execute(query).all()]
 
     def retry_deliveries(self, job_id: str, event_prefix: str) -> int:
@@ -522,7 +603,7 @@ class JobStore:
             sa.or_(deliveries.c.claimed_until.is_(None), deliveries.c.claimed_until < now),
         )
         query = sa.select(deliveries.c.id).where(due).order_by(deliveries.c.next_attempt_at)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             candidates = [r.id for r in conn.execute(query.limit(limit)).all()]
         claimed = []
         for delivery_id in candidates:
@@ -599,10 +680,10 @@ class JobStore:
     def live_workers(self, within_s: float) -> list[dict[str, Any]]:
         since = utcnow() - timedelta(seconds=within_s)
         query = sa.select(workers).where(workers.c.seen_at >= since).order_by(workers.c.name)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(query).all()
         return [{**dict(r._mapping), "model": json.loads(r.model)} for r in rows]
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             conn.execute(sa.text("SELECT 1"))
