@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     dicomweb_timeout_s: float = Field(
         120.0, gt=0, description="one DICOMweb request (search, retrieval of a series, store)"
     )
+    dicomweb_retrieve_patience_s: float = Field(
+        300.0,
+        ge=0,
+        description="how long a job waits for its DICOMweb source to send the study when it "
+        "cannot (unreachable, timed out, HTTP 5xx or 429), retrying with back-off, before it "
+        "fails with dicomweb_unavailable; 0: fails at once",
+    )
     dicomweb_max_attempts: int = Field(
         10, ge=1, description="attempts to store a job's results to a destination"
     )

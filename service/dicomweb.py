@@ -28,6 +28,7 @@ from typing import Any
 
 import pydicom
 import requests
+import retrying  # type: ignore[import-untyped]
 from dicomweb_client import DICOMwebClient
 
 from service.config import DicomWebEndpoint, Settings
@@ -47,12 +48,15 @@ _SERIES_DESCRIPTION, _SERIES_NUMBER, _INSTANCES = "0008103E", "00200011", "00201
 
 
 class DicomWebError(Exception):
-    """A DICOMweb exchange failed; ``code`` says how (stable, for the API and jobs)."""
+    """A DICOMweb exchange failed; ``code`` says how (stable, for the API and jobs).
+    ``transient``: the server could not be reached, timed out or answered 5xx or 429, so
+    the same request may well succeed later."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, transient: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.transient = transient
 
 
 def client(endpoint: DicomWebEndpoint, timeout_s: float, retries: bool = True) -> DICOMwebClient:
@@ -64,6 +68,23 @@ def client(endpoint: DicomWebEndpoint, timeout_s: float, retries: bool = True) -
     web = DICOMwebClient(endpoint.url, session=session, timeout=timeout_s)
     web.set_http_retry_params(retry=retries, max_attempts=3, wait_exponential_multiplier=500)
     return web
+
+
+#: What a DICOMweb exchange raises when it fails: requests' errors, the OSError of a
+#: file, and dicomweb-client's RetryError when a retriable status (408, 429, 503, 504)
+#: outlasts its attempts.
+_FAILURES = (requests.RequestException, OSError, retrying.RetryError)
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """A RetryError as the HTTPError its last response stands for; others as they are."""
+    if isinstance(exc, retrying.RetryError):
+        response = getattr(exc.last_attempt, "value", None)
+        if isinstance(response, requests.Response):
+            return requests.HTTPError(
+                f"{response.status_code} {response.reason}", response=response
+            )
+    return exc
 
 
 def _value(item: Mapping[str, Any], tag: str) -> Any:
@@ -81,11 +102,15 @@ def _failure(endpoint: DicomWebEndpoint, what: str, exc: Exception) -> DicomWebE
                 f"DICOMweb server {endpoint.name} refused to {what} ({why}); the operator "
                 "must check its credentials",
             )
+        transient = status >= 500 or status == 429
     else:
         why = f"{type(exc).__name__}: {exc}"[:300]
+        # Unreachable, timed out, cut off; not this side's own OSError (a full disk).
+        transient = isinstance(exc, requests.RequestException)
     return DicomWebError(
         "dicomweb_unavailable",
         f"DICOMweb server {endpoint.name} could not {what} ({why}); try again later",
+        transient=transient,
     )
 
 
@@ -106,7 +131,8 @@ def find_study(
             fields=["SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances"],
             get_remaining=True,
         )
-    except (requests.RequestException, OSError) as exc:
+    except _FAILURES as raised:
+        exc = _unwrap(raised)
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             if exc.response.status_code == 404:
                 found = []
@@ -143,10 +169,12 @@ def retrieve_study(
     max_bytes: int,
     timeout_s: float,
     progress: Callable[[int, int], None] | None = None,
+    retries: bool = True,
 ) -> int:
     """Retrieves the MR series of ``study_uid`` (or only ``series_uids``) with WADO-RS
     into ``folder`` (one file per instance, ``<series>/<n>.dcm``); returns how many
     instances were stored. ``progress`` is called with (series done, series in all).
+    Without ``retries`` each request is made once (the caller retries the whole).
 
     Raises:
         DicomWebError: as :func:`find_study`, or ``too_large`` past ``max_bytes``.
@@ -156,7 +184,7 @@ def retrieve_study(
     else:
         wanted = [
             s["uid"]
-            for s in find_study(endpoint, study_uid, timeout_s)
+            for s in find_study(endpoint, study_uid, timeout_s, retries)
             if s["modality"] in RETRIEVED_MODALITIES
         ]
         if not wanted:
@@ -164,7 +192,7 @@ def retrieve_study(
                 "missing_modality",
                 f"study {study_uid} on DICOMweb server {endpoint.name} holds no MR series",
             )
-    web = client(endpoint, timeout_s)
+    web = client(endpoint, timeout_s, retries)
     total = count = 0
     for n, series_uid in enumerate(wanted):
         target = folder / f"series{n:03d}"
@@ -181,7 +209,8 @@ def retrieve_study(
                         f"study {study_uid} is larger than {max_bytes / 2**20:.0f} MB; name "
                         "its four series (series=t1=<uid>,...) to retrieve only those",
                     )
-        except (requests.RequestException, OSError) as exc:
+        except _FAILURES as raised:
+            exc = _unwrap(raised)
             response = exc.response if isinstance(exc, requests.HTTPError) else None
             if response is not None and response.status_code == 404:
                 raise DicomWebError(
@@ -214,7 +243,8 @@ def store_files(endpoint: DicomWebEndpoint, paths: Sequence[Path], timeout_s: fl
     web = client(endpoint, timeout_s, retries=False)
     try:
         response = web.store_instances(datasets)
-    except (requests.RequestException, OSError) as exc:
+    except _FAILURES as raised:
+        exc = _unwrap(raised)
         raise _failure(endpoint, "store the results", exc) from exc
     failed = response.get("FailedSOPSequence") or []
     if failed:

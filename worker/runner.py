@@ -57,6 +57,11 @@ class RunOutcome(StrEnum):
     BUSY = "busy"
 
 
+#: Waits between retrievals of a study from a DICOMweb source that cannot send it: the
+#: first, doubled each time up to the last.
+RETRIEVE_FIRST_WAIT_S, RETRIEVE_MAX_WAIT_S = 2.0, 30.0
+
+
 class StopReason(StrEnum):
     """Why a running job must stop before it is done."""
 
@@ -153,6 +158,14 @@ class _Heartbeat(threading.Thread):
         if self.stop_reason is not None:
             raise JobStoppedError(self.stop_reason)
 
+    def pause(self, seconds: float) -> None:
+        """Sleeps ``seconds``, stopping early (JobStoppedError) when the job must stop."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            self.check()
+            time.sleep(min(left, 0.25))
+        self.check()
+
     def close(self) -> None:
         self._done.set()
 
@@ -176,8 +189,6 @@ def _dicom_study_path(
             "study from",
         )
     folder = storage.inputs_dir(job.id) / "retrieved"
-    shutil.rmtree(folder, ignore_errors=True)  # a job taken over starts its retrieval again
-    folder.mkdir(parents=True)
     overrides = series_overrides(job.options)
     # Four series named by UID: only those are retrieved; otherwise the study's MR series.
     named = list(overrides.values()) if len(overrides) == len(MODALITIES) else []
@@ -187,17 +198,40 @@ def _dicom_study_path(
         hb.progress.fraction = 0.05 * done / max(total, 1)
         hb.check()
 
-    hb.progress.stage = "retrieving"
-    retrieve_study(
-        endpoint,
-        study_uid,
-        folder,
-        series_uids=uids,
-        max_bytes=int(settings.max_study_mb * 2**20),
-        timeout_s=settings.dicomweb_timeout_s,
-        progress=progress,
-    )
-    return folder
+    # A source that is down for a while (a PACS restarting) holds the job up, with its
+    # stage saying so, for at most dicomweb_retrieve_patience_s; then the job fails.
+    deadline = time.monotonic() + settings.dicomweb_retrieve_patience_s
+    wait_s = RETRIEVE_FIRST_WAIT_S
+    attempt = 0
+    while True:
+        attempt += 1
+        shutil.rmtree(folder, ignore_errors=True)  # a job taken over starts it again too
+        folder.mkdir(parents=True)
+        hb.progress.stage = "retrieving"
+        try:
+            retrieve_study(
+                endpoint,
+                study_uid,
+                folder,
+                series_uids=uids,
+                max_bytes=int(settings.max_study_mb * 2**20),
+                timeout_s=settings.dicomweb_timeout_s,
+                progress=progress,
+                retries=False,  # this loop retries, with the stage saying so
+            )
+            return folder
+        except DicomWebError as exc:
+            left = deadline - time.monotonic()
+            if not exc.transient or left <= 0:
+                if exc.transient and attempt > 1:
+                    exc.message += (
+                        f" ({attempt} attempts over {settings.dicomweb_retrieve_patience_s:.0f} s)"
+                    )
+                raise
+            logger.warning("job %s: %s; retrying in %.0f s", job.id, exc.message, min(wait_s, left))
+            hb.progress.stage = "waiting for the DICOMweb source"
+            hb.pause(min(wait_s, left))
+            wait_s = min(wait_s * 2, RETRIEVE_MAX_WAIT_S)
 
 
 def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:

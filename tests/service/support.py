@@ -9,6 +9,7 @@ and show the logs' tails when something fails.
 from __future__ import annotations
 
 import gzip
+import http.server
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -444,3 +446,39 @@ def queued_messages(redis_url: str, queue: str) -> int:
         )
     finally:
         client.close()
+
+
+# ------------------------------------------------------------ a failing HTTP server
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request with its server's ``status`` and an empty body."""
+
+    def _answer(self) -> None:
+        self.server.requests += 1  # type: ignore[attr-defined]
+        self.send_response(self.server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@contextmanager
+def status_server(status: int) -> Iterator[tuple[str, http.server.HTTPServer]]:
+    """A real HTTP server on loopback that answers every request with ``status`` (a
+    DICOMweb server that is overloaded, restarting or refusing); yields its DICOMweb
+    root URL and the server, whose ``requests`` counts what it was sent."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StatusHandler)
+    server.status, server.requests = status, 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/dicom-web", server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -355,3 +355,37 @@ def test_study_uid_needs_a_source(tmp_path, redis_url, queue_prefix, tiny_checkp
         response = client_.post("/v1/jobs", files=_form(zipped, {"destinations": "pacs"}))
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "unknown_destination"
+
+
+def test_a_source_down_after_submission_holds_the_job_until_it_is_back(
+    tmp_path, redis_url, queue_prefix, tiny_checkpoint, studies
+):
+    """The PACS holds the study when the job is accepted, is down when the worker starts
+    the job, and comes back: the job waits, its stage saying so, and then succeeds in the
+    same attempt."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/dicom-web"
+    env = redis_env(redis_url, f"{queue_prefix}-outage", tiny_checkpoint, OMNET_DICOMWEB_SOURCE=url)
+    with make_stack("outage", tmp_path, env) as stack:
+        source, _ = stack.start_orthanc("source", port=port)  # private: this test stops it
+        study = studies["b"]
+        _store(url, study)
+        api = stack.wait_api(stack.start_api())
+        job_id = _submit(api, [], study_uid=study.study_uid)
+        source.stop()
+        worker = stack.start_worker()
+        stack.wait_worker(worker)
+
+        client_ = api.client("alice")
+
+        def waiting() -> bool:
+            body = client_.get(f"/v1/jobs/{job_id}").json()
+            assert body["state"] in ("queued", "running"), body
+            return bool(body["stage"] == "waiting for the DICOMweb source")
+
+        wait_until(waiting, 60, "the job to wait for its source", stack, 0.2)
+        stack.start_orthanc("source", port=port)  # the same storage: the study is there
+        stack.wait_state(client_, job_id, ("succeeded",), timeout=120)
+        record = stack.record(job_id)
+        assert record is not None and record.attempts == 1
+        assert "retrying in" in worker.output()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pydicom
 import pytest
 from pydantic import ValidationError
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from model.dicom_study import DEFAULT_RULES, SeriesRule, parse_series_rules
 from service.config import Settings, parse_destinations, parse_endpoint
@@ -20,8 +23,9 @@ from service.dicom_uploads import (
     parse_series,
     series_rules,
 )
-from service.dicomweb import STORE_EVENT, store_deliveries
+from service.dicomweb import STORE_EVENT, DicomWebError, store_deliveries, store_files
 from service.errors import ApiError
+from tests.service.support import status_server
 
 
 def test_endpoint_keeps_credentials_out_of_its_url():
@@ -136,3 +140,36 @@ def test_an_unreachable_source_is_answered_503(tmp_path):
         check_study_on_source(settings, "1.2.3", {})
     assert (info.value.status, info.value.code) == (503, "dicomweb_unavailable")
     assert "try again later" in info.value.message
+
+
+def _tiny_instance(path):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_busy_source_is_answered_503_and_a_busy_destination_is_retried(tmp_path, status):
+    """dicomweb-client gives up on these statuses with its own RetryError; it is told
+    apart from the service's own failures (no 500, no internal_error)."""
+    with status_server(status) as (url, _server):
+        settings = Settings(storage_dir=tmp_path, dicomweb_source=url)
+        with pytest.raises(ApiError) as info:
+            check_study_on_source(settings, "1.2.3", {})
+        assert (info.value.status, info.value.code) == (503, "dicomweb_unavailable")
+        assert f"HTTP {status}" in info.value.message
+
+        seg = _tiny_instance(tmp_path / "seg.dcm")
+        with pytest.raises(DicomWebError) as stored:
+            store_files(parse_endpoint("pacs", url), [seg], 5)
+        assert stored.value.code == "dicomweb_unavailable" and stored.value.transient

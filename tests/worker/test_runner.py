@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import torch
+from pydantic import SecretStr
 
 from model.checkpoint import save_checkpoint
 from model.network import ArchConfig, build_model
@@ -25,6 +28,7 @@ from service.config import Settings
 from service.db import JobState, JobStore, jobs, utcnow
 from service.schemas import JobOptions
 from service.storage import Storage
+from tests.service.support import status_server
 from worker import runner
 from worker.runner import RunOutcome, run_job, worker_name
 
@@ -327,3 +331,71 @@ def test_job_lost_between_last_beat_and_finish(
         assert (job.state, job.worker) == (JobState.RUNNING, "other-host:1")
         assert storage.inputs_dir(job_id).is_dir()
         assert (storage.outputs_dir(job_id) / "segmentation.nii.gz").is_file()
+
+
+# ------------------------------------------------------------ retrieval by study_uid
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _submit_study_uid(store: JobStore) -> str:
+    opts = JobOptions(study_uid="1.2.826.0.1.3680043.8.498.77").model_dump()
+    job, _ = store.create("alice", opts, {}, "test.cpu")
+    return job.id
+
+
+def _from_source(settings: Settings, url: str, patience_s: float) -> Settings:
+    return settings.model_copy(
+        update={"dicomweb_source": SecretStr(url), "dicomweb_retrieve_patience_s": patience_s}
+    )
+
+
+def test_an_unreachable_source_is_retried_until_the_patience_runs_out(settings, store, storage):
+    source = _from_source(settings, f"http://127.0.0.1:{_closed_port()}/dicom-web", 3.0)
+    job_id = _submit_study_uid(store)
+    started = time.monotonic()
+    assert run_job(job_id, source, store, storage) == RunOutcome.FAILED
+    took = time.monotonic() - started
+    job = store.get(job_id)
+    assert job is not None and job.error_code == "dicomweb_unavailable"
+    # Tried at once, after 2 s, and at the deadline (3 s).
+    assert "3 attempts over 3 s" in (job.error_message or ""), job.error_message
+    assert 3.0 <= took < 20, took
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retried"),
+    [
+        (503, "dicomweb_unavailable", True),
+        (400, "dicomweb_unavailable", False),
+        (401, "dicomweb_refused", False),
+    ],
+)
+def test_only_transient_source_failures_are_retried(
+    settings, store, storage, status, code, retried
+):
+    with status_server(status) as (url, server):
+        job_id = _submit_study_uid(store)
+        assert run_job(job_id, _from_source(settings, url, 8.0), store, storage) == (
+            RunOutcome.FAILED
+        )
+        job = store.get(job_id)
+        assert job is not None and job.error_code == code
+        assert ("attempts over" in (job.error_message or "")) == retried, job.error_message
+        assert (server.requests > 1) == retried, server.requests  # one request an attempt
+
+
+def test_a_job_waiting_for_its_source_shows_it_and_can_be_cancelled(settings, store, storage):
+    source = _from_source(settings, f"http://127.0.0.1:{_closed_port()}/dicom-web", 600.0)
+    job_id = _submit_study_uid(store)
+    thread, outcome = _run_in_thread(source, store, storage, job_id)
+    deadline = time.monotonic() + 20
+    while (job := store.get(job_id)) is None or job.stage != "waiting for the DICOMweb source":
+        assert time.monotonic() < deadline, f"never shown as waiting: {job}"
+        time.sleep(0.05)
+    assert job.state == JobState.RUNNING
+    store.cancel(job_id, "alice", timedelta(hours=1))
+    thread.join(10)
+    assert outcome == [RunOutcome.CANCELLED]
