@@ -11,6 +11,7 @@ types and tensors, loadable with ``weights_only=True``)::
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,20 +91,15 @@ def atomic_save(payload: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_payload(path: Path) -> dict[str, Any]:
-    """The checkpoint file's dictionary, checked for our marker and format version."""
+def _read_payload(path: Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint file's dictionary, checked for our marker and format version, and
+    the SHA-256 of the very bytes it was read from (a file replaced meanwhile, as a
+    deployment does, cannot give the weights of one file the hash of another)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pt file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise CheckpointError(
             f"checkpoint {path} could not be read ({type(exc).__name__}); is it an omnet .pt file?"
@@ -116,15 +112,15 @@ def _read_payload(path: Path) -> dict[str, Any]:
             f"checkpoint {path} has format version {version!r}; this omnet reads version "
             f"{FORMAT_VERSION}. Use the omnet release that wrote it, or retrain."
         )
-    return payload
+    return payload, hashlib.sha256(data).hexdigest()
 
 
-def _info(path: Path, payload: dict[str, Any]) -> CheckpointInfo:
+def _info(path: Path, payload: dict[str, Any], sha256: str) -> CheckpointInfo:
     try:
         config = ArchConfig.from_dict(payload["config"])
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is damaged or inconsistent: {exc}") from exc
-    return CheckpointInfo(config, dict(payload.get("metadata") or {}), path, file_sha256(path))
+    return CheckpointInfo(config, dict(payload.get("metadata") or {}), path, sha256)
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -138,7 +134,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         CheckpointError: as :func:`load_checkpoint`.
     """
     path = Path(path)
-    return _info(path, _read_payload(path))
+    return _info(path, *_read_payload(path))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -149,8 +145,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             written by an incompatible format version.
     """
     path = Path(path)
-    payload = _read_payload(path)
-    info = _info(path, payload)
+    payload, sha256 = _read_payload(path)
+    info = _info(path, payload, sha256)
     try:
         model = build_model(info.config)
         state = {

@@ -1,7 +1,14 @@
+import hashlib
+
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from model.network import ArchConfig, build_model
 
 
@@ -20,7 +27,8 @@ def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, variant):
     ckpt = load_checkpoint(path)
     assert ckpt.config == config
     assert ckpt.metadata == {"epochs": 3}
-    assert len(ckpt.sha256) == 64
+    assert ckpt.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert read_checkpoint_info(path).sha256 == ckpt.sha256
     with torch.no_grad():
         got = ckpt.model(x)
     for a, b in zip(expected, got, strict=True):
