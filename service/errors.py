@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import sqlalchemy.exc as sa_exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -39,6 +40,9 @@ def _response(
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
+#: Retry-After (seconds) of a 503 database_unavailable.
+DATABASE_RETRY_AFTER_S = 5
+
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -62,6 +66,22 @@ def install(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return _response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        # Busy past its timeout, restarting, failing over, out of connections: the
+        # caller can do nothing but try again, which will likely work.
+        logger.warning(
+            "job database unavailable on %s %s: %s", request.method, request.url.path, exc
+        )
+        return _response(
+            503,
+            "database_unavailable",
+            "the job database did not answer; try again in a few seconds (a submission "
+            "retried with the same Idempotency-Key cannot make a second job)",
+            {"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

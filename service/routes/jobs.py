@@ -142,14 +142,18 @@ async def create_job(
     upload = await receive_case(
         request, storage, settings, CallbackRules.for_owner(settings, owner)
     )
-    queue = _queue(settings, store)
     options = upload.options.model_dump()
     if upload.options.callback_url:
         # Not an option the client sets: the URL its events link to (the one answered now).
         options["status_url"] = str(request.url_for("get_job", job_id=upload.job_id))
-    job, created = store.create(
-        owner, options, upload.inputs, queue, idempotency_key, job_id=upload.job_id
-    )
+    try:
+        queue = _queue(settings, store)
+        job, created = store.create(
+            owner, options, upload.inputs, queue, idempotency_key, job_id=upload.job_id
+        )
+    except BaseException:
+        storage.delete_job(upload.job_id)  # no record: nothing would ever remove its files
+        raise
     if not created:  # a concurrent retry with the same key won the race
         storage.delete_job(upload.job_id)
         return _created(request, response, store, job)
