@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 COPY worker ./worker
-RUN pip install . && rm -rf /src/build
+RUN pip install ".[postgres]" && rm -rf /src/build
 
 # Same uid as in worker.Dockerfile, so both can write the shared /data volume.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin omnet \

@@ -20,7 +20,7 @@ COPY worker ./worker
 # fails instead of downloading another torch if it ever would not.
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
         > /tmp/torch-constraint.txt \
-    && pip install --constraint /tmp/torch-constraint.txt . \
+    && pip install --constraint /tmp/torch-constraint.txt ".[postgres]" \
     && rm -rf /src/build /tmp/torch-constraint.txt
 
 # Same uid as in api.Dockerfile, so both can write the shared /data volume.

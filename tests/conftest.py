@@ -1,8 +1,10 @@
-"""Shared test fixtures: where the real BraTS cases live."""
+"""Shared test fixtures: where the real BraTS cases live, and the job databases."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ import pytest
 from model.data import DATA_ENV, resolve_data_dir
 
 __all__ = ["DATA_ENV", "data_dir"]
+
+#: The PostgreSQL server whose throwaway databases the job-store tests also run on (a
+#: role that may create databases); they skip with the reason when it cannot be reached.
+POSTGRES_URL = os.environ.get(
+    "OMNET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def data_dir() -> Path:
@@ -33,3 +41,32 @@ def brats_case_dir() -> Path:
             "that holds brats2018/<case>/"
         )
     return cases[0]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty job database: a SQLite file, or a database of its own on the
+    PostgreSQL server at ``OMNET_TEST_POSTGRES_URL`` (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+        return
+    import sqlalchemy as sa
+
+    try:
+        admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:
+        pytest.skip(
+            f"no PostgreSQL at {POSTGRES_URL} ({type(exc).__name__}); install the 'postgres' "
+            "extra and set OMNET_TEST_POSTGRES_URL to a role that may create databases"
+        )
+    name = f"omnet_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

@@ -1,7 +1,8 @@
 """service/db.py across os.fork: a Celery prefork parent uses the job store from its
 threads while it forks pool children, and a child must be able to claim jobs at once.
 
-Real SQLite files and real forked processes; each child reports through its exit status.
+Real databases (a SQLite file, and PostgreSQL where a server answers) and real forked
+processes; each child reports through its exit status.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,8 +20,10 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+def store(database_url: str) -> Iterator[JobStore]:
+    store = JobStore(database_url)
+    yield store
+    store.engine.dispose()
 
 
 def _new_job(store: JobStore) -> str:

@@ -267,8 +267,8 @@ class _Receiver:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+def store(database_url: str) -> Iterator[JobStore]:
+    store = JobStore(database_url)
     yield store
     store.engine.dispose()
 

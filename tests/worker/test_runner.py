@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -61,9 +62,11 @@ def settings(tmp_path, checkpoint, monkeypatch) -> Settings:
 
 
 @pytest.fixture
-def store(settings) -> JobStore:
+def store(settings, database_url) -> Iterator[JobStore]:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    return JobStore(settings.database)
+    store = JobStore(database_url)
+    yield store
+    store.engine.dispose()
 
 
 @pytest.fixture
