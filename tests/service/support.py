@@ -321,7 +321,8 @@ class Stack:
     def store(self) -> JobStore:
         """The stack's job records, read directly (what the API does not show)."""
         if self._store is None:
-            self._store = JobStore(f"sqlite:///{self.storage / 'jobs.sqlite'}")
+            url = self.env.get("OMNET_DATABASE_URL") or f"sqlite:///{self.storage / 'jobs.sqlite'}"
+            self._store = JobStore(url)
         return self._store
 
     def record(self, job_id: str) -> Job | None:

@@ -83,8 +83,17 @@ def half_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_a_killed_pool_child_is_replaced_and_the_job_succeeds_once(
-    deployment, phantom, half_checkpoint
+    tmp_path, redis_url, tiny_checkpoint, database_url, phantom, half_checkpoint
 ):
+    """On each job database: the replacement child is forked from a parent whose threads
+    use the database all the time, and must claim the job at once."""
+    env = {} if database_url.startswith("sqlite") else {"OMNET_DATABASE_URL": database_url}
+    with _deployment(tmp_path, redis_url, tiny_checkpoint, **env) as deployment:
+        deployment.wait_api(deployment.start_api("api"))
+        _kill_a_pool_child(deployment, phantom, half_checkpoint)
+
+
+def _kill_a_pool_child(deployment: Stack, phantom: Phantom, half_checkpoint: Path) -> None:
     model = {"OMNET_CHECKPOINT": str(half_checkpoint), "OMP_NUM_THREADS": "2"}
     worker = deployment.start_worker("prefork", pool="prefork", **SLOW, **model)
     deployment.wait_worker(worker)
