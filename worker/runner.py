@@ -17,11 +17,14 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import sqlalchemy.exc as sa_exc
 
 from model.atomic import atomic_write_text
 from model.case import CaseOutputs, CaseReport, process_case
@@ -60,6 +63,38 @@ class RunOutcome(StrEnum):
 #: Waits between retrievals of a study from a DICOMweb source that cannot send it: the
 #: first, doubled each time up to the last.
 RETRIEVE_FIRST_WAIT_S, RETRIEVE_MAX_WAIT_S = 2.0, 30.0
+
+
+#: Waits between tries of a change to a job's record that the job database did not take:
+#: the first, doubled each time up to the last.
+DATABASE_FIRST_WAIT_S, DATABASE_MAX_WAIT_S = 0.5, 5.0
+
+T = TypeVar("T")
+
+
+def _persist(call: Callable[[], T], job_id: str, what: str, patience_s: float) -> T:
+    """``call``, a change to job ``job_id``'s record, tried again while the job database
+    does not answer (busy past its timeout, restarting, failing over), for up to
+    ``patience_s``. A database blip then delays the job instead of failing its message
+    (which would wait for the reconciliation) or losing a computed result (which another
+    worker would compute again)."""
+    deadline = time.monotonic() + patience_s
+    wait_s = DATABASE_FIRST_WAIT_S
+    while True:
+        try:
+            return call()
+        except sa_exc.OperationalError as exc:
+            if time.monotonic() + wait_s > deadline:
+                raise
+            logger.warning(
+                "job %s: the job database did not %s (%s); trying again in %.1f s",
+                job_id,
+                what,
+                str(exc).splitlines()[0][:200],
+                wait_s,
+            )
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, DATABASE_MAX_WAIT_S)
 
 
 class StopReason(StrEnum):
@@ -323,7 +358,7 @@ def _fail(
     worker: str,
     store: JobStore,
     storage: Storage,
-    retention: timedelta,
+    settings: Settings,
     code: str,
     message: str,
 ) -> RunOutcome:
@@ -331,15 +366,21 @@ def _fail(
     (its inputs stay, so that the owner can see what was sent until the record expires)."""
     job_id = job.id
     event = completion_event(job, JobState.FAILED, error=(code, message))
-    if not store.finish(
+    finished = _persist(
+        lambda: store.finish(
+            job_id,
+            worker,
+            JobState.FAILED,
+            timedelta(hours=settings.retention_hours),
+            error_code=code,
+            error_message=message,
+            event=event,
+        ),
         job_id,
-        worker,
-        JobState.FAILED,
-        retention,
-        error_code=code,
-        error_message=message,
-        event=event,
-    ):
+        "record the failure",
+        settings.stale_after_s,
+    )
+    if not finished:
         return _lost(job_id, store, storage)
     shutil.rmtree(storage.outputs_dir(job_id), ignore_errors=True)
     return RunOutcome.FAILED
@@ -369,13 +410,21 @@ def _lost(job_id: str, store: JobStore, storage: Storage) -> RunOutcome:
 def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) -> RunOutcome:
     """Runs job ``job_id`` if this worker can claim it, and says what happened."""
     me = worker_name()
-    job = store.claim(job_id, me, settings.stale_after_s)
+    job = _persist(
+        lambda: store.claim(job_id, me, settings.stale_after_s),
+        job_id,
+        "take the claim",
+        settings.stale_after_s,
+    )
     if job is None:
         current = store.get(job_id)
-        if current is not None and current.state == JobState.RUNNING:
+        if current is None or current.state != JobState.RUNNING:
+            return RunOutcome.GONE
+        if current.worker != me:
             return RunOutcome.BUSY
-        return RunOutcome.GONE
-    retention = timedelta(hours=settings.retention_hours)
+        # This process's own claim (it runs one job at a time): a commit that went through
+        # while its answer was lost, or an earlier run here that ended without a record.
+        job = current
     logger.info("job %s claimed by %s (attempt %d)", job_id, me, job.attempts)
     hb = _Heartbeat(
         store, job_id, me, settings.worker_heartbeat_s, time.monotonic() + settings.job_time_limit_s
@@ -391,15 +440,15 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             me,
             store,
             storage,
-            retention,
+            settings,
             "time_limit_exceeded",
             f"the job ran longer than {settings.job_time_limit_s:.0f} s and was stopped; "
             "retry with a smaller case or ask the operator to raise OMNET_JOB_TIME_LIMIT_S",
         )
     except InputError as exc:
-        return _fail(job, me, store, storage, retention, exc.code, str(exc))
+        return _fail(job, me, store, storage, settings, exc.code, str(exc))
     except DicomWebError as exc:
-        return _fail(job, me, store, storage, retention, exc.code, exc.message)
+        return _fail(job, me, store, storage, settings, exc.code, exc.message)
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         return _fail(
@@ -407,7 +456,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             me,
             store,
             storage,
-            retention,
+            settings,
             "internal_error",
             f"segmentation failed ({type(exc).__name__}: {exc}); it was logged",
         )
@@ -426,16 +475,21 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             job_destinations(job.options, settings),
             [files[k] for k in kinds if k in files],
         )
-    done = store.finish(
+    done = _persist(
+        lambda: store.finish(
+            job_id,
+            me,
+            JobState.SUCCEEDED,
+            timedelta(hours=settings.retention_hours),
+            result=result,
+            model_name=model["name"],
+            model_sha256=model["sha256"],
+            event=event,
+            deliveries=stores,
+        ),
         job_id,
-        me,
-        JobState.SUCCEEDED,
-        retention,
-        result=result,
-        model_name=model["name"],
-        model_sha256=model["sha256"],
-        event=event,
-        deliveries=stores,
+        "record the result",
+        settings.stale_after_s,
     )
     if not done:  # cancelled or taken over between the last beat and now
         return _lost(job_id, store, storage)

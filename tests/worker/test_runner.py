@@ -402,3 +402,79 @@ def test_a_job_waiting_for_its_source_shows_it_and_can_be_cancelled(settings, st
     store.cancel(job_id, "alice", timedelta(hours=1))
     thread.join(10)
     assert outcome == [RunOutcome.CANCELLED]
+
+
+# ------------------------------------------------------------ the job database blinks
+class _Blink:
+    """Takes the SQLite job database away (a folder in its place: every new connection
+    fails with "unable to open database file") and puts it back ``after_s`` later."""
+
+    def __init__(self, store: JobStore, after_s: float) -> None:
+        self.store, self.after_s = store, after_s
+        self.path = Path(store.engine.url.database or "")
+
+    def _files(self) -> list[Path]:
+        return [Path(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm")]
+
+    def start(self) -> None:
+        self.store.engine.dispose()  # pooled connections would keep the old file open
+        for path in self._files():
+            if path.exists():
+                path.rename(path.with_name(path.name + ".away"))
+        self.path.mkdir()
+        threading.Timer(self.after_s, self._back).start()
+
+    def _back(self) -> None:
+        self.path.rmdir()
+        for path in self._files():
+            away = path.with_name(path.name + ".away")
+            if away.exists():
+                away.rename(path)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_database_blink_at_the_claim_delays_the_job(settings, store, storage, case, caplog):
+    job_id = _submit(store, storage, case, preview=False)
+    _Blink(store, after_s=1.5).start()
+    started = time.monotonic()
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
+    assert time.monotonic() - started >= 1.5
+    job = store.get(job_id)
+    assert job is not None and (job.state, job.attempts) == (JobState.SUCCEEDED, 1)
+    assert "did not take the claim" in caplog.text
+
+
+class _BlinksAtFinish(JobStore):
+    """A job store whose database goes away just as the result is recorded."""
+
+    blinked = False
+
+    def finish(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.blinked:
+            self.blinked = True
+            _Blink(self, after_s=1.5).start()
+        return super().finish(*args, **kwargs)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_database_blink_at_the_finish_keeps_the_result(
+    settings, database_url, storage, case, caplog
+):
+    store = _BlinksAtFinish(database_url)
+    job_id = _submit(store, storage, case, preview=False)
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
+    job = store.get(job_id)
+    assert job is not None and (job.state, job.attempts) == (JobState.SUCCEEDED, 1)
+    assert job.result is not None and storage.path(job.result["files"]["segmentation"]).is_file()
+    assert "did not record the result" in caplog.text
+    store.engine.dispose()
+
+
+def test_a_claim_whose_answer_was_lost_is_still_this_workers(settings, store, storage, case):
+    """The claim's commit went through but its answer never came (a connection cut at
+    the commit): the message, delivered again, finds the job running under this very
+    process and runs it, instead of leaving it to be taken over as stale."""
+    job_id = _submit(store, storage, case, preview=False)
+    assert store.claim(job_id, worker_name(), settings.stale_after_s) is not None
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
+    assert store.get(job_id).state == JobState.SUCCEEDED  # type: ignore[union-attr]
