@@ -353,6 +353,27 @@ def _write_dicom(
     )
 
 
+def _finish(
+    store: JobStore,
+    job_id: str,
+    worker: str,
+    state: JobState,
+    settings: Settings,
+    **fields: Any,
+) -> bool:
+    """:meth:`JobStore.finish` with the configured retention, tried again through a
+    database blink (:func:`_persist`); False when the job is no longer this worker's."""
+    what = "record the result" if state == JobState.SUCCEEDED else "record the failure"
+    return _persist(
+        lambda: store.finish(
+            job_id, worker, state, timedelta(hours=settings.retention_hours), **fields
+        ),
+        job_id,
+        what,
+        settings.stale_after_s,
+    )
+
+
 def _fail(
     job: Job,
     worker: str,
@@ -366,19 +387,15 @@ def _fail(
     (its inputs stay, so that the owner can see what was sent until the record expires)."""
     job_id = job.id
     event = completion_event(job, JobState.FAILED, error=(code, message))
-    finished = _persist(
-        lambda: store.finish(
-            job_id,
-            worker,
-            JobState.FAILED,
-            timedelta(hours=settings.retention_hours),
-            error_code=code,
-            error_message=message,
-            event=event,
-        ),
+    finished = _finish(
+        store,
         job_id,
-        "record the failure",
-        settings.stale_after_s,
+        worker,
+        JobState.FAILED,
+        settings,
+        error_code=code,
+        error_message=message,
+        event=event,
     )
     if not finished:
         return _lost(job_id, store, storage)
@@ -475,21 +492,17 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             job_destinations(job.options, settings),
             [files[k] for k in kinds if k in files],
         )
-    done = _persist(
-        lambda: store.finish(
-            job_id,
-            me,
-            JobState.SUCCEEDED,
-            timedelta(hours=settings.retention_hours),
-            result=result,
-            model_name=model["name"],
-            model_sha256=model["sha256"],
-            event=event,
-            deliveries=stores,
-        ),
+    done = _finish(
+        store,
         job_id,
-        "record the result",
-        settings.stale_after_s,
+        me,
+        JobState.SUCCEEDED,
+        settings,
+        result=result,
+        model_name=model["name"],
+        model_sha256=model["sha256"],
+        event=event,
+        deliveries=stores,
     )
     if not done:  # cancelled or taken over between the last beat and now
         return _lost(job_id, store, storage)
