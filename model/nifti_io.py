@@ -311,6 +311,14 @@ def _open_image(path: Path, modality: str | None) -> nib.Nifti1Image:
             f"{what} does not exist or is not a file; check the path and send it again",
             path,
         )
+    if path.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        raise InputError(
+            "not_nifti",
+            f"{what} is half of a two-file NIfTI/Analyze pair (.hdr/.img); convert the pair "
+            "to one .nii.gz file (for example nibabel.save(nibabel.load('x.hdr'), "
+            "'x.nii.gz')) and send that",
+            path,
+        )
     if _split_nifti_name(path) is None:
         raise InputError(
             "not_nifti",

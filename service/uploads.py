@@ -16,7 +16,6 @@ import bz2
 import email.message
 import email.utils
 import gzip
-import io
 import json
 import shutil
 import uuid
@@ -28,8 +27,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import nibabel as nib
-import numpy as np
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -37,6 +34,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.nifti_header import HeaderInfo, NiftiHeaderError, read_nifti_header
 from model.nifti_io import MODALITIES, InputError, load_case, load_labels
 from service.config import DicomWebEndpoint, Settings
 from service.dicom_uploads import (
@@ -55,7 +53,7 @@ from service.webhooks import CallbackRefusedError, CallbackRules
 
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
-#: Header bytes read before the rest of a compressed upload (NIfTI-1's header size).
+#: Leading bytes of an upload kept for its format check (compression magic numbers).
 HEADER_BYTES = 352
 #: What a compressed upload may hold beyond the voxel data its header declares
 #: (header extensions, padding); more is not a NIfTI volume, but a bomb or garbage.
@@ -209,6 +207,14 @@ def check_filename(field: str, filename: str | None) -> str:
             f"field '{field}': file name {name!r} looks like a path; "
             "send a plain name like t1.nii.gz",
         )
+    if name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        raise ApiError(
+            400,
+            "not_nifti",
+            f"field '{field}': {name!r} is half of a two-file NIfTI/Analyze pair (.hdr/.img); "
+            "convert the pair to one .nii.gz file (for example nibabel.save(nibabel.load("
+            "'x.hdr'), 'x.nii.gz')) and send that",
+        )
     if not name.lower().endswith(NIFTI_ENDINGS):
         raise ApiError(
             400,
@@ -254,17 +260,16 @@ def _check_compressed(path: Path, field: str, max_volume: int, kind: _Compressio
     """
     try:
         with kind.open(path, "rb") as fh:
-            head = fh.read(HEADER_BYTES)
             try:
-                declared = _check_header(head, field, max_volume)
+                info = _check_header(fh, field, max_volume)
             except ApiError:
                 # Garbage where the header should be: a corrupt stream is the likelier
                 # cause when the next block (up to 1 MB, enough for a bzip2 block)
                 # fails its check; otherwise it is not NIfTI. Either way, stop early.
                 fh.read(TRAILING_SLACK)
                 raise
-            ceiling = min(max_volume, declared + TRAILING_SLACK)
-            total = len(head)
+            ceiling = min(max_volume, info.file_bytes + TRAILING_SLACK)
+            total = info.data_offset
             while chunk := fh.read(CHUNK):
                 total += len(chunk)
                 if total > ceiling:
@@ -292,31 +297,27 @@ def _check_compressed(path: Path, field: str, max_volume: int, kind: _Compressio
         ) from exc
 
 
-def _check_header(head: bytes, field: str, max_volume: int) -> int:
-    """The NIfTI header must parse and declare a volume under the size ceiling.
-
-    Returns:
-        The file size the header implies (voxel data offset plus voxel data), in bytes.
-    """
+def _check_header(stream: BinaryIO, field: str, max_volume: int) -> HeaderInfo:
+    """The NIfTI header, extensions included, must parse as ``nibabel.load`` parses it
+    and declare a volume under the size ceiling; reads the header only."""
     try:
-        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=True)
-    except Exception as exc:  # nibabel raises several types on garbage
-        try:
-            header = nib.Nifti2Header.from_fileobj(io.BytesIO(head + b"\x00" * 540), check=True)
-        except Exception:
-            raise ApiError(
-                400, "not_nifti", f"field '{field}' is not a NIfTI volume ({type(exc).__name__})"
-            ) from exc
-    shape = header.get_data_shape()
-    nbytes = int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
-    if nbytes > max_volume:
+        info = read_nifti_header(stream)
+    except NiftiHeaderError as exc:
+        raise ApiError(
+            400,
+            "not_nifti",
+            f"field '{field}' is not a NIfTI volume: {exc}. Send a NIfTI-1 or NIfTI-2 volume "
+            "(.nii, .nii.gz or .nii.bz2)",
+        ) from exc
+    if info.data_bytes > max_volume:
+        shape = info.header.get_data_shape()
         raise ApiError(
             413,
             "volume_too_large",
-            f"field '{field}' declares a {shape} volume of {nbytes / 2**20:.0f} MB, over the "
-            f"limit of {max_volume / 2**20:.0f} MB",
+            f"field '{field}' declares a {shape} volume of {info.data_bytes / 2**20:.0f} MB, "
+            f"over the limit of {max_volume / 2**20:.0f} MB",
         )
-    return int(header.get_data_offset()) + nbytes
+    return info
 
 
 def store_upload(
@@ -329,7 +330,8 @@ def store_upload(
     dest = folder / f"{field}{kind.ending if kind else '.nii'}"
     head = _copy_limited(src, dest, field, max_volume * 4)
     if kind is None:
-        _check_header(head, field, max_volume)
+        with open(dest, "rb") as fh:
+            _check_header(fh, field, max_volume)
         return dest
     if not head.startswith(kind.magic):
         raise ApiError(
