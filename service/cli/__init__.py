@@ -6,7 +6,8 @@ Every sub-command reports failures as one readable line on stderr and a non-zero
 status; tracebacks are shown only with ``--debug``.
 
 Sub-commands import the science (``model``, and with it PyTorch) inside ``run``, so
-that ``omnet --help`` and a usage error stay fast.
+that ``omnet --help`` and a usage error stay fast, and so that the ``omnet`` process
+sets its OpenMP wait policy (:mod:`service.openmp`) before PyTorch loads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from service.cli import evaluate, export, model_info, phantom, segment, serve, train, worker
 from service.cli.common import EXIT_FAILURE, EXIT_USAGE, one_line
+from service.openmp import prefer_passive_waits
 
 COMMANDS = (model_info, phantom, segment, evaluate, train, serve, worker, export)
 
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv``; without ``argv`` (the ``omnet`` script, ``python -m
+    service.cli``) that of this process, which then first prefers passive OpenMP waits
+    (:func:`service.openmp.prefer_passive_waits`; the worker processes it starts inherit
+    the setting). Returns the exit status."""
+    if argv is None:
+        prefer_passive_waits()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

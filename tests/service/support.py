@@ -49,7 +49,7 @@ PYTHON = sys.executable
 OMNET = (
     [str(Path(PYTHON).with_name("omnet"))]
     if Path(PYTHON).with_name("omnet").exists()
-    else [PYTHON, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"]
+    else [PYTHON, "-m", "service.cli"]
 )
 
 #: Live stacks, so that a failing test can attach their logs to its report.
