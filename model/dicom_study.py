@@ -4,15 +4,22 @@
 
 1. **Scan**: every file of the folder (searched recursively) or zip member is read as
    DICOM, headers only; other files are skipped. Instances are grouped into series by
-   SeriesInstanceUID.
+   SeriesInstanceUID. A multi-frame image (Enhanced MR, Legacy Converted Enhanced MR)
+   counts as one image per frame, each with the header that frame sees: its per-frame
+   functional groups (PlanePositionSequence, PlaneOrientationSequence,
+   PixelMeasuresSequence, PixelValueTransformationSequence, the MR echo, timing and
+   modifier macros), then the shared ones, then the file's own attributes
+   (:func:`frame_headers`), so that everything below treats frames and classic
+   single-frame images alike.
 2. **Map series to modalities**: explicit overrides (``{"t1ce": SeriesInstanceUID}``, or
    a SeriesNumber) first; then :data:`DEFAULT_RULES`, regular expressions on the
    SeriesDescription, ProtocolName and SequenceName (each a :class:`SeriesRule`; the
    caller may pass its own), with the contrast agent (ContrastBolusAgent, or words such
    as "post", "gad", "+C" in the text) telling T1ce from T1; a series no text rule
    matches is classified by its sequence attributes (:func:`classify_by_sequence`: TR,
-   TE, TI, inversion recovery). Series that cannot be a modality volume (not MR Image
-   Storage, multi-frame, localizers, projections, colour) are never picked by the rules;
+   TE, TI, inversion recovery). Series that cannot be a modality volume (not MR, Enhanced
+   MR or Legacy Converted Enhanced MR Image Storage; multi-frame images that do not say
+   where each frame lies; localizers, projections, colour) are never picked by the rules;
    among several candidates for one modality, ORIGINAL images win over DERIVED ones
    (reformats). A modality with no series, or with several, raises ``missing_modality``
    or ``ambiguous_series`` with a list of every series found and how it was classified.
@@ -21,9 +28,9 @@
    one image per slice position (``duplicate_slices``: echoes, time points or b-values
    stacked in one series), slice positions along the slice normal (``gantry_tilt``,
    also from GantryDetectorTilt), evenly spaced (``uneven_spacing``, e.g. a missing
-   slice), at least two slices (``not_3d``); single-frame images only (``multiframe``);
-   the four series share one FrameOfReferenceUID (``frame_of_reference_mismatch``) and
-   one PatientID (``patient_mismatch``).
+   slice), at least two slices (``not_3d``); pixel data in a transfer syntax that can
+   be decoded (``unsupported_series``); the four series share one FrameOfReferenceUID
+   (``frame_of_reference_mismatch``) and one PatientID (``patient_mismatch``).
 4. **Convert** each series to a volume (below), on the grid: x along the rows (column
    index), y along the columns (row index), z the slices sorted along the normal
    (row direction x column direction), with the NIfTI affine (RAS) of that grid.
@@ -40,7 +47,10 @@ unchanged and its label map lies on the T1ce series' slices, as a DICOM SEG need
 (:mod:`model.dicom_outputs`; :attr:`DicomStudy.reference` holds the T1ce headers in
 slice order).
 
-Converter. Pixel data are decoded by SimpleITK (``ImageSeriesReader``, GDCM inside),
+Converter. Frames of multi-frame images are decoded by pydicom (its own decoders for
+uncompressed, deflated, big-endian and RLE data; pyjpegls for JPEG-LS; pylibjpeg-openjpeg
+for JPEG 2000), each frame rescaled by its own slope and intercept. Single-frame images
+are decoded by SimpleITK (``ImageSeriesReader``, GDCM inside),
 given the exact, checked and sorted file list; the geometry is this module's own,
 computed from the headers it checked. Measured with ``python bench/dicom_converters.py
 --repeats 5`` on Brats18_CBICA_AMH_1 written as DICOM (T1, T1ce, FLAIR axial, T2
@@ -99,8 +109,36 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: The modality whose grid the case is put on (the SEG references its series).
 GRID_MODALITY = "t1ce"
 
-#: Enhanced (multi-frame) MR Image Storage: refused, with a message saying so.
+#: Enhanced MR Image Storage and Legacy Converted Enhanced MR Image Storage: multi-frame
+#: series, read frame by frame like classic ones (:func:`frame_headers`).
 ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_CONVERTED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
+#: The SOP classes a modality series may have.
+MR_VOLUME_STORAGE = frozenset(
+    {str(MRImageStorage), ENHANCED_MR_STORAGE, LEGACY_CONVERTED_MR_STORAGE}
+)
+
+#: Transfer syntaxes whose pixel data SimpleITK (GDCM) decodes in single-frame series:
+#: uncompressed, deflated, big-endian, JPEG (baseline, extended, lossless), JPEG-LS,
+#: JPEG 2000 and RLE. Multi-frame images are decoded by pydicom, with the decoders
+#: installed (:func:`_decodable`).
+SINGLE_FRAME_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+    }
+)
 
 #: ImageType values of images that are not a slice of an intensity volume.
 NOT_A_VOLUME_IMAGE_TYPES = frozenset(
@@ -295,15 +333,32 @@ def _values(value: object) -> list[object]:
 
 @dataclass(frozen=True)
 class _Instance:
-    """One DICOM file: where it is and its header (without pixel data)."""
+    """One image: a single-frame DICOM file, or one frame of a multi-frame file.
+
+    Attributes:
+        path: the file (or the zip file).
+        member: the zip member, or None for a plain file.
+        header: the file's header without pixel data; for a frame, the header as that
+            frame sees it (:func:`frame_headers`).
+        frame: the 1-based frame number in a multi-frame file; 0 for a single-frame one.
+        dataset: for a frame, the whole header of its file (functional groups and all).
+    """
 
     path: Path
-    member: str | None  # the zip member, or None for a plain file
+    member: str | None
     header: Dataset
+    frame: int = 0
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.member}" if self.member else str(self.path)
+        place = f"{self.path}:{self.member}" if self.member else str(self.path)
+        return f"{place} (frame {self.frame})" if self.frame else place
+
+    @property
+    def source(self) -> Dataset:
+        """The header of the file this image is in."""
+        return self.dataset if self.dataset is not None else self.header
 
 
 @dataclass(frozen=True)
@@ -348,14 +403,15 @@ def _unusable(series: SeriesInfo) -> tuple[str, str] | None:
     """``(code, reason)`` when a series cannot be a modality volume, else None."""
     ds = series.first
     sop = str(ds.get("SOPClassUID", ""))
-    frames = max(int(h.header.get("NumberOfFrames", 1) or 1) for h in series.instances)
-    if sop == ENHANCED_MR_STORAGE or frames > 1:
+    unread = [i for i in series.instances if not i.frame and _number_of_frames(i.header) > 1]
+    if unread:
         return (
             "multiframe",
-            "it holds multi-frame (enhanced) images; export the series from the scanner or "
-            "PACS as classic single-frame MR images",
+            f"its multi-frame image {unread[0].where} does not say where each frame lies "
+            "(no Per-frame Functional Groups with a Plane Position per frame); export the "
+            "series as Enhanced MR or as classic single-frame MR images",
         )
-    if sop != MRImageStorage:
+    if sop not in MR_VOLUME_STORAGE:
         name = getattr(pydicom.uid.UID(sop), "name", sop) if sop else "unknown"
         return "unsupported_series", f"it is not an MR image series (SOP class {name})"
     odd = sorted(set(series.image_type) & NOT_A_VOLUME_IMAGE_TYPES)
@@ -369,6 +425,94 @@ def _unusable(series: SeriesInfo) -> tuple[str, str] | None:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return "unsupported_series", "its images are colour images, not MR intensities"
     return None
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+#: What a frame's header does not take from its file's top level.
+_NOT_PER_FRAME = frozenset(
+    pydicom.datadict.tag_for_keyword(k)
+    for k in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData")
+)
+
+
+def _lift(frame: Dataset, group: Dataset) -> None:
+    """Adds the attributes of a functional groups item (each macro a sequence of one
+    item: PlanePositionSequence, PixelMeasuresSequence, ...) to ``frame``, where it has
+    none of its own yet."""
+    for element in group:
+        if element.VR != "SQ" or not element.value:
+            continue
+        for inner in element.value[0]:
+            if inner.tag not in frame:
+                frame.add(inner)
+
+
+def _enhanced_aliases(frame: Dataset) -> None:
+    """The classic keywords the checks and the sequence rules read, from their Enhanced
+    MR counterparts (EffectiveEchoTime, InversionTimes, PulseSequenceName, ...)."""
+    if "EchoTime" not in frame and "EffectiveEchoTime" in frame:
+        frame.EchoTime = frame.EffectiveEchoTime
+    times = _values(frame.get("InversionTimes"))
+    if "InversionTime" not in frame and times:
+        frame.InversionTime = times[0]
+    if "SequenceName" not in frame and frame.get("PulseSequenceName"):
+        frame.SequenceName = frame.PulseSequenceName
+    if "ScanningSequence" not in frame and str(frame.get("InversionRecovery", "")) == "YES":
+        frame.ScanningSequence = "IR"
+    agents = frame.get("ContrastBolusAgentSequence")
+    if "ContrastBolusAgent" not in frame and agents:
+        frame.ContrastBolusAgent = str(agents[0].get("CodeMeaning", "") or "contrast agent")[:64]
+
+
+def frame_headers(ds: Dataset) -> list[Dataset] | None:
+    """Each frame of a multi-frame image (Enhanced MR, Legacy Converted Enhanced MR) as
+    a header of its own, shaped like a classic single-frame image's: the frame's
+    per-frame functional groups (PlanePositionSequence, PlaneOrientationSequence,
+    PixelMeasuresSequence, PixelValueTransformationSequence, MR echo and timing
+    macros, ...), then the shared functional groups, then the file's top-level
+    attributes, each taken where the ones before lack it.
+
+    Args:
+        ds: the file's header (pixel data not needed).
+
+    Returns:
+        One header per frame, in frame order; None when the file has no per-frame
+        functional groups for each frame, or one of them no ImagePositionPatient.
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame or len(per_frame) != _number_of_frames(ds):
+        return None
+    shared_groups = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_groups[0] if shared_groups else Dataset()
+    top = [element for element in ds if element.tag not in _NOT_PER_FRAME]
+    frames = []
+    for item in per_frame:
+        frame = Dataset()
+        _lift(frame, item)
+        _lift(frame, shared)
+        for element in top:
+            if element.tag not in frame:
+                frame.add(element)
+        _enhanced_aliases(frame)
+        if "ImagePositionPatient" not in frame:
+            return None
+        frames.append(frame)
+    return frames
+
+
+def _instances(file: Path, member: str | None, header: Dataset) -> list[_Instance]:
+    """The images of one file: itself, or each of its frames."""
+    if _number_of_frames(header) > 1 or "PerFrameFunctionalGroupsSequence" in header:
+        frames = frame_headers(header)
+        if frames:
+            return [_Instance(file, member, f, k, header) for k, f in enumerate(frames, 1)]
+    return [_Instance(file, member, header)]
 
 
 def _scan_sources(path: Path, max_bytes: int) -> Iterator[tuple[Path, str | None, bytes | Path]]:
@@ -473,7 +617,7 @@ def scan_study(path: PathLike, *, max_bytes: int = MAX_STUDY_BYTES) -> list[Seri
         if not uid or "SOPClassUID" not in header:
             skipped += 1
             continue
-        groups.setdefault(uid, []).append(_Instance(file, member, header))
+        groups.setdefault(uid, []).extend(_instances(file, member, header))
     if not groups:
         raise InputError(
             "not_dicom",
@@ -695,6 +839,19 @@ class SliceStack:
     shape: tuple[int, int, int]
     affine: np.ndarray
 
+    @property
+    def reference(self) -> tuple[Dataset, ...]:
+        """Per slice, the header of the file it is in (for a frame of a multi-frame
+        image, the whole file's header, the same for all its frames)."""
+        return tuple(inst.source for inst in self.instances)
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        """Per slice, its frame number in a multi-frame file; () for single-frame images."""
+        if not any(inst.frame for inst in self.instances):
+            return ()
+        return tuple(inst.frame for inst in self.instances)
+
 
 def _vector(ds: Dataset, keyword: str, n: int, series: SeriesInfo, where: Path) -> np.ndarray:
     try:
@@ -827,16 +984,52 @@ def _slice_step(
     return step
 
 
+def _transfer_syntax(inst: _Instance) -> str:
+    meta = getattr(inst.source, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
+def _decodable(syntax: str, multiframe: bool) -> bool:
+    """Whether pixel data stored in transfer syntax ``syntax`` can be decoded here:
+    by SimpleITK (single-frame images) or by pydicom with its installed decoders
+    (multi-frame images)."""
+    if not syntax:
+        return True  # no file meta: read as implicit little endian, as pydicom does
+    if not multiframe:
+        return syntax in SINGLE_FRAME_SYNTAXES
+    try:
+        return bool(pydicom.pixels.get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+def _check_decodable(series: SeriesInfo, what: str, place: Path) -> None:
+    """Every image's transfer syntax can be decoded (``unsupported_series``)."""
+    for inst in series.instances:
+        syntax = _transfer_syntax(inst)
+        if not _decodable(syntax, bool(inst.frame)):
+            name = getattr(pydicom.uid.UID(syntax), "name", syntax)
+            raise InputError(
+                "unsupported_series",
+                f"{what}: the pixel data of {inst.where} are stored as {name} ({syntax}), "
+                "which cannot be decoded here. Send the series uncompressed (Explicit VR "
+                "Little Endian) or JPEG-LS, JPEG 2000 or RLE lossless",
+                place,
+            )
+
+
 def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> SliceStack:
     """Checks a series' geometry and sorts its slices (module docstring, step 3).
 
     Raises:
         InputError: ``mixed_orientation``, ``inconsistent_slices``,
             ``duplicate_slices``, ``gantry_tilt``, ``uneven_spacing``, ``not_3d``,
-            ``bad_voxel_size`` or ``unsupported_series`` (no geometry).
+            ``bad_voxel_size`` or ``unsupported_series`` (no geometry, or pixel data in
+            a transfer syntax that cannot be decoded).
     """
     place = Path(where)
     what = f"{modality} {series.label()}"
+    _check_decodable(series, what, place)
     orientation, spacing, size = _one_plane(series, what, place)
     row_dir, col_dir = _in_plane_axes(orientation, what, place)
     normal = np.cross(row_dir, col_dir)
@@ -862,8 +1055,11 @@ def slice_stack(series: SeriesInfo, modality: str, where: PathLike = "") -> Slic
 
 
 def _read_volume(stack: SliceStack, what: str, where: Path) -> np.ndarray:
-    """The stack's voxels ``(columns, rows, slices)`` as float32, decoded by SimpleITK
-    (rescale slope and intercept applied)."""
+    """The stack's voxels ``(columns, rows, slices)`` as float32 (rescale slope and
+    intercept applied): single-frame images decoded by SimpleITK, frames of multi-frame
+    images by pydicom."""
+    if any(inst.frame for inst in stack.instances):
+        return _read_frames(stack, what, where)
     import SimpleITK as sitk  # noqa: N813 (the library's own abbreviation)
 
     with tempfile.TemporaryDirectory(prefix="omnet-dicom-") as tmp:
@@ -905,6 +1101,46 @@ def _read_volume(stack: SliceStack, what: str, where: Path) -> np.ndarray:
     return np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32)
 
 
+def _read_frames(stack: SliceStack, what: str, where: Path) -> np.ndarray:
+    """The voxels of a stack of frames of multi-frame images, decoded by pydicom, each
+    frame rescaled by its own slope and intercept (PixelValueTransformationSequence)."""
+    volume = np.empty(stack.shape, dtype=np.float32)
+    files: dict[tuple[Path, str | None], list[tuple[int, _Instance]]] = {}
+    for z, inst in enumerate(stack.instances):
+        files.setdefault((inst.path, inst.member), []).append((z, inst))
+    for (path, member), frames in files.items():
+        try:
+            if member is None:
+                ds = pydicom.dcmread(path)
+            else:
+                with zipfile.ZipFile(path) as archive:
+                    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(archive.read(member)))
+            pixels = np.asarray(pydicom.pixels.pixel_array(ds))
+        except Exception as err:  # any decoder's failure: the file's data are unusable
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else "no reason given"
+            raise InputError(
+                "unreadable",
+                f"the pixel data of {what} cannot be decoded ({frames[0][1].where}: "
+                f"{reason}); export it uncompressed or with a standard transfer syntax",
+                where,
+            ) from err
+        pixels = pixels.reshape(-1, *pixels.shape[-2:])  # (frames, rows, columns)
+        for z, inst in frames:
+            if inst.frame > pixels.shape[0] or pixels.shape[1:] != stack.shape[1::-1]:
+                raise InputError(
+                    "inconsistent_slices",
+                    f"{what}: {inst.where} decodes to {pixels.shape[0]} frames of "
+                    f"{pixels.shape[1]}x{pixels.shape[2]}, its headers say otherwise",
+                    where,
+                )
+            slope = _float(inst.header, "RescaleSlope")
+            intercept = _float(inst.header, "RescaleIntercept")
+            frame = pixels[inst.frame - 1].astype(np.float64)
+            frame = frame * (1.0 if slope is None else slope) + (intercept or 0.0)
+            volume[:, :, z] = frame.T
+    return volume
+
+
 def skull_stripping_warning(volume: np.ndarray, affine: np.ndarray) -> str | None:
     """A warning when a volume does not look skull-stripped, else None.
 
@@ -939,10 +1175,13 @@ class DicomStudy:
         case: the four modalities on the T1ce grid.
         series: modality -> the series used.
         reference: the T1ce instances' headers, in slice order (the case's z axis);
-            what a DICOM SEG of the case references.
+            what a DICOM SEG of the case references. For a multi-frame T1ce, the
+            header of the file each slice is a frame of.
         others: the study's series that were not used.
         resampled: the modalities resampled (or only reordered) onto the T1ce grid.
         warnings: things the user should know (e.g. not skull-stripped).
+        frames: for a multi-frame T1ce, the frame number of each slice in its file;
+            () for single-frame images.
     """
 
     case: Case
@@ -951,6 +1190,7 @@ class DicomStudy:
     others: tuple[SeriesInfo, ...] = ()
     resampled: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    frames: tuple[int, ...] = ()
 
     def summary(self) -> dict[str, object]:
         """A JSON-ready account: the series used per modality, those resampled, the
@@ -1123,10 +1363,11 @@ def read_dicom_study(
     return DicomStudy(
         case=case,
         series=layout.series,
-        reference=tuple(inst.header for inst in grid.instances),
+        reference=grid.reference,
         others=layout.others,
         resampled=tuple(resampled),
         warnings=tuple(warnings),
+        frames=grid.frames,
     )
 
 
