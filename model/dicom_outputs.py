@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,46 @@ class AlgorithmInfo:
         )
 
 
+#: Type 2 attributes of the Patient and General Study modules that the SEG and the
+#: Secondary Capture copy from their source: each output has them all, empty where the
+#: source lacks them (type 2: present, may be empty), so that a source from a writer or
+#: anonymiser that leaves them out still gives valid outputs.
+COPIED_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _complete(ds: Dataset) -> Dataset:
+    """``ds``, or a copy of it (the caller's left untouched) with the attributes of
+    :data:`COPIED_TYPE2` that it lacks added empty."""
+    missing = [k for k in COPIED_TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    copy = Dataset()
+    for element in ds:
+        copy.add(element)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        copy.file_meta = meta
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    return copy
+
+
+def _completed(reference: Sequence[Dataset]) -> list[Dataset]:
+    """:func:`_complete` of each header, each distinct header completed once."""
+    done: dict[int, Dataset] = {}
+    return [done.setdefault(id(ds), _complete(ds)) for ds in reference]
+
+
 def _check_reference(reference: Sequence[Dataset]) -> tuple[int, int, int]:
     """The grid ``(columns, rows, slices)`` of the source series."""
     if len(reference) == 0:
@@ -171,41 +212,49 @@ def _checked_labels(labels: np.ndarray, grid: tuple[int, int, int]) -> np.ndarra
         raise ValueError(f"labels: {err}") from err
 
 
-def write_dicom_seg(
-    labels: np.ndarray,
+def _source_frames(
+    numbers: np.ndarray, reference: Sequence[Dataset], frames: Sequence[int]
+) -> tuple[list[Dataset], np.ndarray]:
+    """The SEG's source images and its frames ``(frames, rows, columns)``, in the order
+    highdicom pairs them: one frame per source image, or, for a multi-frame source, one
+    per frame of it (slice z is its frame ``frames[z]``)."""
+    sources = _completed(reference)
+    planes = numbers.transpose(2, 1, 0)  # (slices, rows, columns)
+    if not frames:
+        return sources, np.ascontiguousarray(planes)
+    if len(frames) != len(reference):
+        raise ValueError(
+            f"frames must give the frame number of each of the {len(reference)} slices, "
+            f"got {len(frames)}"
+        )
+    unique = list({id(ds): ds for ds in sources}.values())
+    if len(unique) != 1:
+        raise ValueError(
+            f"the T1ce series is split over {len(unique)} multi-frame images; a SEG can "
+            "reference one. Export the series as one Enhanced MR image or as classic "
+            "single-frame images"
+        )
+    count = int(unique[0].get("NumberOfFrames", 1) or 1)
+    if max(frames) > count or min(frames) < 1:
+        raise ValueError(f"frame numbers must lie in 1..{count}, got {min(frames)}..{max(frames)}")
+    out = np.zeros((count, *planes.shape[1:]), dtype=planes.dtype)
+    out[np.asarray(frames) - 1] = planes
+    return unique, out
+
+
+def _segmentation(
+    checked: np.ndarray,
     reference: Sequence[Dataset],
-    path: PathLike,
-    *,
-    algorithm: AlgorithmInfo | None = None,
-    series_number: int = SEG_SERIES_NUMBER,
-    manufacturer: str = "omnet",
-) -> Path:
-    """Writes a BraTS label map as a DICOM Segmentation of its source series.
-
-    Args:
-        labels: uint8 ``(X, Y, Z)`` in the BraTS 2018 convention (0, 1, 2, 4), on the
-            source series' grid: x the column index, y the row index, z the slices in
-            ``reference`` order (what :func:`model.dicom_study.read_dicom_study` gives).
-        reference: the source series' instances (headers suffice) in slice order,
-            :attr:`model.dicom_study.DicomStudy.reference`.
-        path: the ``.dcm`` file to write (atomically; folders created).
-        algorithm: the algorithm's identification (default: omnet, this version).
-        series_number: the SEG's SeriesNumber.
-        manufacturer: Manufacturer of the SEG.
-
-    Returns:
-        The path written.
-
-    Raises:
-        ValueError: labels not on the reference grid or not BraTS labels.
-    """
-    grid = _check_reference(reference)
-    checked = _checked_labels(labels, grid)
-    algorithm = algorithm or AlgorithmInfo()
+    frames: Sequence[int],
+    algorithm: AlgorithmInfo,
+    series_number: int,
+    manufacturer: str,
+) -> hd.seg.Segmentation:
+    """The SEG of a checked BraTS label map (not yet written)."""
     numbers = np.zeros(checked.shape, dtype=np.uint8)
     for segment in SEGMENTS:
         numbers[checked == segment.label] = segment.number
-    frames = np.ascontiguousarray(numbers.transpose(2, 1, 0))  # (slices, rows, columns)
+    sources, pixels = _source_frames(numbers, reference, frames)
     identification = algorithm.sequence()
     descriptions = [
         hd.seg.SegmentDescription(
@@ -222,9 +271,9 @@ def write_dicom_seg(
     ]
     for description, s in zip(descriptions, SEGMENTS, strict=True):
         description.SegmentDescription = s.description
-    seg = hd.seg.Segmentation(
-        source_images=list(reference),
-        pixel_array=frames,
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
@@ -239,19 +288,64 @@ def write_dicom_seg(
         content_description="Brain tumour regions (BraTS): NCR/NET, edema, enhancing tumour",
         content_creator_name=f"{algorithm.name}^",
         series_description=SEG_SERIES_DESCRIPTION,
-        omit_empty_frames=bool(np.any(frames)),  # an empty SEG still needs one frame
+        omit_empty_frames=bool(np.any(pixels)),  # an empty SEG still needs one frame
+    )
+
+
+def write_dicom_seg(
+    labels: np.ndarray,
+    reference: Sequence[Dataset],
+    path: PathLike,
+    *,
+    frames: Sequence[int] = (),
+    algorithm: AlgorithmInfo | None = None,
+    series_number: int = SEG_SERIES_NUMBER,
+    manufacturer: str = "omnet",
+) -> Path:
+    """Writes a BraTS label map as a DICOM Segmentation of its source series.
+
+    The patient and study attributes are copied from the source; type 2 ones it lacks
+    (:data:`COPIED_TYPE2`) are written empty.
+
+    Args:
+        labels: uint8 ``(X, Y, Z)`` in the BraTS 2018 convention (0, 1, 2, 4), on the
+            source series' grid: x the column index, y the row index, z the slices in
+            ``reference`` order (what :func:`model.dicom_study.read_dicom_study` gives).
+        reference: the source series' instances (headers suffice) in slice order,
+            :attr:`model.dicom_study.DicomStudy.reference`.
+        path: the ``.dcm`` file to write (atomically; folders created).
+        frames: for a multi-frame source, the frame number of each slice in it
+            (:attr:`model.dicom_study.DicomStudy.frames`); () for single-frame images.
+        algorithm: the algorithm's identification (default: omnet, this version).
+        series_number: the SEG's SeriesNumber.
+        manufacturer: Manufacturer of the SEG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: labels not on the reference grid or not BraTS labels, or a source
+            that a SEG cannot reference.
+    """
+    grid = _check_reference(reference)
+    checked = _checked_labels(labels, grid)
+    seg = _segmentation(
+        checked, reference, frames, algorithm or AlgorithmInfo(), series_number, manufacturer
     )
     target = atomic_write(Path(path), lambda tmp: seg.save_as(tmp))
     logger.debug("wrote SEG %s (%d frames)", target, int(seg.NumberOfFrames))
     return target
 
 
-def read_dicom_seg(path: PathLike, reference: Sequence[Dataset]) -> np.ndarray:
+def read_dicom_seg(
+    path: PathLike, reference: Sequence[Dataset], frames: Sequence[int] = ()
+) -> np.ndarray:
     """The label map a SEG written by :func:`write_dicom_seg` holds, on its source grid.
 
     Args:
         path: the SEG file.
         reference: the source series' instances in slice order.
+        frames: for a multi-frame source, the frame number of each slice in it.
 
     Returns:
         uint8 ``(X, Y, Z)`` in the BraTS 2018 convention.
@@ -272,10 +366,18 @@ def read_dicom_seg(path: PathLike, reference: Sequence[Dataset]) -> np.ndarray:
                 f"{code.CodeValue} {code.CodeMeaning}, not one of omnet's segments"
             )
         mapping[int(item.SegmentNumber)] = segment.label
-    numbers = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in reference],
-        combine_segments=True,
-    )  # (slices, rows, columns) of segment numbers
+    if frames:
+        numbers = seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=str(reference[0].SOPInstanceUID),
+            source_frame_numbers=list(frames),
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,  # empty frames are left out of the SEG
+        )
+    else:
+        numbers = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in reference],
+            combine_segments=True,
+        )  # (slices, rows, columns) of segment numbers
     labels = np.zeros(grid, dtype=np.uint8)
     volume = np.asarray(numbers).transpose(2, 1, 0)
     for number, label in mapping.items():
@@ -283,36 +385,12 @@ def read_dicom_seg(path: PathLike, reference: Sequence[Dataset]) -> np.ndarray:
     return labels
 
 
-def write_preview_dicom(
-    image: np.ndarray,
-    labels: np.ndarray,
-    affine: np.ndarray,
-    reference: Dataset,
-    path: PathLike,
-    *,
-    series_number: int = PREVIEW_SERIES_NUMBER,
-    manufacturer: str = "omnet",
-    size: int = 256,
-) -> Path:
-    """Writes the overlay preview (:func:`model.preview.render_preview`) as an RGB
-    Secondary Capture image in the study of ``reference``.
-
-    Args:
-        image: the 3D volume shown in grey (e.g. the case's FLAIR).
-        labels: the label map on the same grid.
-        affine: the grid's affine.
-        reference: an instance of the source study (patient and study are copied).
-        path: the ``.dcm`` file to write (atomically).
-        series_number: the image's SeriesNumber.
-        manufacturer: Manufacturer.
-        size: height in pixels of each panel.
-
-    Returns:
-        The path written.
-    """
-    rgb = np.asarray(render_preview(image, labels, affine, size=size).convert("RGB"))
+def _secondary_capture(
+    rgb: np.ndarray, reference: Dataset, series_number: int, manufacturer: str
+) -> hd.sc.SCImage:
+    """An RGB Secondary Capture image in the study of ``reference`` (not yet written)."""
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=reference,
+        ref_dataset=_complete(reference),
         pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -331,7 +409,100 @@ def write_preview_dicom(
     sc.BodyPartExamined = str(reference.get("BodyPartExamined", "") or "BRAIN")
     sc.SeriesDescription = PREVIEW_SERIES_DESCRIPTION
     sc.BurnedInAnnotation = "NO"  # captions and legend only, no patient identifiers
+    return sc
+
+
+def write_preview_dicom(
+    image: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    reference: Dataset,
+    path: PathLike,
+    *,
+    series_number: int = PREVIEW_SERIES_NUMBER,
+    manufacturer: str = "omnet",
+    size: int = 256,
+) -> Path:
+    """Writes the overlay preview (:func:`model.preview.render_preview`) as an RGB
+    Secondary Capture image in the study of ``reference``.
+
+    The patient and study attributes are copied from ``reference``; type 2 ones it
+    lacks (:data:`COPIED_TYPE2`) are written empty.
+
+    Args:
+        image: the 3D volume shown in grey (e.g. the case's FLAIR).
+        labels: the label map on the same grid.
+        affine: the grid's affine.
+        reference: an instance of the source study (patient and study are copied).
+        path: the ``.dcm`` file to write (atomically).
+        series_number: the image's SeriesNumber.
+        manufacturer: Manufacturer.
+        size: height in pixels of each panel.
+
+    Returns:
+        The path written.
+    """
+    rgb = np.asarray(render_preview(image, labels, affine, size=size).convert("RGB"))
+    sc = _secondary_capture(rgb, reference, series_number, manufacturer)
     return atomic_write(Path(path), lambda tmp: sc.save_as(tmp))
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's message as one line a user can read."""
+    text = str(exc).strip()
+    if not text:
+        return "no reason given"
+    missing = re.search(r"has no attribute '(\w+)'", text)
+    if missing:
+        return f"the source images have no {missing.group(1)}"
+    return text.splitlines()[0]
+
+
+def dicom_output_problems(
+    reference: Sequence[Dataset], frames: Sequence[int] = (), *, preview: bool = True
+) -> list[str]:
+    """What would keep the SEG (and, with ``preview``, the Secondary Capture) of a
+    source series from being made: both are built, in memory, for a label map of one
+    voxel. Cheap (well under a second for a 155-slice series), so it runs before a
+    job is queued or inference starts, not after.
+
+    Args:
+        reference: the source series' headers in slice order.
+        frames: for a multi-frame source, the frame number of each slice in it.
+        preview: also try the Secondary Capture.
+
+    Returns:
+        One sentence per output that cannot be made; empty when both can.
+    """
+    problems = []
+    try:
+        grid = _check_reference(reference)
+        labels = np.zeros(grid, dtype=np.uint8)
+        labels[0, 0, 0] = EDEMA
+        _segmentation(labels, reference, frames, AlgorithmInfo(), SEG_SERIES_NUMBER, "omnet")
+    except Exception as exc:  # whatever highdicom refuses, said in words
+        problems.append(f"the DICOM SEG cannot be written ({_reason(exc)})")
+    if preview and reference:
+        try:
+            rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+            _secondary_capture(rgb, reference[0], PREVIEW_SERIES_NUMBER, "omnet")
+        except Exception as exc:
+            problems.append(f"the DICOM preview cannot be written ({_reason(exc)})")
+    return problems
+
+
+@dataclass(frozen=True)
+class StudyOutputs:
+    """What :func:`write_study_outputs` wrote, and what it could not.
+
+    Attributes:
+        written: ``dicom_seg`` (and ``dicom_preview``) -> the file written.
+        failures: output kind -> one sentence saying what failed; the other outputs
+            (and the label map they were made from) are unaffected.
+    """
+
+    written: dict[str, Path]
+    failures: dict[str, str]
 
 
 def write_study_outputs(
@@ -341,9 +512,13 @@ def write_study_outputs(
     preview_path: PathLike | None = None,
     *,
     algorithm: AlgorithmInfo | None = None,
-) -> dict[str, Path]:
+) -> StudyOutputs:
     """The DICOM results of a case read from DICOM: the SEG of its T1ce series and,
     with ``preview_path``, the overlay preview on the FLAIR as a Secondary Capture.
+
+    Each is written on its own: one that fails (a source header highdicom refuses, a
+    full disk) is logged and reported in :attr:`StudyOutputs.failures`, and the other is
+    still written.
 
     Args:
         study: the study the case was read from (:func:`model.dicom_study.read_dicom_study`).
@@ -353,13 +528,27 @@ def write_study_outputs(
         algorithm: the algorithm's identification.
 
     Returns:
-        ``dicom_seg`` (and ``dicom_preview``) -> the file written.
+        The files written and the outputs that failed.
     """
     case = study.case
-    written = {"dicom_seg": write_dicom_seg(labels, study.reference, seg_path, algorithm=algorithm)}
-    if preview_path is not None:
-        flair = case.images[MODALITIES.index("flair")]
-        written["dicom_preview"] = write_preview_dicom(
-            flair, labels, case.affine, study.reference[0], preview_path
+    written: dict[str, Path] = {}
+    failures: dict[str, str] = {}
+    try:
+        written["dicom_seg"] = write_dicom_seg(
+            labels, study.reference, seg_path, frames=study.frames, algorithm=algorithm
         )
-    return written
+    except Exception as exc:  # the label map is kept whatever the SEG writer says
+        logger.warning("%s: the DICOM SEG could not be written", case.name, exc_info=True)
+        failures["dicom_seg"] = f"the DICOM SEG could not be written ({_reason(exc)})"
+    if preview_path is not None:
+        try:
+            flair = case.images[MODALITIES.index("flair")]
+            written["dicom_preview"] = write_preview_dicom(
+                flair, labels, case.affine, study.reference[0], preview_path
+            )
+        except Exception as exc:
+            logger.warning("%s: the DICOM preview could not be written", case.name, exc_info=True)
+            failures["dicom_preview"] = (
+                f"the DICOM preview (Secondary Capture) could not be written ({_reason(exc)})"
+            )
+    return StudyOutputs(written, failures)

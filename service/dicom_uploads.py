@@ -5,8 +5,10 @@ study uploaded as one zip (``study``) or as ``.dcm`` parts (``dicom``, repeated)
 ``study_uid`` that the worker retrieves from the configured DICOMweb source. An
 uploaded study is stored and its headers are checked the way the worker will read it
 (:func:`model.dicom_study.check_dicom_study`: series found, mapped to the four
-modalities, geometry safe to convert), so that a study that cannot work is answered
-422 with the reason's code now, not as a failed job later. A ``study_uid`` is looked up
+modalities, geometry safe to convert, pixel data decodable) and its SEG and preview are
+built once, in memory, on the T1ce headers (:func:`model.dicom_outputs.dicom_output_problems`),
+so that a study that cannot work is answered 422 with the reason's code now, not as a
+failed job (or a result without its SEG) later. A ``study_uid`` is looked up
 on the source (QIDO-RS); its series are mapped by the worker once retrieved.
 """
 
@@ -18,8 +20,10 @@ from pathlib import Path
 
 from starlette.datastructures import UploadFile
 
+from model.dicom_outputs import dicom_output_problems
 from model.dicom_study import (
     DEFAULT_RULES,
+    GRID_MODALITY,
     SeriesRule,
     check_dicom_study,
     parse_series_overrides,
@@ -150,10 +154,19 @@ def store_dicom(
             total = _copy(part, path / f"{n:05d}.dcm", "dicom", max_bytes, total)
         stored = {"dicom": path}
     try:
-        check_dicom_study(path, rules=rules, overrides=overrides, max_bytes=max_bytes)
+        layout = check_dicom_study(path, rules=rules, overrides=overrides, max_bytes=max_bytes)
     except InputError as exc:
         message = str(exc).replace(f"{staging}/", "").replace(str(staging), "the upload")
         raise ApiError(422, exc.code, message) from exc
+    grid = layout.stacks[GRID_MODALITY]
+    problems = dicom_output_problems(grid.reference, grid.frames)
+    if problems:
+        raise ApiError(
+            422,
+            "unsupported_series",
+            f"{'; '.join(problems)} from the T1ce {layout.series[GRID_MODALITY].label()}, "
+            "so the study was not queued. Send it with the missing attributes filled in",
+        )
     return stored
 
 

@@ -276,6 +276,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}
     opts = job.options
     study = None
+    failed: dict[str, str] = {}
     study_path = _dicom_study_path(job, settings, storage, hb)
     source: Any
     if study_path is not None:
@@ -316,8 +317,15 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
     )
     hb.progress.stage, hb.progress.fraction = "writing", 0.92
     model = describe_checkpoints(checkpoints)
+    warnings = list(report.warnings)
     if study is not None:
-        report.outputs.update(_write_dicom(job, study, report, model, storage))
+        # The label map and metrics are the result; a DICOM output that cannot be
+        # written is a warning on it, never a reason to throw it away.
+        written, failed = _write_dicom(job, study, report, model, storage)
+        report.outputs.update(written)
+        for failure in failed.values():
+            logger.warning("job %s: %s", job.id, failure)
+            warnings.append(f"{failure}; the label map and metrics are kept")
     files = {kind: storage.key(path) for kind, path in report.outputs.items()}
     metrics: dict[str, Any] = {
         "volumes_ml": report.volumes_ml,
@@ -326,8 +334,8 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         "spacing_mm": list(report.spacing_mm),
         "timings_s": {k: round(v, 3) for k, v in report.timings_s.items()},
     }
-    if report.warnings:
-        metrics["warnings"] = list(report.warnings)
+    if warnings:
+        metrics["warnings"] = warnings
     if study is not None:
         metrics["dicom"] = study.summary()
     if report.evaluation is not None:
@@ -336,21 +344,31 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         storage.output(job.id, "metrics"), json.dumps(metrics, indent=2)
     )
     files["metrics"] = storage.key(metrics_path)
-    return {"files": files, "metrics": metrics, "model": model}
+    result = {"files": files, "metrics": metrics, "model": model}
+    if study is not None and failed:
+        result["failed"] = failed  # kind -> what went wrong, for the download routes
+    return result
 
 
 def _write_dicom(
     job: Job, study: DicomStudy, report: CaseReport, model: dict[str, Any], storage: Storage
-) -> dict[str, Path]:
-    """The SEG (and, with a preview, the Secondary Capture) of a DICOM job."""
-    labels = load_labels(report.outputs["segmentation"], like=study.case, et_label=report.et_label)
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The SEG (and, with a preview, the Secondary Capture) of a DICOM job: the files
+    written, and for each that could not be, a sentence saying why."""
+    try:
+        labels = load_labels(
+            report.outputs["segmentation"], like=study.case, et_label=report.et_label
+        )
+    except InputError as exc:
+        return {}, {"dicom_seg": f"the DICOM outputs could not be written ({exc})"}
     algorithm = AlgorithmInfo(
         version=software_version(), model_name=model["name"], model_sha256=model["sha256"]
     )
     preview = storage.output(job.id, "dicom_preview") if job.options["preview"] else None
-    return write_study_outputs(
+    outputs = write_study_outputs(
         study, labels, storage.output(job.id, "dicom_seg"), preview, algorithm=algorithm
     )
+    return outputs.written, outputs.failures
 
 
 def _finish(

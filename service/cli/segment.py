@@ -344,6 +344,8 @@ def _segment_one(
         case = study.case
         for warning in study.warnings:
             print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
+        if args.dicom_seg:
+            _check_dicom_outputs(study, args)
     else:
         case = load_case(job.source, name=job.name)
     reference = find_label_file(job.folder) if args.evaluate and job.folder else None
@@ -363,9 +365,14 @@ def _segment_one(
         progress.close()
     for warning in report.warnings:
         print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
+    # The NIfTI outputs are written; the DICOM ones come after them, and one that fails
+    # leaves them (and the metrics) in place.
+    failures: list[str] = []
     if study is not None and args.dicom_seg:
-        report.outputs.update(_write_dicom(study, report, args, out_dir, algorithm))
+        written, failures = _write_dicom(study, report, args, out_dir, algorithm)
+        report.outputs.update(written)
     document = report.to_dict()
+    document["warnings"] += failures
     if study is not None:
         document["dicom"] = study.summary()
     evaluation = document.pop("evaluation")
@@ -374,7 +381,26 @@ def _segment_one(
     if args.evaluate:
         document["evaluation"] = evaluation  # null: the case has no label map
     atomic_write_text(out_dir / f"{case.name}_metrics.json", json.dumps(document, indent=2) + "\n")
+    if failures:
+        print(_summary_line(report, args.evaluate), flush=True)
+        raise CommandError(
+            f"{'; '.join(failures)}; the NIfTI outputs and metrics of {case.name} are kept "
+            f"in {out_dir}"
+        )
     return _summary_line(report, args.evaluate)
+
+
+def _check_dicom_outputs(study: DicomStudy, args: argparse.Namespace) -> None:
+    """Refuses, before inference, a study whose DICOM outputs could not be written."""
+    from model.dicom_outputs import dicom_output_problems
+
+    problems = dicom_output_problems(study.reference, study.frames, preview=args.preview)
+    if problems:
+        raise CommandError(
+            f"{'; '.join(problems)} for study {study.case.name}, so nothing was segmented. "
+            "Correct the T1ce series' headers, or leave out --dicom-seg to get the NIfTI "
+            "outputs only"
+        )
 
 
 def _write_dicom(
@@ -383,17 +409,19 @@ def _write_dicom(
     args: argparse.Namespace,
     out_dir: Path,
     algorithm: AlgorithmInfo | None,
-) -> dict[str, Path]:
-    """The SEG (and, with --preview, the Secondary Capture) of a DICOM case."""
+) -> tuple[dict[str, Path], list[str]]:
+    """The SEG (and, with --preview, the Secondary Capture) of a DICOM case: the files
+    written, and a sentence for each that could not be."""
     from model.dicom_outputs import write_study_outputs
     from model.nifti_io import load_labels
 
     case = study.case
     labels = load_labels(report.outputs["segmentation"], like=case, et_label=args.label_convention)
     preview = out_dir / f"{case.name}_preview.dcm" if args.preview else None
-    return write_study_outputs(
+    outputs = write_study_outputs(
         study, labels, out_dir / f"{case.name}_seg.dcm", preview, algorithm=algorithm
     )
+    return outputs.written, list(outputs.failures.values())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -216,6 +216,14 @@ def _result_file(storage: Storage, job: Job, kind: str) -> Path:
             raise ApiError(409, "not_ready", f"{detail}; poll its status until it succeeds")
         raise ApiError(409, "no_result", f"{detail}; it has no results")
     key = (job.result or {}).get("files", {}).get(kind)
+    failed = (job.result or {}).get("failed", {}).get(kind)
+    if key is None and failed:
+        raise ApiError(
+            404,
+            "output_failed",
+            f"job {job.id}: {failed}. Its label map (NIfTI) and metrics are kept: download "
+            "them, or submit the study again once its headers are corrected",
+        )
     if key is None:
         raise ApiError(
             404, "not_requested", f"job {job.id} did not produce {kind}; ask for it when submitting"
