@@ -5,17 +5,14 @@
         [--setting wide+lesion paper+lesion ...] [--repeats 1]
         (a setting: TILING[+pp|+guard|+rm|+lesion][+tta])
 
-The reference is MONAI's BraTS tutorial model: SegResNet(blocks_down=(1, 2, 2, 4),
-blocks_up=(1, 1, 1), init_filters=16, in_channels=4, out_channels=3), 4.7 M
-parameters, run with ``sliding_window_inference`` (roi 240 x 240 x 160, overlap 0.5,
-sw_batch_size 1) on the case's four z-scored modalities; its weights are random
-(speed does not depend on them). omnet runs the whole pipeline
-(:func:`model.case.process_case`: pre-process, inference, fusion, post-processing) with
-each given checkpoint (repeat ``--checkpoint`` to compare, e.g., widths) and setting.
-Both run on the CPU with the same thread count,
-alternately, and the script prints each one's wall and CPU seconds per case and omnet's
-time as a ratio of SegResNet's. Both are timed from the loaded volumes to the label map
+The reference is MONAI's BraTS tutorial model (``bench/segresnet_reference.py``). omnet
+runs the whole pipeline (:func:`model.case.process_case`: pre-process, inference,
+fusion, post-processing) with each given checkpoint (repeat ``--checkpoint`` to compare,
+e.g., widths) and setting. Both run on the CPU with the same thread count, alternately,
+and the script prints each one's wall and CPU seconds per case and omnet's time as a
+ratio of SegResNet's. Both are timed from the loaded volumes to the label map
 in memory: reading the files and writing the result are left out of both.
+``bench/busy_host.py`` times whole processes instead, on a quiet and on a busy host.
 """
 
 from __future__ import annotations
@@ -28,34 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from segresnet_reference import segresnet, segresnet_regions
 
 from model.case import CaseOutputs, process_case
 from model.data import resolve_data_dir
 from model.nifti_io import load_case
 from model.pipeline import SegmentationOptions, load_predictor
-from model.preprocess import brain_mask, zscore
 from model.tiling import TILINGS
 from model.weights import BUNDLED_PATH
 
 
 def _segresnet_seconds(images: np.ndarray) -> tuple[float, float]:
-    from monai.inferers import sliding_window_inference
-    from monai.networks.nets import SegResNet
-
-    net = SegResNet(
-        blocks_down=(1, 2, 2, 4),
-        blocks_up=(1, 1, 1),
-        init_filters=16,
-        in_channels=4,
-        out_channels=3,
-        dropout_prob=0.2,
-    ).eval()
-    x = torch.from_numpy(zscore(images, brain_mask(images)))[None]  # (1, 4, X, Y, Z)
+    net = segresnet()
     wall, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode():
-        out = sliding_window_inference(x, (240, 240, 160), 1, net, overlap=0.5)
-        assert isinstance(out, torch.Tensor)
-        (torch.sigmoid(out) > 0.5).numpy()
+    segresnet_regions(net, images)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
