@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +71,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def dicom_corpus(brats_case_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The DICOM conformance corpus (:mod:`tests.dicom_corpus`) of the first BraTS 2018
+    case, cropped around its tumour; skips without the data."""
+    from tests.dicom_corpus import build_corpus
+
+    return build_corpus(brats_case_dir, tmp_path_factory.mktemp("dicom-corpus"))
