@@ -517,8 +517,8 @@ def write_study_outputs(
     with ``preview_path``, the overlay preview on the FLAIR as a Secondary Capture.
 
     Each is written on its own: one that fails (a source header highdicom refuses, a
-    full disk) is logged and reported in :attr:`StudyOutputs.failures`, and the other is
-    still written.
+    full disk) is reported in :attr:`StudyOutputs.failures` (the traceback logged at
+    debug level; the caller says what failed), and the other is still written.
 
     Args:
         study: the study the case was read from (:func:`model.dicom_study.read_dicom_study`).
@@ -538,8 +538,8 @@ def write_study_outputs(
             labels, study.reference, seg_path, frames=study.frames, algorithm=algorithm
         )
     except Exception as exc:  # the label map is kept whatever the SEG writer says
-        logger.warning("%s: the DICOM SEG could not be written", case.name, exc_info=True)
         failures["dicom_seg"] = f"the DICOM SEG could not be written ({_reason(exc)})"
+        logger.debug("%s: %s", case.name, failures["dicom_seg"], exc_info=True)
     if preview_path is not None:
         try:
             flair = case.images[MODALITIES.index("flair")]
@@ -547,8 +547,8 @@ def write_study_outputs(
                 flair, labels, case.affine, study.reference[0], preview_path
             )
         except Exception as exc:
-            logger.warning("%s: the DICOM preview could not be written", case.name, exc_info=True)
             failures["dicom_preview"] = (
                 f"the DICOM preview (Secondary Capture) could not be written ({_reason(exc)})"
             )
+            logger.debug("%s: %s", case.name, failures["dicom_preview"], exc_info=True)
     return StudyOutputs(written, failures)
