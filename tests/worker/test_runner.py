@@ -28,7 +28,7 @@ from model.phantom import write_phantom
 from service.config import Settings
 from service.db import JobState, JobStore, jobs, utcnow
 from service.schemas import JobOptions
-from service.storage import Storage
+from service.storage import OUTPUT_FILES, Storage
 from tests.service.support import status_server
 from worker import runner
 from worker.runner import RunOutcome, run_job, worker_name
@@ -478,3 +478,49 @@ def test_a_claim_whose_answer_was_lost_is_still_this_workers(settings, store, st
     assert store.claim(job_id, worker_name(), settings.stale_after_s) is not None
     assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
     assert store.get(job_id).state == JobState.SUCCEEDED  # type: ignore[union-attr]
+
+
+def _submit_dicom(store: JobStore, storage: Storage, folder: Path) -> str:
+    """A job whose input is a DICOM study folder (as an upload of .dcm parts is stored)."""
+    job_id = str(uuid.uuid4())
+    target = storage.inputs_dir(job_id) / "dicom"
+    shutil.copytree(folder, target)
+    opts = JobOptions(destinations="").model_dump()  # type: ignore[call-arg]
+    store.create("alice", opts, {"dicom": storage.key(target)}, "test.cpu", job_id=job_id)
+    return job_id
+
+
+def test_a_dicom_output_that_fails_keeps_the_result(
+    settings, store, storage, tmp_path, monkeypatch
+):
+    """The SEG cannot be written after inference: the job still succeeds, its label map
+    and metrics are kept and downloadable, a warning says what failed, and the result
+    records it for the download routes; the preview, which could be written, is kept."""
+    import model.dicom_outputs as outputs_module
+    from model.dicom_series import write_study
+    from model.phantom import make_phantom
+
+    images, _, affine = make_phantom((32, 32, 16), seed=8)
+    write_study(images, affine, tmp_path / "study")
+    job_id = _submit_dicom(store, storage, tmp_path / "study")
+    real = outputs_module.atomic_write
+
+    def seg_fails(path, write):
+        if path.name == OUTPUT_FILES["dicom_seg"]:
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(outputs_module, "atomic_write", seg_fails)
+    assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.SUCCEEDED and job.result is not None
+    files = job.result["files"]
+    assert "dicom_seg" not in files and {"segmentation", "metrics", "dicom_preview"} <= set(files)
+    for key in files.values():
+        assert storage.path(key).is_file(), key
+    failure = "the DICOM SEG could not be written ([Errno 28] No space left on device)"
+    assert job.result["failed"] == {"dicom_seg": failure}
+    warning = f"{failure}; the label map and metrics are kept"
+    assert warning in job.result["metrics"]["warnings"]
+    stored = json.loads(storage.path(files["metrics"]).read_text())
+    assert warning in stored["warnings"]
