@@ -1,5 +1,6 @@
 """Accuracy of models on held-out cases, per institution group, through the real pipeline.
 
+    python bench/accuracy.py --crossval runs/cv --setting wide+lesion wide+largest wide+rm
     python bench/accuracy.py \
         --model previous=model/weights/omnet_cga.pt --model new=runs/x/best.pt \
         [--model ensemble=a.pt+b.pt] \
@@ -13,7 +14,9 @@ default, ``paper`` or ``fast``) followed by levers joined with ``+``: ``pp`` (th
 paper's post-processing), ``guard`` (post-processing with the guarded edema
 relabelling), ``rm`` (small-component removal only, no edema relabelling), ``lesion``
 (small-component removal and the tumour parts more than 10 mm from the main lesion
-removed: ``--postprocess main-lesion``), ``tta`` (flip averaging). Prints Dice and HD95
+removed: ``--postprocess main-lesion``), ``largest`` (the same with the earlier main
+lesion, the largest component, and no component spared), ``tta`` (flip averaging).
+Prints Dice and HD95
 (WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
 over groups (each institution weighs the same) and the CPU seconds per case relative to
 the first model and setting, measured in this run.
@@ -39,9 +42,9 @@ import numpy as np
 
 from model.case import CaseOutputs, process_case
 from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split, resolve_data_dir
+from model.lesions import MAIN_LESION_GAP_MM
 from model.nifti_io import find_label_file, load_case
 from model.pipeline import SegmentationOptions, load_predictor
-from model.postprocess import MAIN_LESION_GAP_MM
 from model.tiling import TILINGS, Predictor, TaskProbabilities
 
 REGIONS = ("WT", "TC", "ET")
@@ -80,15 +83,19 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        unknown = set(levers) - {"pp", "guard", "rm", "lesion", "tta"}
+        known = {"pp", "guard", "rm", "lesion", "largest", "tta"}
+        unknown = set(levers) - known
         if tiling not in TILINGS or unknown:
-            raise SystemExit(f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion][+tta]")
+            raise SystemExit(
+                f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta]"
+            )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
-            remove_small=relabel or "rm" in levers or "lesion" in levers,
+            remove_small=relabel or bool({"rm", "lesion", "largest"} & set(levers)),
             relabel_edema=relabel,
             relabel_guard="guard" in levers,
-            main_lesion_gap_mm=MAIN_LESION_GAP_MM if "lesion" in levers else None,
+            main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
+            main_lesion_guard="largest" not in levers,
         )
         return cls(text, tiling, options, "tta" in levers)
 
@@ -98,8 +105,23 @@ def _mean(values: list[float | None]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean (resampling cases)."""
+    finite = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(finite) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(finite, size=(BOOTSTRAP_RESAMPLES, len(finite)), replace=True)
+    low, high = np.percentile(draws.mean(axis=1), [2.5, 97.5])
+    return (float(low), float(high))
+
+
 def summarise(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, Any]:
-    """Dice and HD95 means per group, over cases and over group means."""
+    """Dice and HD95 means per group, over cases and over group means; for Dice over
+    cases also the median, the worst case and a bootstrap interval of the mean."""
     groups: dict[str, list[str]] = {}
     for name in per_case:
         groups.setdefault(institution_group(name), []).append(name)
@@ -110,12 +132,49 @@ def summarise(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[s
             for r in REGIONS
         }
 
+    def spread(names: list[str]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for r in REGIONS:
+            dice = [float(per_case[n][r]["dice"] or 0.0) for n in names]
+            worst = names[int(np.argmin(dice))]
+            out[r] = {
+                "median": float(np.median(dice)),
+                "worst": float(min(dice)),
+                "worst_case": worst,
+                "ci95": bootstrap_interval(dice),
+            }
+        return out
+
     by_group = {g: means(names) for g, names in sorted(groups.items())}
     macro = {
         r: {m: _mean([by_group[g][r][m] for g in by_group]) for m in ("dice", "hd95")}
         for r in REGIONS
     }
-    return {"groups": by_group, "mean": means(list(per_case)), "group_mean": macro}
+    return {
+        "groups": by_group,
+        "group_spread": {g: spread(names) for g, names in sorted(groups.items())},
+        "mean": means(list(per_case)),
+        "spread": spread(list(per_case)),
+        "group_mean": macro,
+    }
+
+
+def flag_table(
+    per_case: dict[str, dict[str, dict[str, float | None]]],
+    flags: dict[str, list[str]],
+    threshold: float = 0.70,
+) -> dict[str, Any]:
+    """How the quality flag separates failures (WT Dice below ``threshold``) from the rest."""
+    bad = [n for n in per_case if float(per_case[n]["WT"]["dice"] or 0.0) < threshold]
+    good = [n for n in per_case if n not in bad]
+    return {
+        "threshold": threshold,
+        "failures": len(bad),
+        "failures_flagged": sum(bool(flags.get(n)) for n in bad),
+        "others": len(good),
+        "others_flagged": sum(bool(flags.get(n)) for n in good),
+        "flagged": {n: flags[n] for n in per_case if flags.get(n)},
+    }
 
 
 def _row(label: str, scores: dict[str, dict[str, float]], n: int | str) -> str:
@@ -124,9 +183,36 @@ def _row(label: str, scores: dict[str, dict[str, float]], n: int | str) -> str:
     return f"  {label:<12} n={n!s:<3} Dice {dice}   HD95 {hd}"
 
 
+def _spread_row(spread: dict[str, dict[str, Any]]) -> str:
+    median = " ".join(f"{spread[r]['median']:.3f}" for r in REGIONS)
+    worst = " ".join(f"{spread[r]['worst']:.3f}" for r in REGIONS)
+    ci = " ".join(f"[{spread[r]['ci95'][0]:.3f}, {spread[r]['ci95'][1]:.3f}]" for r in REGIONS)
+    return f"  {'':<12}       median {median}   worst {worst}   95% CI {ci}"
+
+
+def crossval_models(runs: Path, checkpoint: str) -> dict[str, str]:
+    """Case name -> the checkpoint of the fold model that never trained on it (folds
+    of ``model/splits/cv5_fold*_val.txt`` whose run holds ``checkpoint``)."""
+    out = {}
+    for fold_file in sorted(SPLITS_DIR.glob("cv5_fold*_val.txt")):
+        fold = fold_file.name.split("_")[1]  # 'fold3'
+        path = runs / fold / checkpoint
+        if path.is_file():
+            out.update({name: str(path) for name in read_split(fold_file)})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=CKPT[+CKPT...]")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=CKPT[+CKPT...]")
+    parser.add_argument(
+        "--crossval",
+        type=Path,
+        metavar="RUNS",
+        help="out of fold: every case of the cv5 folds scored by the fold model of RUNS "
+        "(bench/crossval.py train) that never trained on it (model name 'oof')",
+    )
+    parser.add_argument("--crossval-checkpoint", default="last.pt")
     data_dir = resolve_data_dir(os.environ.get("OMNET_DATA_DIR"))
     parser.add_argument(
         "--data",
@@ -140,35 +226,53 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    models = dict(item.split("=", 1) for item in args.model)
-    settings = [Setting.parse(s) for s in args.setting]
+    # model name -> case name -> checkpoint path(s) ('+'-joined)
     folders = find_cases_in(args.data)
-    names = read_split(args.split)
+    if args.crossval:
+        oof = crossval_models(args.crossval, args.crossval_checkpoint)
+        if not oof:
+            raise SystemExit(f"no fold run under {args.crossval} holds {args.crossval_checkpoint}")
+        names = sorted(oof)
+        models: dict[str, dict[str, str]] = {"oof": oof}
+    else:
+        names = read_split(args.split)
+        models = {}
+    for item in args.model:
+        model_name, paths = item.split("=", 1)
+        models[model_name] = {n: paths for n in names}
+    if not models:
+        raise SystemExit("give --model NAME=CKPT or --crossval RUNS")
+    settings = [Setting.parse(s) for s in args.setting]
     missing = [n for n in names if n not in folders]
     if missing:
-        raise SystemExit(f"cases of {args.split} not found under {args.data}: {missing}")
+        raise SystemExit(f"cases not found under {args.data}: {missing}")
 
     shared: dict[tuple[str, str, bool], SharedPredictor] = {}
-    for m, paths in models.items():
-        for s in settings:
-            if (m, s.tiling, s.tta) not in shared:
-                loaded = load_predictor(
-                    paths.split("+"), args.device, layout=TILINGS[s.tiling], tta=s.tta
-                )
-                shared[(m, s.tiling, s.tta)] = SharedPredictor(loaded[0])
-    predictors = {(m, s.name): shared[(m, s.tiling, s.tta)] for m in models for s in settings}
+
+    def predictor(model_name: str, setting: Setting, case_name: str) -> SharedPredictor:
+        paths = models[model_name][case_name]
+        key = (paths, setting.tiling, setting.tta)
+        if key not in shared:
+            loaded = load_predictor(
+                paths.split("+"), args.device, layout=TILINGS[setting.tiling], tta=setting.tta
+            )
+            shared[key] = SharedPredictor(loaded[0])
+        return shared[key]
+
+    keys = [(m, s.name) for m in models for s in settings]
     per_case: dict[tuple[str, str], dict[str, dict[str, dict[str, float | None]]]] = {}
-    seconds: dict[tuple[str, str], float] = {key: 0.0 for key in predictors}
+    flags: dict[tuple[str, str], dict[str, list[str]]] = {key: {} for key in keys}
+    seconds: dict[tuple[str, str], float] = {key: 0.0 for key in keys}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             case = load_case(folders[name])
             reference = find_label_file(folders[name])
-            for (model_name, setting_name), predictor in predictors.items():
+            for model_name, setting_name in keys:
                 setting = next(s for s in settings if s.name == setting_name)
                 start = time.process_time()
                 report = process_case(
                     case,
-                    predictor,  # type: ignore[arg-type]  # a Predictor with a memory
+                    predictor(model_name, setting, name),  # type: ignore[arg-type]
                     CaseOutputs(Path(tmp) / f"{name}_seg.nii.gz"),
                     setting.options,
                     reference=reference,
@@ -177,11 +281,16 @@ def main() -> None:
                 assert report.evaluation is not None
                 scores = {r: m.to_dict() for r, m in report.evaluation.items()}
                 per_case.setdefault((model_name, setting_name), {})[name] = scores
+                flags[(model_name, setting_name)][name] = list(report.quality.get("flags", []))
                 dice = " ".join(f"{r} {scores[r]['dice']:.3f}" for r in REGIONS)
-                print(f"{name:<24} {model_name:<10} {setting_name:<16} Dice {dice}", flush=True)
+                flagged = ",".join(flags[(model_name, setting_name)][name]) or "-"
+                print(
+                    f"{name:<24} {model_name:<10} {setting_name:<18} Dice {dice}  flags {flagged}",
+                    flush=True,
+                )
 
     base = next(iter(seconds.values()))
-    document: dict[str, Any] = {"cases": names, "results": {}}
+    document: dict[str, Any] = {"cases": names, "models": models, "results": {}}
     print()
     for key, cases in per_case.items():
         summary = summarise(cases)
@@ -191,9 +300,17 @@ def main() -> None:
             count = sum(institution_group(n) == group for n in cases)
             print(_row(group, scores, count))
         print(_row("mean", summary["mean"], len(cases)))
+        print(_spread_row(summary["spread"]))
         print(_row("group mean", summary["group_mean"], len(summary["groups"])))
+        table = flag_table(cases, flags[key])
+        print(
+            f"  quality flag: {table['failures_flagged']} of {table['failures']} cases below "
+            f"WT {table['threshold']} flagged, {table['others_flagged']} of {table['others']} "
+            "others flagged"
+        )
         document["results"][f"{key[0]}/{key[1]}"] = {
             **summary,
+            "quality_flag": table,
             "cpu_seconds_per_case": cpu,
             "per_case": cases,
         }

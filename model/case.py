@@ -68,6 +68,7 @@ class CaseReport:
         timings_s: seconds per stage (load, pre-processing, inference, ..., total).
         outputs: kind (``segmentation``, ``probabilities``, ``preview``) -> file written.
         warnings: what the user should know about the result.
+        quality: signs of a likely failure (:meth:`model.lesions.Quality.to_dict`).
     """
 
     case: str
@@ -82,6 +83,7 @@ class CaseReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (paths as strings, metrics as plain dicts)."""
@@ -96,6 +98,7 @@ class CaseReport:
             "tiles": self.tiles,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "warnings": list(self.warnings),
+            "quality": dict(self.quality),
             "evaluation": None
             if self.evaluation is None
             else {
@@ -179,6 +182,7 @@ def process_case(
         timings_s=timings,
         outputs=written,
         warnings=list(seg.warnings),
+        quality=seg.quality.to_dict(),
     )
 
 

@@ -21,8 +21,10 @@ import numpy as np
 
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
+from model.labels import TaskClass
+from model.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
 from model.nifti_io import MODALITIES, Case, save_labels, save_probabilities
-from model.postprocess import MAIN_LESION_GAP_MM, keep_main_lesion, postprocess
+from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
 from model.tiling import (
     WIDE_TILING,
@@ -54,7 +56,10 @@ class SegmentationOptions:
             the paper; see :func:`model.postprocess.relabel_edema_kmeans`).
         main_lesion_gap_mm: after the other steps, remove tumour components farther than
             this from the largest (None: keep them; not in the paper, see
-            :func:`model.postprocess.keep_main_lesion`).
+            :func:`model.lesions.keep_main_lesion`).
+        main_lesion_guard: shells along the brain's edge are never the main lesion and
+            the component surest of core is never removed (False: the largest component
+            is the main lesion and any other may go).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
     """
@@ -63,6 +68,7 @@ class SegmentationOptions:
     relabel_edema: bool = True
     relabel_guard: bool = False
     main_lesion_gap_mm: float | None = None
+    main_lesion_guard: bool = True
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
 
@@ -95,12 +101,14 @@ class Segmentation:
         timings: seconds per stage.
         warnings: what the user should know about the result (e.g. tumour removed by
             post-processing).
+        quality: signs of a likely failure (see :func:`model.lesions.assess`).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    quality: Quality = field(default_factory=Quality)
 
 
 def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -149,6 +157,7 @@ def segment_images(
     fused = (
         fused_probabilities(probs, prep.mask, options.dilation) if options.probabilities else None
     )
+    core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
     del probs
     timings["fusion"] = time.perf_counter() - start
 
@@ -162,13 +171,27 @@ def segment_images(
             relabel_guard=options.relabel_guard,
         )
     warnings = []
+    removed: list[int] = []
+    spacing = canonical_spacing(affine)
     if options.main_lesion_gap_mm is not None:
         labels, removed = keep_main_lesion(
-            labels, canonical_spacing(affine), options.main_lesion_gap_mm
+            labels,
+            spacing,
+            options.main_lesion_gap_mm,
+            brain=prep.mask,
+            core_probability=core,
+            guard=options.main_lesion_guard,
         )
         if removed:
             warnings.append(_removed_warning(removed, affine, options.main_lesion_gap_mm))
     timings["postprocess"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    quality = assess(labels, spacing, prep.mask, sum(removed), core)
+    del core
+    if quality.review_recommended:
+        warnings.append(str(quality.warning()))
+    timings["quality"] = time.perf_counter() - start
 
     start = time.perf_counter()
     labels = from_canonical(paste(labels, prep), affine)
@@ -177,7 +200,9 @@ def segment_images(
         full[0][np.all(full == 0, axis=0)] = 1.0  # outside the crop: background
         fused = from_canonical(full, affine)
     timings["paste"] = time.perf_counter() - start
-    return Segmentation(labels=labels, probabilities=fused, timings=timings, warnings=warnings)
+    return Segmentation(
+        labels=labels, probabilities=fused, timings=timings, warnings=warnings, quality=quality
+    )
 
 
 def canonical_spacing(affine: np.ndarray) -> tuple[float, float, float]:

@@ -18,13 +18,8 @@ The paper leaves two choices open, made here as follows:
   as they come, i.e. already z-score normalised per modality, so no modality dominates
   by its raw scale. The T1ce channel is only used afterwards to name the dark group.
 
-A third step is not in the paper: :func:`keep_main_lesion` deletes tumour components
-that lie farther than a gap (10 mm by default) from the largest one. On cases from sites
-the model never saw, every component it deleted was a false positive (a distant patch of
-predicted edema, or enhancing tumour at a vessel), and they cost Dice and, far more,
-HD95; a genuinely multifocal tumour would lose its distant foci, so the pipeline runs it
-after the paper's steps as an option (the product's default, see the README) and reports
-what it removed. Step 1 and this step commute (both keep the largest component).
+A third step is not in the paper: :func:`model.lesions.keep_main_lesion` deletes tumour
+components that lie far from the main lesion (see that module).
 
 All functions are pure: they take label maps in the BraTS 2018 convention (0, 1, 2, 4;
 see :func:`model.labels.to_brats2018`) and return new arrays, never modifying their
@@ -40,7 +35,6 @@ from typing import Literal, cast
 
 import cc3d
 import numpy as np
-from scipy import ndimage
 from sklearn.cluster import KMeans
 
 from model.labels import EDEMA, NCR_NET, REGIONS
@@ -162,82 +156,6 @@ def remove_small_components(
         int(sizes[small].sum()),
     )
     return out
-
-
-#: Default gap of :func:`keep_main_lesion`: tumour components whose nearest voxel lies
-#: farther than this from the largest component are removed. On the multi-site
-#: validation split, gaps of 8 to 12 mm gave the same result and 15 mm kept a false
-#: positive; in the reference labels of all 34 cases, foci of one tumour lie at most
-#: 9.7 mm apart except one 774-voxel focus at 31 mm (1 % of that case's tumour).
-MAIN_LESION_GAP_MM = 10.0
-
-
-def keep_main_lesion(
-    labels: np.ndarray,
-    spacing: tuple[float, ...] | list[float],
-    max_gap_mm: float = MAIN_LESION_GAP_MM,
-    connectivity: int = 26,
-) -> tuple[np.ndarray, list[int]]:
-    """Removes tumour components that lie far from the largest one (not in the paper).
-
-    Components are those of the whole tumour (``labels != 0``). The largest is the
-    main lesion; any other whose nearest voxel is more than ``max_gap_mm`` (Euclidean,
-    in mm, voxel centre to voxel centre) from it is set to background.
-
-    Args:
-        labels: 3D label map (BraTS 2018 convention), not modified.
-        spacing: voxel size per axis in mm.
-        max_gap_mm: the largest gap kept, in mm.
-        connectivity: 6, 18 or 26.
-
-    Returns:
-        ``(new label map, voxel counts of the removed components)``.
-
-    Raises:
-        ValueError: ``labels`` is not 3D, or an argument is out of range.
-    """
-    arr = _check_labels(labels)
-    checked_connectivity = _check_connectivity(connectivity)
-    _check_non_negative("max_gap_mm", max_gap_mm)
-    sp = tuple(float(v) for v in spacing)
-    if len(sp) != 3 or not all(math.isfinite(v) and v > 0 for v in sp):
-        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing!r}")
-
-    out = np.array(arr, copy=True)
-    components, sizes = _tumour_components(arr, checked_connectivity)
-    if len(sizes) <= 2:
-        return out, []
-    main = 1 + int(np.argmax(sizes[1:]))
-    # A voxel more than the gap from the main lesion's bounding box along one axis is
-    # farther than the gap: distances are only needed in that box grown by the gap
-    # (exact there, since a Euclidean distance ignores what lies between), and a
-    # component with no voxel in it is far.
-    main_box = ndimage.find_objects(components, max_label=main)[main - 1]
-    grow = [math.floor(max_gap_mm / v) + 1 for v in sp]
-    box = tuple(
-        slice(max(0, int(side.start) - g), int(side.stop) + g)
-        for side, g in zip(main_box, grow, strict=True)
-    )
-    near_main = components[box]
-    gap = ndimage.distance_transform_edt(near_main != main, sampling=sp)
-    tumour = near_main != 0
-    nearest = np.full(len(sizes), np.inf)
-    np.minimum.at(nearest, near_main[tumour], gap[tumour])
-    far = nearest > max_gap_mm
-    far[0] = False
-    far[main] = False
-    removed = [int(n) for n in sizes[far]]
-    if removed:
-        out[far[components]] = 0
-    logger.debug(
-        "keep_main_lesion: %d components, main %d voxels, %d removed beyond %g mm (%d voxels)",
-        len(sizes) - 1,
-        int(sizes[main]),
-        len(removed),
-        max_gap_mm,
-        sum(removed),
-    )
-    return out, removed
 
 
 def relabel_edema_kmeans(

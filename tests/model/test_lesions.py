@@ -1,0 +1,123 @@
+"""The main-lesion rule that cannot delete the tumour, and the quality flags, on
+synthetic brains: an ellipsoid brain mask, a compact tumour inside, a thin bright rim
+along the brain's edge (the failure seen on an older scanner's scan)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.labels import EDEMA, ENHANCING, NCR_NET
+from model.lesions import (
+    SHELL_FRACTION,
+    assess,
+    components,
+    edge_depth_mm,
+    keep_main_lesion,
+)
+
+SPACING = (1.0, 1.0, 1.0)
+SHAPE = (120, 140, 110)
+
+
+def _brain() -> np.ndarray:
+    grid = np.indices(SHAPE).astype(np.float32)
+    centre = np.array(SHAPE, dtype=np.float32)[:, None, None, None] / 2
+    radii = np.array([55, 65, 50], dtype=np.float32)[:, None, None, None]
+    return (((grid - centre) / radii) ** 2).sum(0) <= 1.0
+
+
+def _ball(centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(SHAPE)
+    return ((grid - np.array(centre)[:, None, None, None]) ** 2).sum(0) <= radius**2
+
+
+@pytest.fixture(scope="module")
+def brain() -> np.ndarray:
+    return _brain()
+
+
+@pytest.fixture(scope="module")
+def rim_and_tumour(brain) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels with a rim (3 mm thick, front and back of the brain; larger than the
+    tumour, some core in it) and a tumour (edema, core, enhancing) deep inside."""
+    depth = edge_depth_mm(brain, SPACING)
+    labels = np.zeros(SHAPE, np.uint8)
+    y = np.indices(SHAPE)[1]
+    rim = brain & (depth <= 3) & ((y < 40) | (y > 100))
+    labels[rim] = EDEMA
+    labels[rim & (np.indices(SHAPE)[0] % 7 == 0)] = NCR_NET  # core labels in the rim
+    tumour = _ball((60, 75, 55), 18) & brain
+    labels[tumour] = EDEMA
+    labels[_ball((60, 75, 55), 10)] = NCR_NET
+    labels[_ball((60, 75, 55), 10) & ~_ball((60, 75, 55), 7)] = ENHANCING
+    core_probability = np.where(np.isin(labels, (NCR_NET, ENHANCING)), 0.6, 0.1)
+    core_probability[_ball((60, 75, 55), 10)] = 0.97  # the network is sure of this core
+    return labels, tumour, core_probability.astype(np.float32)
+
+
+def test_edge_depth_is_zero_outside_and_grows_inwards(brain):
+    depth = edge_depth_mm(brain, SPACING)
+    assert (depth[~brain] == 0).all()
+    assert depth[60, 70, 55] > 40
+    assert 0 < depth[60, 70, 6] <= 2  # one voxel inside the bottom of the ellipsoid
+
+
+def test_a_rim_along_the_brain_edge_is_a_shell_and_the_tumour_is_not(brain, rim_and_tumour):
+    labels, tumour, core = rim_and_tumour
+    parts = components(labels, SPACING, brain, core)
+    tumour_id = int(np.bincount(parts.ids[tumour]).argmax())
+    shells = parts.shells()
+    assert not shells[tumour_id]
+    assert shells.sum() >= 1
+    rim_ids = [i for i in range(1, parts.count + 1) if i != tumour_id]
+    assert all(parts.shell_fraction[i] >= SHELL_FRACTION for i in rim_ids)
+    assert parts.voxels[rim_ids].sum() > parts.voxels[tumour_id]  # larger than the tumour
+
+
+def test_the_tumour_survives_a_larger_rim(brain, rim_and_tumour):
+    labels, tumour, core = rim_and_tumour
+    # Without the brain the largest component (a rim) is the main lesion: the tumour,
+    # 10+ mm away, would be removed - unless it holds the surest core.
+    kept, _ = keep_main_lesion(labels, SPACING, brain=brain, core_probability=core)
+    np.testing.assert_array_equal(kept[tumour], labels[tumour])
+    kept_no_core, _ = keep_main_lesion(labels, SPACING, brain=brain)
+    np.testing.assert_array_equal(kept_no_core[tumour], labels[tumour])
+
+
+def test_the_component_most_confident_of_core_is_never_removed(brain):
+    labels = np.zeros(SHAPE, np.uint8)
+    big = _ball((60, 50, 55), 16) & brain
+    labels[big] = EDEMA  # the largest: edema only
+    small = _ball((60, 100, 55), 6)
+    labels[small] = NCR_NET  # 30+ mm away, but the network is sure of its core
+    core = np.where(small, 0.95, 0.2).astype(np.float32)
+    kept, removed = keep_main_lesion(labels, SPACING, brain=brain, core_probability=core)
+    assert kept[small].all() and kept[big].all() and removed == []
+    unsure = np.where(small, 0.6, 0.2).astype(np.float32)
+    kept, removed = keep_main_lesion(labels, SPACING, brain=brain, core_probability=unsure)
+    assert not kept[small].any() and removed == [int(small.sum())]
+
+
+def test_quality_flags_the_rim_and_not_a_clean_result(brain, rim_and_tumour):
+    labels, tumour, core = rim_and_tumour
+    flagged = assess(labels, SPACING, brain, 0, core)
+    assert "rim" in flagged.flags and flagged.review_recommended
+    assert flagged.measures["rim_fraction"] > 0.5
+    assert "review recommended" in str(flagged.warning())
+    clean = np.where(tumour, labels, 0).astype(np.uint8)
+    quality = assess(clean, SPACING, brain, 0, core)
+    assert quality.flags == [], quality.to_dict()
+    assert quality.warning() is None
+    assert quality.to_dict()["review_recommended"] is False
+
+
+def test_quality_flags_implausible_volumes_removals_and_brain_masks(brain):
+    labels = np.zeros(SHAPE, np.uint8)
+    assert "implausible_volume" in assess(labels, SPACING, brain).flags  # no tumour
+    labels[_ball((60, 75, 55), 15) & brain] = EDEMA
+    quality = assess(labels, SPACING, brain, removed_voxels=int((labels > 0).sum()))
+    assert "large_removal" in quality.flags
+    assert quality.measures["removed_fraction"] == pytest.approx(0.5)
+    not_stripped = np.ones(SHAPE, bool)  # the whole head: no skull stripping
+    assert "brain_mask" in assess(labels, (1.5, 1.5, 1.5), not_stripped).flags
