@@ -168,6 +168,20 @@ class WebhookDelivery(BaseModel):
     finished_at: datetime | None = Field(None, description="when delivered or failed")
 
 
+class QualityReport(BaseModel):
+    """Signs of a likely failure, measured on the result (see the model card)."""
+
+    review_recommended: bool = Field(description="a sign tripped: have a person look")
+    flags: list[str] = Field(
+        default_factory=list,
+        description="stable names: rim (tumour in thin shells along the brain's edge), "
+        "implausible_volume, large_removal (post-processing removed much of the "
+        "prediction), brain_mask (the input does not look skull-stripped)",
+    )
+    measures: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list, description="one sentence per flag")
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -196,6 +210,9 @@ class JobStatus(BaseModel):
     deliveries: list[WebhookDelivery] = Field(
         default_factory=list,
         description="completion events sent to callback_url and DICOMweb stores of the results",
+    )
+    quality: QualityReport | None = Field(
+        None, description="signs of a likely failure in the result (succeeded jobs)"
     )
 
 

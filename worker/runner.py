@@ -336,6 +336,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
     }
     if warnings:
         metrics["warnings"] = warnings
+    metrics["quality"] = report.quality
     if study is not None:
         metrics["dicom"] = study.summary()
     if report.evaluation is not None:

@@ -316,6 +316,8 @@ def _summary_line(report: CaseReport, evaluate: bool) -> str:
         line += f"; Dice {dice}"
     elif evaluate:
         line += "; not evaluated (no label map found for it)"
+    flags = report.quality.get("flags", [])
+    line += f"; quality: review recommended ({', '.join(flags)})" if flags else "; quality: ok"
     return f"{line} -> {report.outputs['segmentation']}"
 
 

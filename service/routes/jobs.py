@@ -27,6 +27,7 @@ from service.schemas import (
     JobPage,
     JobStatus,
     ModelRef,
+    QualityReport,
     WebhookDelivery,
     submission_form,
 )
@@ -66,6 +67,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
         warnings = list((metrics.get("dicom") or {}).get("warnings", []))
         warnings += list(metrics.get("warnings", []))
+    quality = metrics.get("quality") if metrics else None
     deliveries = store.deliveries(job.id)
     return JobStatus(
         id=job.id,
@@ -86,6 +88,7 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         links=_links(request, job),
         metrics=metrics,
         warnings=warnings,
+        quality=QualityReport.model_validate(quality) if quality else None,
         deliveries=[WebhookDelivery.model_validate(d, from_attributes=True) for d in deliveries],
     )
 

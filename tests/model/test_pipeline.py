@@ -109,7 +109,14 @@ def test_labels_on_the_input_grid(phantom, ras):
     assert isinstance(seg, Segmentation)
     _check_label_map(seg.labels, images)
     assert len(np.unique(seg.labels)) >= 3  # the random network does find "tumour"
-    assert set(seg.timings) == {"preprocess", "inference", "fusion", "postprocess", "quality", "paste"}
+    assert set(seg.timings) == {
+        "preprocess",
+        "inference",
+        "fusion",
+        "postprocess",
+        "quality",
+        "paste",
+    }
     assert all(t >= 0 for t in seg.timings.values())
     mask = preprocess(images).mask
     n_tiles = len(SMALL_TILING.kept_origins(mask.shape, mask))

@@ -117,3 +117,6 @@ def test_a_real_case_with_afni_extensions_is_scored(brats_case_dir, deployment, 
     status = deployment.wait_state(client, response.json()["id"], ("succeeded",), timeout=600)
     scores = status["metrics"]["reference"]
     assert scores["WT"]["dice"] > 0.7, scores  # the bundled model on a real case
+    quality = status["quality"]  # a good result on a real brain: nothing to review
+    assert quality["review_recommended"] is False, quality
+    assert 700 < quality["measures"]["brain_ml"] < 2200

@@ -177,7 +177,8 @@ def test_segment_bad_case_in_a_batch_does_not_stop_the_others(cases, checkpoint,
     assert _segment([batch], tmp_path / "out", checkpoint) != 0
     captured = capsys.readouterr()
     assert captured.out.startswith("good:")
-    err = captured.err.strip().splitlines()
+    # (a phantom is no real brain: its quality review warning is not an error line)
+    err = [line for line in captured.err.strip().splitlines() if ": warning: " not in line]
     assert len(err) == 2 and "Traceback" not in captured.err
     assert err[0].startswith("omnet segment: broken: error:") and "t2" in err[0]
     assert "1 of 2 cases failed" in err[1]
