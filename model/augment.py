@@ -16,6 +16,24 @@ intensity shift             0.15 / channel  U(-0.1, 0.1) standard deviations
 gamma                       0.3 / channel   gamma U(0.7, 1.5); 0.1 of them inverted
 ==========================  ==============  =========================================
 
+Two further transforms imitate other scanners and are off unless asked for
+(:meth:`AugmentConfig.site_shift`, ``omnet train --augment site``), which also widens the
+intensity ranges above:
+
+==========================  ==============  =========================================
+transform                   probability     parameters
+==========================  ==============  =========================================
+bias field                  0.3 / channel   smooth multiplicative field
+                                            exp(sum of linear and quadratic terms),
+                                            up to +-30 % over a patch
+low resolution              0.25 / channel  down-sampled along one random axis by
+                                            U(1.5, 3), linearly up-sampled back
+==========================  ==============  =========================================
+
+A bias field multiplies raw intensities, but patches are z-scored: with ``x = (I - m) / s``
+the biased value is ``x b + (m / s)(b - 1)``; ``m / s`` is drawn from U(1.5, 4), the range
+of the brain's mean-to-standard-deviation ratio in the real cases.
+
 Spatial rotation, scaling and elastic deformation (nnU-Net's costliest transforms) are
 left out: they need resampling of every patch, which costs more than a training step's
 forward pass on a CPU, and the patches are already drawn at random positions.
@@ -54,9 +72,32 @@ class AugmentConfig:
     gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
     gamma_invert: float = 0.1
+    bias: float = 0.0
+    bias_strength: float = 0.3
+    bias_offset: tuple[float, float] = (1.5, 4.0)
+    low_resolution: float = 0.0
+    low_resolution_factor: tuple[float, float] = (1.5, 3.0)
+
+    @classmethod
+    def site_shift(cls) -> AugmentConfig:
+        """The default set plus what imitates other scanners: bias fields, low
+        resolution, and wider noise, blur, contrast and gamma (see the module docstring)."""
+        return cls(
+            noise=0.15,
+            noise_variance=(0.0, 0.15),
+            blur=0.2,
+            blur_sigma=(0.5, 1.5),
+            contrast=0.3,
+            contrast_range=(0.65, 1.5),
+            gamma=0.3,
+            gamma_range=(0.6, 1.7),
+            bias=0.3,
+            low_resolution=0.25,
+        )
 
     def __post_init__(self) -> None:
-        for name in ("mirror", "noise", "blur", "brightness", "contrast", "shift", "gamma"):
+        probabilities = ("mirror", "noise", "blur", "brightness", "contrast", "shift", "gamma")
+        for name in (*probabilities, "bias", "low_resolution"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} probability must lie in [0, 1]; got {value!r}")
@@ -64,6 +105,12 @@ class AugmentConfig:
             raise ValueError(f"gamma_invert must lie in [0, 1]; got {self.gamma_invert!r}")
         if self.gamma_range[0] <= 0:
             raise ValueError(f"gamma_range must be positive; got {self.gamma_range!r}")
+        if not 0.0 <= self.bias_strength < 1.0:
+            raise ValueError(f"bias_strength must lie in [0, 1); got {self.bias_strength!r}")
+        if self.low_resolution_factor[0] < 1.0:
+            raise ValueError(
+                f"low_resolution_factor must be >= 1; got {self.low_resolution_factor!r}"
+            )
 
 
 def augment_patch(
@@ -112,6 +159,12 @@ def _augment_channel(
     channel: np.ndarray, brain: np.ndarray, rng: np.random.Generator, config: AugmentConfig
 ) -> np.ndarray:
     out = channel.copy()
+    if rng.random() < config.low_resolution:
+        out = np.where(brain, _low_resolution(out, rng, config), out).astype(np.float32)
+    if rng.random() < config.bias:
+        field = bias_field(out.shape, rng, config.bias_strength)
+        offset = rng.uniform(*config.bias_offset)
+        out = np.where(brain, out * field + offset * (field - 1.0), out).astype(np.float32)
     if rng.random() < config.blur:
         sigma = rng.uniform(*config.blur_sigma)
         out = np.where(brain, gaussian_filter(out, sigma), out).astype(np.float32)
@@ -143,3 +196,43 @@ def _gamma(values: np.ndarray, gamma: float, invert: bool) -> np.ndarray:
     if invert:
         unit = 1.0 - unit
     return (unit * (hi - lo) + lo).astype(np.float32)
+
+
+def bias_field(shape: tuple[int, ...], rng: np.random.Generator, strength: float) -> np.ndarray:
+    """A smooth positive field over a patch: exp of a random quadratic polynomial in
+    the normalised coordinates, scaled so that it stays within ``1 +- strength``."""
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    grid = np.meshgrid(*axes, indexing="ij")
+    log_field = np.zeros(shape, dtype=np.float32)
+    for g in grid:
+        log_field += rng.uniform(-1, 1) * g + rng.uniform(-1, 1) * (g * g - 1 / 3)
+    peak = float(np.abs(log_field).max())
+    if peak > 0:
+        log_field *= np.log1p(strength) / peak
+    field = np.exp(log_field)
+    return np.clip(field, 1.0 - strength, 1.0 + strength).astype(np.float32)
+
+
+def _low_resolution(
+    channel: np.ndarray, rng: np.random.Generator, config: AugmentConfig
+) -> np.ndarray:
+    """The channel down-sampled along one random axis and linearly up-sampled back."""
+    axis = int(rng.integers(channel.ndim))
+    n = channel.shape[axis]
+    factor = rng.uniform(*config.low_resolution_factor)
+    coarse = max(2, round(n / factor))
+    if coarse >= n:
+        return channel
+    fine_at = np.linspace(0.0, n - 1.0, coarse)  # where the coarse samples lie
+    moved = np.moveaxis(channel, axis, 0)
+    low = np.stack([_interp_slab(moved, x) for x in fine_at])
+    back = np.stack([_interp_slab(low, x * (coarse - 1) / (n - 1)) for x in range(n)])
+    return np.moveaxis(back, 0, axis).astype(np.float32)
+
+
+def _interp_slab(volume: np.ndarray, x: float) -> np.ndarray:
+    """Linear interpolation of ``volume`` along axis 0 at position ``x``."""
+    lo = int(np.floor(x))
+    hi = min(lo + 1, volume.shape[0] - 1)
+    weight = x - lo
+    return (1.0 - weight) * volume[lo] + weight * volume[hi]

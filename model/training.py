@@ -50,6 +50,10 @@ STATE_VERSION = 1
 TASK_NAMES = ("coarse", "tumour", "enhancing")
 
 
+#: Patch augmentation sets: nnU-Net's default set, or that plus scanner imitation.
+AUGMENT_PRESETS = ("default", "site")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run's recipe; saved in the run directory and the checkpoints."""
@@ -73,6 +77,7 @@ class TrainConfig:
     val_every: int = 1
     task1_tumour_fraction: float = 0.0
     augment: bool = False
+    augment_preset: str = "default"  # "site": AugmentConfig.site_shift()
     init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -103,6 +108,10 @@ class TrainConfig:
         if self.val_tiling not in TILINGS:
             raise ValueError(
                 f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
+            )
+        if self.augment_preset not in AUGMENT_PRESETS:
+            raise ValueError(
+                f"augment_preset must be one of {AUGMENT_PRESETS}; got {self.augment_preset!r}"
             )
         if self.variant == "mc":
             raise ValueError("variant 'mc' is one network; train the MC baseline as 'mc_cascade'")

@@ -15,9 +15,10 @@ from service.cli.common import LazyChoices
 if TYPE_CHECKING:
     import numpy as np
 
+    from model.augment import AugmentConfig
     from model.data import CachedCase
     from model.nifti_io import Case
-    from model.training import Trainer
+    from model.training import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--augment",
-        action="store_true",
-        help="patch augmentation: flips, intensity, gamma, noise, blur (none in the paper)",
+        nargs="?",
+        const="default",
+        choices=("default", "site"),
+        help="patch augmentation (none in the paper): 'default' (the bare flag): flips, "
+        "intensity, gamma, noise, blur; 'site': that plus bias fields, low resolution and "
+        "wider intensity ranges, imitating other scanners",
     )
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     p.add_argument(
@@ -109,7 +114,8 @@ def _new_run(args: argparse.Namespace) -> dict:
         val_tiling=args.val_tiling,
         val_every=args.val_every,
         task1_tumour_fraction=args.task1_tumour_fraction,
-        augment=args.augment,
+        augment=args.augment is not None,
+        augment_preset=args.augment or "default",
         init_checkpoint=str(args.init.resolve()) if args.init else None,
     )
     cases = list(find_cases_in(args.data).values())
@@ -225,8 +231,15 @@ def _fit(trainer: Trainer, run_dir: Path, max_minutes: float | None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def _augment_config(config: TrainConfig) -> AugmentConfig | None:
     from model.augment import AugmentConfig
+
+    if not config.augment:
+        return None
+    return AugmentConfig.site_shift() if config.augment_preset == "site" else AugmentConfig()
+
+
+def run(args: argparse.Namespace) -> int:
     from model.data import PatchSampler
     from model.tiling import resolve_device
     from model.training import TrainConfig, Trainer
@@ -242,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         config.online_transfer,
         seed=config.seed,
         task1_tumour_fraction=config.task1_tumour_fraction,
-        augment=AugmentConfig() if config.augment else None,
+        augment=_augment_config(config),
     )
     summary = {
         "folder": run_info["data"],

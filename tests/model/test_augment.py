@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.augment import AugmentConfig, augment_patch
+from model.augment import AugmentConfig, augment_patch, bias_field
 from model.labels import TaskClass
 
 SHAPE = (8, 6, 4)
@@ -107,3 +107,58 @@ def test_sampler_with_augmentation_resumes_the_same_stream(tmp_path):
     # Patch positions do not depend on augmentation: same targets up to mirroring.
     unaugmented = plain.sample((True, True, True))
     assert after.images[0].shape == unaugmented.images[0].shape
+
+
+# ------------------------------------------------------------- scanner imitation (site)
+
+SITE_ONLY = dict(NEVER, bias=1.0, low_resolution=1.0)
+
+
+def test_site_transforms_leave_outside_the_brain_and_the_labels_untouched():
+    images, target = _patch()
+    out, out_target = augment_patch(
+        images, target, np.random.default_rng(2), AugmentConfig(**SITE_ONLY)
+    )
+    outside = target == TaskClass.BACKGROUND
+    assert np.all(out[:, outside] == 0.0)
+    assert not np.allclose(out[:, ~outside], images[:, ~outside])
+    np.testing.assert_array_equal(out_target, target)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_the_bias_field_is_smooth_positive_and_bounded():
+    for seed in range(20):
+        field = bias_field((32, 32, 16), np.random.default_rng(seed), strength=0.3)
+        assert field.min() >= 0.7 - 1e-6 and field.max() <= 1.3 + 1e-6
+        steps = [np.abs(np.diff(field, axis=a)).max() for a in range(3)]
+        assert max(steps) < 0.1  # no jumps between neighbours: a smooth field
+    flat = bias_field((8, 8, 8), np.random.default_rng(0), strength=0.0)
+    np.testing.assert_allclose(flat, 1.0)
+
+
+def test_low_resolution_keeps_a_linear_ramp_and_smooths_detail():
+    # Down-sampling and linear up-sampling reproduce a linear ramp exactly...
+    ramp = np.broadcast_to(np.arange(16, dtype=np.float32), (16, 16, 16)).copy()
+    images = np.stack([ramp] * 4)
+    target = np.full(ramp.shape, TaskClass.NORMAL)
+    config = AugmentConfig(**dict(NEVER, low_resolution=1.0))
+    out, _ = augment_patch(images, target, np.random.default_rng(0), config)
+    np.testing.assert_allclose(out, images, atol=1e-4)
+    # ... and lose detail: a checkerboard gets flatter along the down-sampled axis.
+    checker = (np.indices((16, 16, 16)).sum(0) % 2).astype(np.float32)
+    out, _ = augment_patch(np.stack([checker] * 4), target, np.random.default_rng(0), config)
+    assert out.std() < checker.std()
+
+
+def test_site_shift_preset_is_the_default_set_widened():
+    site = AugmentConfig.site_shift()
+    default = AugmentConfig()
+    assert default.bias == 0.0 and default.low_resolution == 0.0  # off by default
+    assert site.bias > 0 and site.low_resolution > 0
+    assert site.gamma_range[0] <= default.gamma_range[0]
+    assert site.gamma_range[1] >= default.gamma_range[1]
+    assert site.contrast_range[0] <= default.contrast_range[0]
+    with pytest.raises(ValueError, match="bias_strength"):
+        AugmentConfig(bias_strength=1.5)
+    with pytest.raises(ValueError, match="low_resolution_factor"):
+        AugmentConfig(low_resolution_factor=(0.5, 2.0))

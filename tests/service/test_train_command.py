@@ -184,3 +184,23 @@ def test_validation_tiling_defaults_to_the_segment_default_and_checks_its_name(c
         parser.parse_args([*base, "--val-tiling", "slow"])
     assert exc.value.code == 2
     assert "slow" in capsys.readouterr().err
+
+
+def test_augment_flag_chooses_the_augmentation_set():
+    from model.augment import AugmentConfig
+    from model.training import TrainConfig
+    from service.cli import build_parser
+    from service.cli.train import _augment_config
+
+    parser = build_parser()
+    base = ["train", "--data", "d", "--out", "o"]
+    assert parser.parse_args(base).augment is None
+    assert parser.parse_args([*base, "--augment"]).augment == "default"
+    assert parser.parse_args([*base, "--augment", "site"]).augment == "site"
+    assert _augment_config(TrainConfig()) is None
+    assert _augment_config(TrainConfig(augment=True)) == AugmentConfig()
+    site = TrainConfig(augment=True, augment_preset="site")
+    assert _augment_config(site) == AugmentConfig.site_shift()
+    assert TrainConfig.from_dict(site.to_dict()) == site  # a resumed run keeps it
+    with pytest.raises(ValueError, match="augment_preset"):
+        TrainConfig(augment_preset="strong")
