@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         120.0, gt=0, description="a running job whose worker is silent this long is taken over"
     )
     worker_heartbeat_s: float = Field(10.0, gt=0, description="worker liveness interval")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="times a job is started before it fails with worker_lost (each time, its "
+        "worker stopped while running it: killed for memory, past a hard time limit)",
+    )
     queue_prefix: str = Field("omnet", description="queues are <prefix>.gpu and <prefix>.cpu")
     webhook_secrets: SecretStr = Field(
         SecretStr(""),

@@ -223,6 +223,16 @@ def _insert_delivery(conn: Connection, event: NewDelivery, now: datetime) -> Non
     )
 
 
+def _claimable(now: datetime, stale_after_s: float) -> sa.ColumnElement[bool]:
+    """Jobs a worker may claim: queued, or running under a worker silent for
+    ``stale_after_s``."""
+    stale = now - timedelta(seconds=stale_after_s)
+    return sa.or_(
+        jobs.c.state == JobState.QUEUED,
+        sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
+    )
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -426,21 +436,20 @@ class JobStore:
         with self._read() as conn:
             return [(f - c).total_seconds() for c, f in conn.execute(query).all()]
 
-    def claim(self, job_id: str, worker: str, stale_after_s: float) -> Job | None:
+    def claim(
+        self, job_id: str, worker: str, stale_after_s: float, max_attempts: int | None = None
+    ) -> Job | None:
         """Marks the job running for ``worker`` if it is queued, or running under a worker
-        silent for ``stale_after_s``. Returns the job when claimed, else None."""
+        silent for ``stale_after_s``, and has been claimed fewer than ``max_attempts``
+        times (None: no limit). Returns the job when claimed, else None."""
         now = utcnow()
-        stale = now - timedelta(seconds=stale_after_s)
+        claimable = _claimable(now, stale_after_s)
+        if max_attempts is not None:
+            claimable = sa.and_(claimable, jobs.c.attempts < max_attempts)
         with self._tx() as conn:
             result = conn.execute(
                 jobs.update()
-                .where(
-                    jobs.c.id == job_id,
-                    sa.or_(
-                        jobs.c.state == JobState.QUEUED,
-                        sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
-                    ),
-                )
+                .where(jobs.c.id == job_id, claimable)
                 .values(
                     state=JobState.RUNNING,
                     worker=worker,
@@ -452,6 +461,42 @@ class JobStore:
                 )
             )
         return self.get(job_id) if result.rowcount == 1 else None
+
+    def fail_exhausted(
+        self,
+        job_id: str,
+        stale_after_s: float,
+        max_attempts: int,
+        retention: timedelta,
+        error_code: str,
+        error_message: str,
+        event: NewDelivery | None = None,
+    ) -> bool:
+        """Fails a job that a worker could claim (queued, or running under a worker silent
+        for ``stale_after_s``) but that was claimed ``max_attempts`` times already: its
+        workers stopped (were killed) that often. ``event``, a webhook event, is recorded
+        with the change. False when the job is not such a job (any more)."""
+        now = utcnow()
+        with self._tx() as conn:
+            res = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    _claimable(now, stale_after_s),
+                    jobs.c.attempts >= max_attempts,
+                )
+                .values(
+                    state=JobState.FAILED,
+                    finished_at=now,
+                    expires_at=now + retention,
+                    stage=None,
+                    error_code=error_code,
+                    error_message=error_message,
+                )
+            )
+            if res.rowcount == 1 and event is not None:
+                _insert_delivery(conn, event, now)
+        return res.rowcount == 1
 
     def heartbeat(self, job_id: str, worker: str, progress: float, stage: str) -> Job | None:
         """Records progress of a job that ``worker`` runs; returns the record as it is now
@@ -548,13 +593,7 @@ class JobStore:
 
     def orphans(self, stale_after_s: float) -> list[Job]:
         """Queued jobs, and running jobs whose worker went silent: candidates to re-send."""
-        stale = utcnow() - timedelta(seconds=stale_after_s)
-        query = sa.select(jobs).where(
-            sa.or_(
-                jobs.c.state == JobState.QUEUED,
-                sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.heartbeat_at < stale),
-            )
-        )
+        query = sa.select(jobs).where(_claimable(utcnow(), stale_after_s))
         with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query).all()]
 

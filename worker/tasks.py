@@ -20,7 +20,13 @@ from service.db import utcnow
 from service.deliveries import run_deliveries
 from service.queue import TASK_SEGMENT, BrokerLedger, send_job
 from worker.app import WorkerContext, context
-from worker.runner import default_checkpoints, get_predictor, run_job, worker_name
+from worker.runner import (
+    default_checkpoints,
+    fail_exhausted,
+    get_predictor,
+    run_job,
+    worker_name,
+)
 
 logger = get_task_logger(__name__)
 
@@ -97,8 +103,10 @@ def _held_delivery_tags() -> set[str]:
 def reconcile(ctx: WorkerContext, ledger: BrokerLedger, period_s: float) -> list[str]:
     """Sends again every job whose record is queued (for longer than the stale interval),
     or running under a worker silent for that long, and that has no message left in the
-    broker. One worker at a time does it (a lock for ``period_s``); duplicates would be
-    harmless anyway (the claim). Returns the ids sent."""
+    broker; one whose workers stopped while running it ``max_attempts`` times fails
+    instead (:func:`worker.runner.fail_exhausted`). One worker at a time does it (a lock
+    for ``period_s``); duplicates would be harmless anyway (the claim). Returns the ids
+    sent."""
     settings = ctx.settings
     if not ledger.try_lock(f"{settings.queue_prefix}.reconcile", period_s):
         return []
@@ -109,6 +117,8 @@ def reconcile(ctx: WorkerContext, ledger: BrokerLedger, period_s: float) -> list
     held = ledger.held_job_ids({settings.queue("cpu"), settings.queue("cuda")})
     sent = []
     for job in orphans:
+        if fail_exhausted(job, settings, ctx.store, ctx.storage):
+            continue
         if job.id not in held:
             send_job(current_app, job.id, job.queue or _queue_name(ctx))
             sent.append(job.id)
@@ -142,6 +152,8 @@ def _ready(sender: Any = None, **_kwargs: Any) -> None:
         # or running under a silent worker, are sent again (the claim makes duplicates
         # harmless).
         for job in ctx.store.orphans(settings.stale_after_s):
+            if fail_exhausted(job, settings, ctx.store, ctx.storage):
+                continue
             send_job(current_app, job.id, job.queue or _queue_name(ctx))
             logger.info("re-sent job %s (%s)", job.id, job.state)
 

@@ -119,6 +119,45 @@ def _kill_a_pool_child(deployment: Stack, phantom: Phantom, half_checkpoint: Pat
     assert time.monotonic() - killed_at < 120
 
 
+def test_a_job_that_keeps_killing_its_pool_child_fails_with_worker_lost(
+    tmp_path, redis_url, tiny_checkpoint, phantom
+):
+    """The out-of-memory killer ends every pool child the case runs on: after
+    OMNET_MAX_ATTEMPTS starts the job fails with worker_lost, within the take-over bound
+    of the last death, and the worker keeps serving."""
+    max_attempts = 2
+    env = {"OMNET_MAX_ATTEMPTS": str(max_attempts)}
+    with _deployment(tmp_path, redis_url, tiny_checkpoint, **env) as deployment:
+        api = deployment.wait_api(deployment.start_api("api"))
+        worker = deployment.start_worker("prefork", pool="prefork", **SLOW)
+        deployment.wait_worker(worker)
+        job_id = _submit(api, phantom)
+        for attempt in range(1, max_attempts + 1):
+            record = wait_until(
+                lambda n=attempt: (r := _running_on(deployment, job_id)) and r.attempts == n and r,
+                60,
+                f"attempt {attempt} of the job to run",
+                deployment,
+                0.05,
+            )
+            child = int(record.worker.rsplit(":", 1)[1])
+            assert child in _children(worker.pid), "the job should run in a pool child"
+            os.kill(child, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        client = api.client("alice")
+        status = deployment.wait_state(client, job_id, ("failed",), timeout=60)
+        assert time.monotonic() - killed_at <= BOUND_S + 3
+        assert status["attempts"] == max_attempts
+        assert status["error"]["code"] == "worker_lost", status
+        assert "stopped 2 times (attempts 1-2)" in status["error"]["message"]
+        assert _successes([worker], job_id) == 0
+        assert worker.alive()
+        # The next case is served as usual.
+        deployment.wait_state(client, _submit(api, phantom), ("succeeded",), timeout=120)
+        assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == max_attempts
+
+
 @pytest.mark.parametrize("recovery", ["restart", "second_worker"])
 def test_jobs_of_a_killed_worker_run_once(deployment, phantom, recovery):
     """One running and two queued jobs when the worker's main process is SIGKILLed."""

@@ -136,6 +136,58 @@ def test_live_claim_is_busy_and_a_stale_one_is_taken_over(settings, store, stora
     assert store.get(job_id).state == JobState.SUCCEEDED  # type: ignore[union-attr]
 
 
+def _die_running(store: JobStore, job_id: str, times: int, settings: Settings) -> None:
+    """``times`` workers claim the job and die while running it (their heartbeats go
+    stale), as when a case makes the out-of-memory killer end every worker it runs on."""
+    for n in range(times):
+        claimed = store.claim(job_id, f"dead-{n}:1", settings.stale_after_s, settings.max_attempts)
+        assert claimed is not None and claimed.attempts == n + 1
+        _age_heartbeat(store, job_id, settings.stale_after_s + 1)
+
+
+def test_a_job_whose_workers_keep_dying_fails_with_worker_lost(settings, store, storage, case):
+    assert settings.max_attempts == 3  # the default
+    url = "https://hooks.example.org/omnet"
+    job_id = _submit(store, storage, case, preview=False, callback_url=url)
+    _die_running(store, job_id, settings.max_attempts, settings)
+    # A fourth start is refused by the claim itself, whoever asks.
+    assert store.claim(job_id, "other-host:1", settings.stale_after_s, 3) is None
+
+    assert run_job(job_id, settings, store, storage) == RunOutcome.FAILED
+    job = store.get(job_id)
+    assert job is not None
+    assert (job.state, job.attempts, job.error_code) == (JobState.FAILED, 3, "worker_lost")
+    assert "stopped 3 times (attempts 1-3)" in (job.error_message or ""), job.error_message
+    assert "memory" in (job.error_message or "")
+    assert job.finished_at is not None and job.expires_at is not None
+    [event] = store.deliveries(job_id)
+    body = json.loads(event.body)
+    assert event.event == "job.failed"
+    assert body["data"]["error"] == {"code": "worker_lost", "message": job.error_message}
+    # Messages still on their way find a finished job.
+    assert run_job(job_id, settings, store, storage) == RunOutcome.GONE
+    assert len(store.deliveries(job_id)) == 1
+
+
+def test_the_last_attempt_runs_and_a_live_one_is_left_alone(settings, store, storage, case):
+    limited = settings.model_copy(update={"max_attempts": 2})
+    job_id = _submit(store, storage, case, preview=False)
+    _die_running(store, job_id, 1, limited)
+    assert run_job(job_id, limited, store, storage) == RunOutcome.SUCCEEDED
+    assert store.get(job_id).attempts == 2  # type: ignore[union-attr]
+
+    # Exhausted but still beating: its worker is alive, nothing fails it.
+    busy = _submit(store, storage, case, preview=False)
+    _die_running(store, busy, 1, limited)
+    assert store.claim(busy, "live:1", limited.stale_after_s, 2) is not None
+    assert run_job(busy, limited, store, storage) == RunOutcome.BUSY
+    job = store.get(busy)
+    assert job is not None and (job.state, job.worker) == (JobState.RUNNING, "live:1")
+    assert not store.fail_exhausted(
+        busy, limited.stale_after_s, 2, timedelta(hours=1), "worker_lost", "x"
+    )
+
+
 def test_cancelled_job_is_never_run(settings, store, storage, case):
     job_id = _submit(store, storage, case)
     cancelled = store.cancel(job_id, "alice", timedelta(hours=1))
