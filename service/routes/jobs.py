@@ -98,16 +98,40 @@ def _queue(settings: Settings, store: JobStore) -> str:
     return settings.queue("cuda" if any(w["device"] == "cuda" for w in live) else "cpu")
 
 
-def _created(request: Request, response: Response, store: JobStore, job: Job) -> JobCreated:
+def _created(
+    request: Request, response: Response, job: Job, queue_position: int | None
+) -> JobCreated:
     url = str(request.url_for("get_job", job_id=job.id))
     response.headers["Location"] = url
     return JobCreated(
         id=job.id,
         state=job.state,
         status_url=url,
-        queue_position=store.queue_position(job),
+        queue_position=queue_position,
         created_at=job.created_at,
     )
+
+
+def _existing(store: JobStore, owner: str, idempotency_key: str) -> tuple[Job, int | None] | None:
+    """The job ``owner`` made with ``idempotency_key`` and its queue position, if any."""
+    job = store.by_idempotency_key(owner, idempotency_key)
+    return None if job is None else (job, store.queue_position(job))
+
+
+def _record(
+    settings: Settings,
+    store: JobStore,
+    owner: str,
+    options: dict[str, Any],
+    inputs: dict[str, str],
+    idempotency_key: str | None,
+    job_id: str,
+) -> tuple[Job, bool, str, int | None]:
+    """Records a submission's job (or finds the one a concurrent retry with the same key
+    made): the job, whether it is new, its queue and its queue position."""
+    queue = _queue(settings, store)
+    job, created = store.create(owner, options, inputs, queue, idempotency_key, job_id=job_id)
+    return job, created, queue, store.queue_position(job)
 
 
 @router.post(
@@ -136,12 +160,15 @@ async def create_job(
     owner: OwnerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobCreated:
+    # Asynchronous to read the upload as it streams in; every job store call runs in a
+    # worker thread, so that a database that makes it wait (a write lock held, a server
+    # failing over) never holds up the event loop and the other requests on it.
     if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
         raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
     if idempotency_key:
-        existing = store.by_idempotency_key(owner, idempotency_key)
+        existing = await run_in_threadpool(_existing, store, owner, idempotency_key)
         if existing is not None:
-            return _created(request, response, store, existing)
+            return _created(request, response, *existing)
     upload = await receive_case(
         request, storage, settings, CallbackRules.for_owner(settings, owner)
     )
@@ -150,18 +177,17 @@ async def create_job(
         # Not an option the client sets: the URL its events link to (the one answered now).
         options["status_url"] = str(request.url_for("get_job", job_id=upload.job_id))
     try:
-        queue = _queue(settings, store)
-        job, created = store.create(
-            owner, options, upload.inputs, queue, idempotency_key, job_id=upload.job_id
+        job, created, queue, position = await run_in_threadpool(
+            _record, settings, store, owner, options, upload.inputs, idempotency_key, upload.job_id
         )
     except BaseException:
         storage.delete_job(upload.job_id)  # no record: nothing would ever remove its files
         raise
     if not created:  # a concurrent retry with the same key won the race
         storage.delete_job(upload.job_id)
-        return _created(request, response, store, job)
+        return _created(request, response, job, position)
     await _send(celery, store, storage, job, queue, settings.broker_timeout_s)
-    return _created(request, response, store, job)
+    return _created(request, response, job, position)
 
 
 async def _send(
@@ -177,7 +203,7 @@ async def _send(
             run_in_threadpool(send_job, celery, job.id, queue, False), timeout_s + 1.0
         )
     except Exception as exc:
-        store.delete(job.id)
+        await run_in_threadpool(store.delete, job.id)
         storage.delete_job(job.id)
         raise ApiError(
             503,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -276,3 +278,66 @@ def test_jobs_whose_messages_vanished_are_sent_again(private_broker, phantom):
         assert status["attempts"] == 1
         assert f"job {job_id} (queued) had no message left" in worker.output()
         assert _successes([worker], job_id) == 1
+
+
+# --------------------------------------------------------------------------- database
+#: How long the job database's write lock is held by another connection.
+LOCK_S = 8.0
+#: /healthz must answer within this while the lock is held (a loaded 2-core machine
+#: answers in milliseconds; a blocked event loop would wait out the lock).
+HEALTHZ_BOUND_S = LOCK_S / 4
+
+
+def _hold_write_lock(database: Path, seconds: float) -> threading.Thread:
+    """Another writer: takes the SQLite database's write lock and holds it ``seconds``
+    (in a thread of its own, so the lock goes whatever the test waits for)."""
+    locked = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(database, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+            locked.set()
+            time.sleep(seconds)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    assert locked.wait(10), "the write lock could not be taken"
+    return thread
+
+
+def test_a_locked_database_does_not_block_the_event_loop(deployment, phantom):
+    """A submission waiting for the SQLite write lock (another writer holds it) waits in
+    a thread: /healthz keeps answering at once, and the submission goes through when the
+    lock is released."""
+    api = deployment.apis[0]
+    client = api.client("alice")
+    jobs_dir = deployment.storage / "jobs"
+    locker = _hold_write_lock(deployment.storage / "jobs.sqlite", LOCK_S)
+    answer: list[httpx.Response] = []
+    post = threading.Thread(
+        target=lambda: answer.append(client.post("/v1/jobs", files=phantom.files())),
+        daemon=True,
+    )
+    post.start()
+    # The case is stored under its job id just before the record is written.
+    wait_until(
+        lambda: jobs_dir.is_dir() and any(jobs_dir.iterdir()),
+        LOCK_S / 2,
+        "the submission's files to be stored",
+        deployment,
+        0.02,
+    )
+    slowest = 0.0
+    while locker.is_alive():
+        started = time.monotonic()
+        health = httpx.get(f"{api.url}/healthz", timeout=LOCK_S * 4)
+        slowest = max(slowest, time.monotonic() - started)
+        assert health.status_code == 200
+        time.sleep(0.1)
+    assert slowest < HEALTHZ_BOUND_S, f"/healthz took {slowest:.2f} s under a held lock"
+    post.join(30)
+    assert answer and answer[0].status_code == 202, answer and answer[0].text
