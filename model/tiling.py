@@ -197,9 +197,14 @@ class Predictor:
             torch.backends.cudnn.deterministic = True
 
     @torch.inference_mode()
-    def _forward(self, batch: np.ndarray) -> list[torch.Tensor]:
-        """Mean softmax probabilities over the models and mirrorings, each (B, C, X, Y, Z)."""
-        patches = torch.from_numpy(batch).to(self.device)  # (B, C, X, Y, Z)
+    def _forward(self, batch: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        """Mean softmax probabilities over the models and mirrorings, each (B, C, X, Y, Z),
+        on the predictor's device."""
+        patches = (
+            batch.to(self.device)
+            if isinstance(batch, torch.Tensor)
+            else torch.from_numpy(batch).to(self.device)
+        )  # (B, C, X, Y, Z)
         sums: list[torch.Tensor] = []
         for flip in self.flips:
             x = to_network(patches.flip(flip) if flip else patches)
@@ -211,7 +216,7 @@ class Predictor:
                     probs = [p.flip(flip) for p in probs]  # back to the patch's own orientation
                 sums = probs if not sums else [a + b for a, b in zip(sums, probs, strict=True)]
         passes = len(self.models) * len(self.flips)
-        return [(p / passes).cpu() for p in sums]
+        return [p / passes for p in sums]
 
     def _batches(self, origins: list[tuple[int, int, int]]) -> Iterator[list[tuple[int, int, int]]]:
         for i in range(0, len(origins), self.batch_size):
@@ -232,15 +237,20 @@ class Predictor:
             raise ValueError(f"images must be (C, X, Y, Z); got shape {images.shape}")
         shape = images.shape[1:]
         layout = self.layout
-        padded = np.pad(images.astype(np.float32, copy=False), [(0, 0), *layout.padding(shape)])
+        padded_np = np.pad(images.astype(np.float32, copy=False), [(0, 0), *layout.padding(shape)])
         origins = layout.kept_origins(shape, mask)
-        out = TaskProbabilities(*(np.zeros((c, *shape), dtype=np.float32) for c in (5, 5, 2)))
+        # The padded volume goes to the device once; patches are cut there, and only the
+        # kept centre of each prediction is written into outputs that stay on the device
+        # until the end (one copy back instead of whole patches per batch).
+        padded = torch.from_numpy(padded_np).to(self.device)
+        out = [torch.zeros((c, *shape), dtype=torch.float32, device=self.device) for c in (5, 5, 2)]
         for probs in out:
             probs[TaskClass.BACKGROUND] = 1.0  # class 0 of every task: background / not ET
+        centre = tuple(slice(o, o + k) for o, k in zip(layout.offset, layout.kept, strict=True))
         done = 0
         for chunk in self._batches(origins):
             # A patch whose kept block starts at o starts at o in the padded volume.
-            batch = np.stack(
+            batch = torch.stack(
                 [
                     padded[
                         (
@@ -251,8 +261,7 @@ class Predictor:
                     for origin in chunk
                 ]
             )
-            task_probs = self._forward(batch)  # each (B, C, X, Y, Z)
-            centre = tuple(slice(o, o + k) for o, k in zip(layout.offset, layout.kept, strict=True))
+            task_probs = self._forward(batch)  # each (B, C, X, Y, Z), on the device
             for i, origin in enumerate(chunk):
                 dest = tuple(
                     slice(o, min(o + k, s))
@@ -263,9 +272,10 @@ class Predictor:
                     for c, d in zip(centre, dest, strict=True)
                 )
                 for target, tile_probs in zip(out, task_probs, strict=True):
-                    target[(slice(None), *dest)] = tile_probs[i][(slice(None), *clip)].numpy()
+                    target[(slice(None), *dest)] = tile_probs[i][(slice(None), *clip)]
             done += len(chunk)
             if progress is not None:
                 progress(done, len(origins))
+        result = TaskProbabilities(*(t.cpu().numpy() for t in out))
         logger.debug("predicted %d tiles of %s on %s", len(origins), layout.patch, self.device)
-        return out
+        return result
