@@ -419,6 +419,23 @@ class JobStore:
         with self._read() as conn:
             return int(conn.execute(query).scalar_one()) + 1
 
+    def queue_positions(self, jobs_: Sequence[Job]) -> dict[str, int]:
+        """:meth:`queue_position` of each queued job of ``jobs_``, in one statement; job
+        id -> position (only queued jobs are in it)."""
+        if not jobs_:
+            return {}
+        queued = sorted(j.id for j in jobs_ if j.state == JobState.QUEUED)
+        earlier = jobs.alias("earlier")
+        ahead = (
+            sa.select(sa.func.count())
+            .select_from(earlier)
+            .where(earlier.c.state == JobState.QUEUED, earlier.c.created_at < jobs.c.created_at)
+            .scalar_subquery()
+        )
+        query = sa.select(jobs.c.id, ahead).where(jobs.c.id.in_(queued))
+        with self._read() as conn:
+            return {job_id: int(n) + 1 for job_id, n in conn.execute(query).all()}
+
     def counts(self) -> dict[JobState, int]:
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
         with self._read() as conn:
@@ -607,6 +624,22 @@ class JobStore:
         )
         with self._read() as conn:
             return [Delivery.from_row(r) for r in conn.execute(query).all()]
+
+    def deliveries_of(self, job_ids: Sequence[str]) -> dict[str, list[Delivery]]:
+        """The webhook events of several jobs, oldest first, in one statement; job id ->
+        its deliveries (jobs without any are left out)."""
+        if not job_ids:
+            return {}
+        query = (
+            sa.select(deliveries)
+            .where(deliveries.c.job_id.in_(list(job_ids)))
+            .order_by(deliveries.c.created_at, deliveries.c.id)
+        )
+        out: dict[str, list[Delivery]] = {}
+        with self._read() as conn:
+            for row in conn.execute(query).all():
+                out.setdefault(row.job_id, []).append(Delivery.from_row(row))
+        return out
 
     def retry_deliveries(self, job_id: str, event_prefix: str) -> int:
         """Makes the failed deliveries of ``job_id`` whose event starts with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from service.db import ACTIVE, FINISHED, Job, JobState, JobStore
+from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.dicomweb import STORE_EVENT
 from service.errors import ApiError
@@ -61,6 +62,13 @@ def _links(request: Request, job: Job) -> JobLinks:
 
 
 def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
+    """The status of ``job``, with its queue position and deliveries read now."""
+    return _status_from(request, job, store.queue_position(job), store.deliveries(job.id))
+
+
+def _status_from(
+    request: Request, job: Job, queue_position: int | None, deliveries: list[Delivery]
+) -> JobStatus:
     metrics = None
     warnings: list[str] = []
     if job.result:
@@ -68,13 +76,12 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
         warnings = list((metrics.get("dicom") or {}).get("warnings", []))
         warnings += list(metrics.get("warnings", []))
     quality = metrics.get("quality") if metrics else None
-    deliveries = store.deliveries(job.id)
     return JobStatus(
         id=job.id,
         state=job.state,
         progress=round(job.progress, 4),
         stage=job.stage,
-        queue_position=store.queue_position(job),
+        queue_position=queue_position,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -212,7 +219,25 @@ async def _send(
         ) from exc
 
 
+def _is_job_id(text: str) -> bool:
+    """Whether ``text`` is a job id as the service makes them: a UUID, lower-case
+    hexadecimal digits in the 8-4-4-4-12 form."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
 def _owned(store: JobStore, job_id: str, owner: str) -> Job:
+    # An id that no job can have is not looked up: some databases refuse what it holds
+    # (PostgreSQL text cannot contain NUL), and it is not echoed back.
+    if not _is_job_id(job_id):
+        raise ApiError(
+            404,
+            "job_not_found",
+            "no such job: a job id is a UUID as POST /v1/jobs answered it, "
+            "e.g. 6f1c2a9e-0b4d-4e8a-9c3f-2d7b5a1e8c40",
+        )
     job = store.get(job_id, owner)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id} for this API key")
@@ -224,18 +249,27 @@ def get_job(request: Request, job_id: str, store: StoreDep, owner: OwnerDep) -> 
     return _status(request, store, _owned(store, job_id, owner))
 
 
+#: Most jobs on a page of GET /v1/jobs.
+MAX_PAGE = 100
+#: Largest offset of GET /v1/jobs: the databases' 64-bit signed integers.
+MAX_OFFSET = 2**63 - 1
+
+
 @router.get("/jobs", response_model=JobPage, responses=ERRORS, summary="Your jobs, newest first")
 def list_jobs(
     request: Request,
     store: StoreDep,
     owner: OwnerDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
+    # A fixed number of statements whatever the page holds: the page, its total, and the
+    # queue positions and deliveries of all its jobs at once.
     jobs, total = store.list_jobs(owner, limit, offset)
-    return JobPage(
-        items=[_status(request, store, j) for j in jobs], total=total, limit=limit, offset=offset
-    )
+    positions = store.queue_positions(jobs)
+    deliveries = store.deliveries_of([j.id for j in jobs])
+    items = [_status_from(request, j, positions.get(j.id), deliveries.get(j.id, [])) for j in jobs]
+    return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
 def _result_file(storage: Storage, job: Job, kind: str) -> Path:
