@@ -13,7 +13,7 @@ from service import errors
 from service.config import Settings, get_settings
 from service.db import JobStore
 from service.queue import make_celery
-from service.routes import jobs, system
+from service.routes import inputs, jobs, system
 from service.storage import Storage
 from service.telemetry import RequestMetrics, job_registry
 from service.uploads import BodySizeLimit
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings, client=True)
     app.state.job_metrics = job_registry(store)
     app.include_router(jobs.router)
+    app.include_router(inputs.router)
     app.include_router(system.router)
     errors.install(app)
     app.add_middleware(
