@@ -13,7 +13,7 @@ from service import errors
 from service.config import Settings, get_settings
 from service.db import JobStore
 from service.queue import make_celery
-from service.routes import inputs, jobs, system
+from service.routes import inputs, jobs, system, web
 from service.storage import Storage
 from service.telemetry import RequestMetrics, job_registry
 from service.uploads import BodySizeLimit
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Brain-tumour segmentation with OM-Net + cross-task guided attention",
         lifespan=lifespan,
+        docs_url=None,  # served by service.routes.web from local files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = store
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(inputs.router)
     app.include_router(system.router)
+    web.install(app)
     errors.install(app)
     app.add_middleware(
         BodySizeLimit,
