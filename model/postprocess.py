@@ -35,7 +35,6 @@ from typing import Literal, cast
 
 import cc3d
 import numpy as np
-from sklearn.cluster import KMeans
 
 from model.labels import EDEMA, NCR_NET, REGIONS
 
@@ -360,6 +359,8 @@ def _dark_edema(
     if np.all(features == features[0]):
         logger.debug("relabel_edema_kmeans: component %d has uniform edema; skipped", comp)
         return None
+    from sklearn.cluster import KMeans  # 1-2 s to import: only when relabelling runs
+
     groups = KMeans(n_clusters=2, n_init=10, random_state=random_state).fit_predict(features)
     means = [features[groups == g, t1ce_channel].mean() for g in (0, 1)]
     if means[0] == means[1]:
