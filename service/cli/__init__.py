@@ -17,11 +17,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from service.cli import evaluate, export, model_info, phantom, segment, serve, train, worker
+from service.cli import (
+    evaluate,
+    export,
+    model_info,
+    phantom,
+    segment,
+    serve,
+    submit,
+    train,
+    worker,
+)
 from service.cli.common import EXIT_FAILURE, EXIT_USAGE, one_line
 from service.openmp import prefer_passive_waits
 
-COMMANDS = (model_info, phantom, segment, evaluate, train, serve, worker, export)
+COMMANDS = (model_info, phantom, segment, evaluate, train, serve, worker, submit, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
