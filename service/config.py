@@ -14,8 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Heartbeats a running job's worker has, at least, before the job counts as stale.
+STALE_HEARTBEATS = 3
 
 
 class Settings(BaseSettings):
@@ -76,7 +79,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="the API waits this long for the broker before answering 503"
     )
     stale_after_s: float = Field(
-        120.0, gt=0, description="a running job whose worker is silent this long is taken over"
+        120.0,
+        gt=0,
+        description="a running job whose worker is silent this long is taken over (at least "
+        f"{STALE_HEARTBEATS} x worker_heartbeat_s)",
     )
     worker_heartbeat_s: float = Field(10.0, gt=0, description="worker liveness interval")
     max_attempts: int = Field(
@@ -156,6 +162,21 @@ class Settings(BaseSettings):
     max_study_mb: float = Field(
         4096.0, gt=0, description="largest DICOM study (uncompressed), uploaded or retrieved"
     )
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> Settings:
+        # A live worker records a job's progress every heartbeat; a job is taken over when
+        # it has been silent stale_after_s. With fewer heartbeats in that time, a live job
+        # (or one beat held up by a busy database) looks dead and is taken over.
+        least = STALE_HEARTBEATS * self.worker_heartbeat_s
+        if self.stale_after_s < least:
+            raise ValueError(
+                f"OMNET_STALE_AFTER_S ({self.stale_after_s:g} s) must be at least "
+                f"{STALE_HEARTBEATS} x OMNET_WORKER_HEARTBEAT_S ({self.worker_heartbeat_s:g} s) "
+                f"= {least:g} s, or running jobs whose workers are alive look stale and are "
+                "taken over; raise OMNET_STALE_AFTER_S or lower OMNET_WORKER_HEARTBEAT_S"
+            )
+        return self
 
     @field_validator("tiling")
     @classmethod

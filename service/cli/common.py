@@ -48,6 +48,19 @@ def positive_int(text: str) -> int:
 
 
 def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
+    """The first line of an exception's message, or its type when it has none; for
+    settings that do not validate, what is wrong with each (its first line is only a
+    count of the errors)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.errors():
+        problems = []
+        for error in exc.errors(include_url=False, include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            if field and exc.title == "Settings":
+                field = f"OMNET_{field.upper()}"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{field}: {message}" if field else message)
+        return f"invalid {exc.title}: " + "; ".join(problems)
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
