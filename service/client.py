@@ -42,7 +42,7 @@ FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 #: Answers that say "try again shortly".
 RETRY_STATUSES = (429, 503)
 #: Result links of a job's status -> the file each is saved as (the worker's names).
-DOWNLOADS = {kind: OUTPUT_FILES[kind] for kind in OUTPUT_FILES}
+DOWNLOADS = dict(OUTPUT_FILES)
 
 Files = list[tuple[str, tuple[str, BinaryIO, str]]]
 
