@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from model.checkpoint import Checkpoint, load_checkpoint
+from model.defaults import POSTPROCESS_MODES
 from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
 from model.labels import TaskClass
 from model.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
@@ -39,15 +40,10 @@ logger = logging.getLogger(__name__)
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
-#: Post-processing modes: the main lesion kept (components far from the largest removed),
-#: then small-component removal; the paper's two steps; the relabelling guarded to tumours
-#: that hold core; small-component removal alone; nothing.
-POSTPROCESS_MODES = ("main-lesion", "paper", "guarded", "components", "none")
-
-
 @dataclass(frozen=True)
 class SegmentationOptions:
-    """What to compute beyond the label map.
+    """What to compute beyond the label map. The defaults are the product's
+    (``for_postprocess(DEFAULT_POSTPROCESS)``); ``for_postprocess("paper")`` is the paper's.
 
     Attributes:
         remove_small: post-processing step 1 (small-component removal).
@@ -65,9 +61,9 @@ class SegmentationOptions:
     """
 
     remove_small: bool = True
-    relabel_edema: bool = True
+    relabel_edema: bool = False
     relabel_guard: bool = False
-    main_lesion_gap_mm: float | None = None
+    main_lesion_gap_mm: float | None = MAIN_LESION_GAP_MM
     main_lesion_guard: bool = True
     probabilities: bool = False
     dilation: float = DILATION_VOXELS

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.labels import TaskClass
+from model.labels import NUM_TASK_CLASSES, TaskClass
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,6 @@ FAST_TILING = TileLayout(patch=(64, 64, 32), kept=(52, 52, 21), offset=(6, 6, 5)
 WIDE_TILING = TileLayout(patch=(32, 32, 16), kept=(24, 24, 8), offset=(4, 4, 4))
 TILINGS = {"paper": PAPER_TILING, "wide": WIDE_TILING, "fast": FAST_TILING}
 #: The tiling of ``omnet segment``, the workers and the benchmarks unless told otherwise.
-DEFAULT_TILING = "wide"
 
 
 class TaskProbabilities(NamedTuple):
@@ -243,7 +242,10 @@ class Predictor:
         # kept centre of each prediction is written into outputs that stay on the device
         # until the end (one copy back instead of whole patches per batch).
         padded = torch.from_numpy(padded_np).to(self.device)
-        out = [torch.zeros((c, *shape), dtype=torch.float32, device=self.device) for c in (5, 5, 2)]
+        out = [
+            torch.zeros((c, *shape), dtype=torch.float32, device=self.device)
+            for c in NUM_TASK_CLASSES
+        ]
         for probs in out:
             probs[TaskClass.BACKGROUND] = 1.0  # class 0 of every task: background / not ET
         centre = tuple(slice(o, o + k) for o, k in zip(layout.offset, layout.kept, strict=True))

@@ -38,11 +38,12 @@ import torch.nn.functional as F_
 
 from model.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from model.data import PatchSampler, TaskBatch, institution_group
+from model.defaults import DEFAULT_TILING
 from model.metrics import evaluate_case
 from model.network import ArchConfig, MCCascade, OMNet, build_model
 from model.nifti_io import Case
 from model.pipeline import SegmentationOptions, segment_case
-from model.tiling import DEFAULT_TILING, TILINGS, Predictor, to_network
+from model.tiling import TILINGS, Predictor, to_network
 
 logger = logging.getLogger(__name__)
 

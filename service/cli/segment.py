@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli.common import CommandError, LazyChoices, one_line, positive_int
+from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, POSTPROCESS_MODES, TILING_NAMES
+from service.cli.common import CommandError, one_line, positive_int
 
 if TYPE_CHECKING:
     from model.case import CaseReport
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 NAME = "segment"
 HELP = "segment cases with a trained model"
 
-#: Post-processing modes of ``--postprocess``, and the default.
-POSTPROCESS_MODES = ("main-lesion", "paper", "guarded", "components", "none")  # model.pipeline's
-DEFAULT_POSTPROCESS = "main-lesion"  # measured best on the multi-site validation split
 
 #: Command-line spelling of the four modality options; also load_case's mapping keys.
 MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
@@ -123,8 +121,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
         "--tiling",
-        default="wide",
-        choices=LazyChoices("model.tiling", "TILINGS"),
+        default=DEFAULT_TILING,
+        choices=TILING_NAMES,
         metavar="NAME",
         help="wide (default: 32x32x16 patches, centre 24x24x8 kept), paper (centre "
         "20x20x5 kept, as the paper) or fast (64x64x32 patches)",

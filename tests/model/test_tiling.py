@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
+from model.defaults import DEFAULT_TILING, TILING_NAMES
 from model.network import ArchConfig, TaskOutputs, build_model
 from model.tiling import (
-    DEFAULT_TILING,
     FAST_TILING,
     PAPER_TILING,
     TILINGS,
@@ -415,3 +415,8 @@ def test_tta_makes_a_real_network_mirror_equivariant():
             np.testing.assert_allclose(out.numpy(), np.flip(out.numpy(), axis), atol=1e-5)
     no_tta = plain._forward(symmetric)[0].numpy()
     assert np.abs(no_tta - np.flip(no_tta, 2)).max() > 1e-3  # the network alone is not
+
+
+def test_every_tiling_name_has_a_layout():
+    assert sorted(TILINGS) == sorted(TILING_NAMES)
+    assert DEFAULT_TILING in TILINGS
