@@ -64,6 +64,10 @@ _COMPRESSION_MAGIC: dict[str, tuple[bytes, str]] = {
 MIN_VOXEL_MM = 0.1
 MAX_VOXEL_MM = 10.0
 
+#: Fewest voxels along each axis of a volume to segment (the network's patches need
+#: some context; a single slice or a thin crop yields nothing useful).
+MIN_VOXELS_PER_AXIS = 16
+
 #: Default tolerance (mm, elementwise on the 4x4 affine) for files to share a grid.
 AFFINE_ATOL = 1e-3
 
@@ -85,6 +89,7 @@ ERROR_CODES: tuple[str, ...] = (
     "ambiguous_files",
     "bad_labels",
     "unsupported_dtype",
+    "too_small",
     # DICOM studies (model/dicom_study.py)
     "not_dicom",
     "too_large",
@@ -443,6 +448,20 @@ def _spatial_shape(img: nib.Nifti1Image, path: Path, modality: str | None) -> tu
     return shape
 
 
+def _check_size(shape: tuple[int, ...], path: Path, modality: str | None) -> None:
+    """Raises ``too_small`` when an axis of the 3D ``shape`` holds fewer than
+    :data:`MIN_VOXELS_PER_AXIS` voxels."""
+    if min(shape[:3]) < MIN_VOXELS_PER_AXIS:
+        raise InputError(
+            "too_small",
+            f"{_describe(path, modality)} has {' x '.join(str(n) for n in shape[:3])} voxels; "
+            f"each axis needs at least {MIN_VOXELS_PER_AXIS} to be segmented (a brain MRI "
+            "is about 240 x 240 x 155 at 1 mm). Send the whole 3D volume, not a slice or "
+            "a crop",
+            path,
+        )
+
+
 def _read_data(img: nib.Nifti1Image, path: Path, modality: str | None) -> np.ndarray:
     try:
         return np.asarray(img.dataobj, dtype=np.float32)
@@ -555,6 +574,7 @@ def _load_separate(files: dict[str, Path], name: str, affine_atol: float) -> Cas
     for modality, path in files.items():
         img = _open_image(path, modality)
         shapes[modality] = _spatial_shape(img, path, modality)
+        _check_size(shapes[modality], path, modality)
         _check_voxel_size(img, path, modality)
         images[modality] = img
     ref = images[REFERENCE_MODALITY]
@@ -599,6 +619,7 @@ def _load_4d(path: Path) -> Case:
             "order. Otherwise send the four modalities as separate files",
             path,
         )
+    _check_size(shape, path, None)
     _check_voxel_size(img, path, None)
     data = _read_data(img, path, None).reshape(shape)  # (X, Y, Z, 4)
     stacked = np.ascontiguousarray(np.moveaxis(data, -1, 0))  # (4, X, Y, Z)

@@ -26,7 +26,7 @@ from model.nifti_io import (
     save_probabilities,
 )
 
-SHAPE = (6, 7, 5)
+SHAPE = (16, 17, 18)
 NAMES_2018 = {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair"}
 NAMES_2023 = {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f"}
 
@@ -124,7 +124,7 @@ def test_4d_file_channels_are_modalities(tmp_path: Path) -> None:
 def test_4d_file_with_three_channels_is_refused(tmp_path: Path) -> None:
     stacked = np.stack([_volumes()[m] for m in MODALITIES[:3]], axis=-1)
     path = _write(tmp_path / "three.nii.gz", stacked)
-    with _expect("not_4d", str(path), "(6, 7, 5, 3)"):
+    with _expect("not_4d", str(path), "(16, 17, 18, 3)"):
         load_case(path)
 
 
@@ -268,7 +268,7 @@ def test_2d_image_is_not_3d(tmp_path: Path) -> None:
     volumes = _volumes()
     volumes["t1ce"] = volumes["t1ce"][:, :, 2]
     _write_case(tmp_path, volumes=volumes)
-    with _expect("not_3d", "t1ce", "(6, 7)"):
+    with _expect("not_3d", "t1ce", "(16, 17)"):
         load_case(tmp_path)
 
 
@@ -276,15 +276,34 @@ def test_4d_modality_file_is_not_3d(tmp_path: Path) -> None:
     volumes = _volumes()
     volumes["t2"] = np.stack([volumes["t2"]] * 2, axis=-1)
     _write_case(tmp_path, volumes=volumes)
-    with _expect("not_3d", "t2", "(6, 7, 5, 2)"):
+    with _expect("not_3d", "t2", "(16, 17, 18, 2)"):
         load_case(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(48, 48, 1), (16, 15, 18), (3, 17, 18)])
+def test_a_volume_too_small_to_segment_is_refused(tmp_path: Path, shape) -> None:
+    _write_case(tmp_path, volumes=_volumes(shape))
+    size = " x ".join(map(str, shape))
+    with _expect("too_small", "t1 file", f"{size} voxels", "at least 16"):
+        load_case(tmp_path)
+    stacked = np.stack([v for v in _volumes(shape).values()], axis=-1)  # (X, Y, Z, 4)
+    path = _write(tmp_path / "multi.nii.gz", stacked)
+    with _expect("too_small", str(path), f"{size} voxels"):
+        load_case(path)
+
+
+def test_sixteen_voxels_per_axis_are_enough(tmp_path: Path) -> None:
+    _write_case(tmp_path, volumes=_volumes((16, 16, 16)))
+    assert load_case(tmp_path).shape == (16, 16, 16)
 
 
 def test_shape_mismatch_names_shapes_and_files(tmp_path: Path) -> None:
     volumes = _volumes()
-    volumes["flair"] = _volumes((6, 7, 4))["flair"]
+    volumes["flair"] = _volumes((16, 17, 17))["flair"]
     files = _write_case(tmp_path, volumes=volumes)
-    with _expect("shape_mismatch", "(6, 7, 4)", "(6, 7, 5)", files["flair"].name, files["t1"].name):
+    with _expect(
+        "shape_mismatch", "(16, 17, 17)", "(16, 17, 18)", files["flair"].name, files["t1"].name
+    ):
         load_case(tmp_path)
 
 
@@ -402,8 +421,8 @@ def test_bad_label_values(tmp_path: Path) -> None:
 
 def test_labels_checked_against_case(tmp_path: Path) -> None:
     case = load_case(_write_case(tmp_path / "c"))
-    small = _write(tmp_path / "small.nii.gz", np.zeros((6, 7, 4), np.uint8))
-    with _expect("shape_mismatch", "small.nii.gz", "(6, 7, 4)"):
+    small = _write(tmp_path / "small.nii.gz", np.zeros((16, 17, 17), np.uint8))
+    with _expect("shape_mismatch", "small.nii.gz", "(16, 17, 17)"):
         load_labels(small, like=case)
     moved = np.eye(4)
     moved[2, 3] = 5.0
@@ -475,7 +494,7 @@ def test_save_labels_with_2023_et(tmp_path: Path) -> None:
 def test_save_labels_rejects_bad_input(tmp_path: Path) -> None:
     case = load_case(_write_case(tmp_path / "c"))
     with pytest.raises(ValueError, match="shape"):
-        save_labels(np.zeros((6, 7, 4), np.uint8), case, tmp_path / "a.nii.gz")
+        save_labels(np.zeros((16, 17, 17), np.uint8), case, tmp_path / "a.nii.gz")
     with pytest.raises(ValueError, match=r"\.nii"):
         save_labels(_label_map(), case, tmp_path / "a.png")
     bad = _label_map()

@@ -265,6 +265,41 @@ BAD = [
         ),
     ),
     Bad(
+        "one_slice_case",  # 48 x 48 x 1: "succeeded" with nothing segmented
+        422,
+        "too_small",
+        _dynamic(
+            lambda ph: (
+                {
+                    m: (f"{m}.nii.gz", nifti_gz(ph.images[m][:, :, 16:17].copy(), ph.affine))
+                    for m in ("t1", "t1ce", "t2", "flair")
+                }
+                | {"reference": None}
+            )
+        ),
+    ),
+    Bad(
+        "thin_4d_image",
+        422,
+        "too_small",
+        _dynamic(
+            lambda ph: (
+                {m: None for m in ("t1", "t1ce", "t2", "flair", "reference")}
+                | {
+                    "image": (
+                        "image.nii.gz",
+                        nifti_gz(
+                            np.stack(
+                                [ph.images[m][:, 17:32] for m in ("t1", "t1ce", "t2", "flair")], -1
+                            ),
+                            ph.affine,
+                        ),
+                    )
+                }
+            )
+        ),
+    ),
+    Bad(
         "non_finite",
         422,
         "non_finite",

@@ -278,3 +278,19 @@ def test_evaluate_shape_mismatch_is_one_line(cases, tmp_path, capsys):
     other = write_phantom(tmp_path, name="big", shape=(40, 32, 24))["seg"]
     assert main(["evaluate", str(other), str(cases / "alpha" / "alpha_seg.nii.gz")]) != 0
     assert "shape" in _one_error_line(capsys)
+
+
+def test_segment_refuses_a_volume_too_small_to_segment(cases, checkpoint, tmp_path, capsys):
+    """One slice of a case (48 x 48 x 1 in the issue) is refused before inference, saying
+    what is needed; it used to "succeed" with an empty label map."""
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    for m in ("t1", "t1ce", "t2", "flair"):
+        img = nib.load(cases / "alpha" / f"alpha_{m}.nii.gz")
+        one_slice = np.asarray(img.dataobj)[:, :, 12:13].copy()
+        nib.save(nib.Nifti1Image(one_slice, img.affine), folder / f"thin_{m}.nii.gz")
+    assert _segment([folder], tmp_path / "out", checkpoint) != 0
+    err = _one_error_line(capsys)
+    assert err.startswith("omnet segment: ") and "error: t1 file" in err, err
+    assert "thin_t1.nii.gz has 32 x 32 x 1 voxels" in err and "at least 16" in err, err
+    assert not (tmp_path / "out" / "thin_seg.nii.gz").exists()
