@@ -82,6 +82,7 @@ ID_ROUTES = [
     ("GET", "/v1/jobs/{id}/preview.png"),
     ("GET", "/v1/jobs/{id}/preview.dcm"),
     ("POST", "/v1/jobs/{id}/deliveries/retry"),
+    ("GET", "/v1/jobs/{id}/inputs/t1"),
 ]
 #: Ids no job can have, as they appear in a URL path.
 IMPOSSIBLE_IDS = [
