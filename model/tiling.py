@@ -20,8 +20,8 @@ stride, the position of the five kept slices and the padding open. Choices made 
 The product's default (:data:`DEFAULT_TILING`) is :data:`WIDE_TILING`: the paper's
 32 x 32 x 16 patches (the size the network was trained on), keeping their centre
 24 x 24 x 8 (four voxels of context on every side) instead of 20 x 20 x 5. It runs 2.3x
-fewer tiles, and its held-out Dice stays within a point of the paper's tiling (README,
-"Speed"). ``--tiling paper`` is the paper's.
+fewer tiles, and its held-out Dice stays within a point of the paper's tiling (docs/model-card.md,
+"Tiling" and "Speed"). ``--tiling paper`` is the paper's.
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ class Settings(BaseSettings):
         None, description="Celery result store; default: the Redis broker, or SQLite embedded"
     )
     database_url: str | None = Field(
-        None, description="job records (SQLAlchemy URL); default: SQLite in storage_dir"
+        None,
+        description="job records (SQLAlchemy URL); default: SQLite in storage_dir. Several hosts "
+        "share a PostgreSQL one, `postgresql+psycopg://user:password@host/omnet` (the "
+        "`postgres` extra, `pip install '.[postgres]'`; the Docker images have it)",
     )
     api_keys: str = Field("", description="comma-separated API keys, each 'key' or 'key:owner'")
     open_mode: bool = Field(False, description="accept requests without an API key")
@@ -48,7 +51,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="an upload whose body stops arriving this long is answered 408"
     )
     max_volume_mb: float = Field(
-        1024.0, gt=0, description="largest decompressed NIfTI file (decompression-bomb guard)"
+        1024.0,
+        gt=0,
+        description="largest decompressed NIfTI file (decompression-bomb guard: a compressed "
+        "upload "
+        "is also refused as soon as it decompresses to more than its header declares)",
     )
     retention_hours: float = Field(72.0, gt=0, description="results are deleted after this")
     cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired jobs are purged")
@@ -62,10 +69,14 @@ class Settings(BaseSettings):
     tiling: str = Field("wide", description="worker tiling: wide, paper or fast")
     postprocess: str = Field(
         "main-lesion",
-        description="post-processing of jobs that ask for it: main-lesion (tumour parts more "
-        "than 10 mm from the largest removed, then small-component removal; measured best "
-        "on unseen sites), components (small-component removal alone), paper (removal and "
-        "K-means edema relabelling) or guarded (the relabelling only in tumours with core)",
+        description="post-processing of jobs that ask for it: `main-lesion` (small-component "
+        "removal,"
+        " then tumour parts more than 10 mm from the main lesion removed - a rim along "
+        "the brain's edge is never the main lesion and the surest core is never removed -"
+        " with a job warning saying how much; measured best on unseen sites), "
+        "`components` (small-component removal alone: keeps distant foci of a multifocal "
+        "tumour), `paper` (the paper's removal and K-means edema relabelling) or "
+        "`guarded` (the relabelling only in tumours that already hold core)",
     )
     tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
@@ -81,15 +92,18 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         120.0,
         gt=0,
-        description="a running job whose worker is silent this long is taken over (at least "
-        f"{STALE_HEARTBEATS} x worker_heartbeat_s)",
+        description="a running job whose worker is silent this long is taken over; at least 3 x "
+        "`OMNET_WORKER_HEARTBEAT_S` (fewer heartbeats would make live jobs look stale: "
+        "`omnet serve` and `omnet worker` refuse to start, saying so)",
     )
     worker_heartbeat_s: float = Field(10.0, gt=0, description="worker liveness interval")
     max_attempts: int = Field(
         3,
         ge=1,
-        description="times a job is started before it fails with worker_lost (each time, its "
-        "worker stopped while running it: killed for memory, past a hard time limit)",
+        description="times a job is started before it fails with `worker_lost`: each start after "
+        "the "
+        "first means the worker running it stopped (killed for memory, past a hard time "
+        "limit), so a case that kills every worker it runs on is not started without end",
     )
     queue_prefix: str = Field("omnet", description="queues are <prefix>.gpu and <prefix>.cpu")
     webhook_secrets: SecretStr = Field(
@@ -142,22 +156,30 @@ class Settings(BaseSettings):
     dicomweb_retrieve_patience_s: float = Field(
         300.0,
         ge=0,
-        description="how long a job waits for its DICOMweb source to send the study when it "
-        "cannot (unreachable, timed out, HTTP 5xx or 429), retrying with back-off, before it "
-        "fails with dicomweb_unavailable; 0: fails at once",
+        description="how long a job waits for its DICOMweb source when the source cannot send the "
+        "study (unreachable, timed out, HTTP 5xx or 429): it retries after 2, 4, 8, ... s"
+        " (at most 30 s apart), its stage `waiting for the DICOMweb source`, then fails "
+        "with `dicomweb_unavailable`; `0`: one attempt",
     )
     dicomweb_max_attempts: int = Field(
-        10, ge=1, description="attempts to store a job's results to a destination"
+        10,
+        ge=1,
+        description="store attempts per destination before the delivery is marked failed (it can "
+        "be "
+        "re-triggered)",
     )
     dicomweb_backoff_s: float = Field(
-        30.0, gt=0, description="wait before the second store attempt; doubled for each further"
+        30.0,
+        gt=0,
+        description="wait before the second store attempt, doubled for each further one (at most "
+        "`OMNET_WEBHOOK_BACKOFF_MAX_S`)",
     )
     dicom_series_rules: str = Field(
         "",
-        description="site rules that recognise DICOM series, tried before the built-in ones: "
-        'a JSON list like [{"modality": "t1ce", "include": "mprage.*km", "exclude": "", '
-        '"contrast": null}] (regular expressions on the lower-case SeriesDescription, '
-        "ProtocolName and SequenceName)",
+        description="site rules that recognise series, tried before the built-in ones: a JSON list "
+        'like `[{"modality": "t1ce", "include": "mprage.*km", "exclude": "", "contrast": '
+        "null}]` (regular expressions on the lower-case SeriesDescription, ProtocolName "
+        "and SequenceName; `contrast` true/false: the series must (not) be post-contrast)",
     )
     max_study_mb: float = Field(
         4096.0, gt=0, description="largest DICOM study (uncompressed), uploaded or retrieved"

@@ -8,7 +8,7 @@ Redis is the broker and result store when ``OMNET_BROKER_URL`` is set. Without i
 embedded mode needs no server: Celery's filesystem transport (messages are files in the
 storage folder) with results in SQLite.
 
-Delivery guarantees (the README's "Delivery guarantees" states the bounds):
+Delivery guarantees (docs/delivery-guarantees.md states the bounds):
 
 * late acknowledgement (a job is acknowledged when it ends, not when it starts), one
   job prefetched per worker, and a job whose pool process dies is rejected back to the

@@ -1,4 +1,4 @@
-"""The packages import one way: model/ <- service/ <- worker/ (see the README's layout).
+"""The packages import one way: model/ <- service/ <- worker/ (see docs/development.md, "Layout").
 
 Every import statement of every module is read with ``ast`` (imports inside functions
 and under ``TYPE_CHECKING`` count too), so a violation fails here before it can run.

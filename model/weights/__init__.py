@@ -1,4 +1,4 @@
-"""The model shipped with the package (see the README's "Bundled model").
+"""The model shipped with the package (see docs/model-card.md).
 
 This is the one place that knows where the bundled checkpoint lives; the command line
 and the workers ask :func:`bundled_checkpoint`.
