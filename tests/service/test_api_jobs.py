@@ -170,7 +170,14 @@ def test_segmentation_on_the_input_grid(deployment, api, phantom, submitted, wor
         "destinations": None,
     }
     assert status["deliveries"] == []
-    assert status["warnings"] == []
+    # A phantom with an untrained model is no real result: the quality check says so, and
+    # that is the only warning.
+    quality = status["quality"]
+    assert set(quality) == {"review_recommended", "flags", "measures", "notes"}
+    assert [w for w in status["warnings"] if not w.startswith("review recommended")] == []
+    assert quality["review_recommended"] == any(
+        w.startswith("review recommended") for w in status["warnings"]
+    )
     links = status["links"]
     assert links["segmentation"].endswith(f"/v1/jobs/{submitted.basic}/segmentation")
     assert links["probabilities"] is None
