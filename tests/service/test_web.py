@@ -11,7 +11,9 @@ The tests skip, saying why, where Chromium, chromedriver or selenium are missing
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,15 @@ from PIL import Image
 from model.weights import BUNDLED_PATH
 from tests.conftest import data_dir
 from tests.nifti_corpus import crop_real_case
-from tests.service.support import API_KEYS, MODALITY_FIELDS, Api, Phantom, Stack, base_env
+from tests.service.support import (
+    API_KEYS,
+    MODALITY_FIELDS,
+    Api,
+    Phantom,
+    Stack,
+    base_env,
+    wait_until,
+)
 from tests.service.support import stack as make_stack
 
 #: Chromium's flags: no display, no sandbox (containers run as root), WebGL in software.
@@ -114,6 +124,25 @@ def _resources(driver: Any) -> list[str]:
     return list(
         driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     )
+
+
+def _worker_of(api: Api) -> int:
+    """The pid of the worker process that ``omnet serve`` runs (its one live child)."""
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, IndexError, ValueError):
+                continue  # the process went meanwhile
+            if int(ppid) == api.proc.pid and state != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    found = wait_until(children, 60, "omnet serve to run its worker")
+    assert len(found) == 1, f"omnet serve has {len(found)} child processes: {found}"
+    return found[0]
 
 
 def _enter_key(driver: Any, key: str) -> None:
@@ -214,10 +243,23 @@ def test_upload_follow_and_view_a_case(
     slots = {m: browser.find_element("id", f"slot-{m}") for m in MODALITY_FIELDS}
     for m, path in zip(MODALITY_FIELDS, case_files, strict=True):  # assigned by file name
         assert browser.execute_script("return arguments[0].files[0].name", slots[m]) == path.name
-    browser.find_element("id", "submit").click()
+    # The worker is held (SIGSTOP) until the list shows the job queued: on a fast machine a
+    # cropped case is done before the page's first poll, and the live list would go unseen.
+    worker = _worker_of(keyed)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        browser.find_element("id", "submit").click()
+        started = time.monotonic()
+        seen: set[str | None] = set()
+        while "queued" not in seen and time.monotonic() - started < JOB_TIMEOUT_S:
+            rows = browser.find_elements("css selector", "#jobs tbody tr")
+            seen.update(r.get_attribute("data-state") for r in rows)
+            time.sleep(0.2)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert "queued" in seen, seen
 
     started = time.monotonic()
-    seen = set()
     while time.monotonic() - started < JOB_TIMEOUT_S:
         rows = browser.find_elements("css selector", "#jobs tbody tr")
         seen.update(r.get_attribute("data-state") for r in rows)
