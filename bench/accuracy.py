@@ -1,6 +1,6 @@
 """Accuracy of models on held-out cases, per institution group, through the real pipeline.
 
-    python bench/accuracy.py --crossval runs/cv --setting wide+lesion wide+largest wide+rm
+    python bench/accuracy.py --crossval bench/cv-runs --setting wide+lesion wide+largest wide+rm
     python bench/accuracy.py \
         --model previous=model/weights/omnet_cga.pt --model new=runs/x/best.pt \
         [--model ensemble=a.pt+b.pt] \

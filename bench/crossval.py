@@ -1,8 +1,8 @@
 """Cross-validation over all real cases, folds stratified by institution group.
 
     python bench/crossval.py folds                 # writes model/splits/cv5_fold*_val.txt
-    python bench/crossval.py train --runs runs/cv [--folds 0 1] [--max-minutes 150]
-    python bench/crossval.py status --runs runs/cv
+    python bench/crossval.py train [--runs bench/cv-runs] [--folds 0 1] [--max-minutes 150]
+    python bench/crossval.py status [--runs bench/cv-runs]
 
 ``folds`` deals the 34 cases of ``../shared/data/brats2018`` and ``brats-extra`` into
 five folds: the cases of each institution group (the site in the case name) are shuffled
@@ -16,9 +16,13 @@ selection: a fold's predictions come from its run's ``last.pt``, so the held-out
 of a fold choose nothing (the run's validation passes on them are logged for the
 learning curve only).
 
-``status`` prints each fold's progress. Out-of-fold evaluation of inference settings
-runs through ``bench/accuracy.py --crossval RUNS`` (every case scored by the model that
-did not train on it).
+The fold runs live in ``bench/cv-runs/fold<k>/`` (``run.json``, ``train.jsonl``, the
+training state and the weights), which the repository keeps, so that a run stopped on
+one machine resumes on another; the patch cache is rebuilt where it is missing
+(``runs/cv/cache`` by default, not kept). ``status`` prints each fold's progress.
+Out-of-fold evaluation of inference settings runs through
+``bench/accuracy.py --crossval RUNS`` (every case scored by the model that did not train
+on it).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from model.data import (  # noqa: E402
 
 FOLDS = 5
 SEED = 2026
+#: Where the fold runs are kept (in the repository: they resume on another machine).
+RUNS = ROOT / "bench" / "cv-runs"
 DATA_SETS = ("brats2018", "brats-extra")
 
 #: The one training recipe of the fold models (width 8 as the bundled model; curriculum
@@ -124,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     folders = data_folders()
     runs: Path = args.runs
     runs.mkdir(parents=True, exist_ok=True)
-    cache = runs / "cache"
+    cache: Path = args.cache
     for k in args.folds:
         run_dir = runs / f"fold{k}"
         if (run_dir / "done").exists():
@@ -178,11 +184,12 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("folds", help="write the fold files")
     train = sub.add_parser("train", help="train (or resume) the fold models")
-    train.add_argument("--runs", type=Path, default=ROOT / "runs" / "cv")
+    train.add_argument("--runs", type=Path, default=RUNS)
+    train.add_argument("--cache", type=Path, default=ROOT / "runs" / "cv" / "cache")
     train.add_argument("--folds", type=int, nargs="+", default=list(range(FOLDS)))
     train.add_argument("--max-minutes", type=float, help="stop each run (resumably) after this")
     status = sub.add_parser("status", help="progress of the fold runs")
-    status.add_argument("--runs", type=Path, default=ROOT / "runs" / "cv")
+    status.add_argument("--runs", type=Path, default=RUNS)
     args = parser.parse_args()
     return {"folds": cmd_folds, "train": cmd_train, "status": cmd_status}[args.command](args)
 
