@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator, Sequence
@@ -321,12 +322,32 @@ def _call(ref: weakref.ref[ForkGate], method: str) -> None:
         getattr(gate, method)()
 
 
+#: Tries of :func:`create_schema` when another process creates the same tables meanwhile.
+SCHEMA_TRIES = 5
+
+
+def create_schema(engine: Engine) -> None:
+    """Creates the missing tables. Processes that start together on a new database (the
+    API and its embedded worker, several API processes) race between "is the table
+    there?" and "create it": the loser's CREATE fails with "already exists", and it
+    looks again, finding the winner's tables."""
+    for attempt in range(SCHEMA_TRIES):
+        try:
+            metadata.create_all(engine)
+            return
+        except sa.exc.DBAPIError as exc:
+            message = str(exc.orig).lower()
+            if attempt == SCHEMA_TRIES - 1 or not ("exist" in message or "duplicate" in message):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class JobStore:
     """Reads and changes job records; every method is one short transaction."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        metadata.create_all(self.engine)
+        create_schema(self.engine)
         self._fork_gate = ForkGate(self.engine)
 
     @contextmanager
