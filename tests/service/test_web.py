@@ -38,6 +38,10 @@ from tests.service.support import (
 )
 from tests.service.support import stack as make_stack
 
+SELENIUM_ERRORS = pytest.importorskip(
+    "selenium.common.exceptions", reason="selenium is not installed (the dev extra has it)"
+)
+
 #: Chromium's flags: no display, no sandbox (containers run as root), WebGL in software.
 CHROMIUM_FLAGS = (
     "--headless=new",
@@ -123,6 +127,17 @@ def _resources(driver: Any) -> list[str]:
     """Every URL the page loaded (scripts, styles, fetches)."""
     return list(
         driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    )
+
+
+def _row_states(driver: Any) -> list[str]:
+    """The states of the job list's rows, read in one script: the page redraws the list
+    every poll, so elements found one call earlier may be gone."""
+    return list(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('#jobs tbody tr'))"
+            ".map(r => r.getAttribute('data-state'))"
+        )
     )
 
 
@@ -252,8 +267,7 @@ def test_upload_follow_and_view_a_case(
         started = time.monotonic()
         seen: set[str | None] = set()
         while "queued" not in seen and time.monotonic() - started < JOB_TIMEOUT_S:
-            rows = browser.find_elements("css selector", "#jobs tbody tr")
-            seen.update(r.get_attribute("data-state") for r in rows)
+            seen.update(_row_states(browser))
             time.sleep(0.2)
     finally:
         os.kill(worker, signal.SIGCONT)
@@ -261,18 +275,27 @@ def test_upload_follow_and_view_a_case(
 
     started = time.monotonic()
     while time.monotonic() - started < JOB_TIMEOUT_S:
-        rows = browser.find_elements("css selector", "#jobs tbody tr")
-        seen.update(r.get_attribute("data-state") for r in rows)
-        if any(r.get_attribute("data-state") == "succeeded" for r in rows):
+        states = _row_states(browser)
+        seen.update(states)
+        if "succeeded" in states:
             break
         assert "failed" not in seen, browser.find_element("id", "jobs").text
         time.sleep(0.3)
     else:
         raise AssertionError(f"no job succeeded in {JOB_TIMEOUT_S} s; states seen: {seen}")
     assert seen & {"queued", "running"}, seen  # the list followed the job while it ran
-    row = browser.find_element("css selector", "#jobs tbody tr[data-state=succeeded]")
-    job_id = row.get_attribute("data-job")
-    row.find_element("css selector", "a.view").click()
+    job_id = browser.execute_script(
+        "return document.querySelector('#jobs tbody tr[data-state=succeeded]').dataset.job"
+    )
+    # The list is redrawn every poll: find the link again until a click lands.
+    for _ in range(20):
+        try:
+            browser.find_element(
+                "css selector", f"#jobs tbody tr[data-job='{job_id}'] a.view"
+            ).click()
+            break
+        except SELENIUM_ERRORS.StaleElementReferenceException:
+            time.sleep(0.1)
 
     _state(browser, ("ready",), timeout=120)
     assert browser.current_url == f"{keyed.url}/view/{job_id}"
