@@ -60,7 +60,7 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
         broker_dir = (settings.storage_dir / "broker").resolve()
         for sub in ("queue", "processed", "control"):
             (broker_dir / sub).mkdir(parents=True, exist_ok=True)
-        broker = "filesystem://"
+        broker = "filesystem://localhost//"  # the host names nothing; kombu warns without one
         transport_options: dict[str, object] = {
             "data_folder_in": str(broker_dir / "queue"),
             "data_folder_out": str(broker_dir / "queue"),

@@ -7,16 +7,33 @@ the pool's children, forked from this process, inherit it.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 from service.config import Settings
 from service.openmp import prefer_passive_waits
 from worker.app import create_worker_app
 
 
+def _root_note() -> None:
+    """One line instead of Celery's multi-line SecurityWarning when running as root."""
+    from celery.platforms import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        print(
+            "omnet worker: running as root; a dedicated user is safer (the Docker images "
+            "run as uid 10001)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str]) -> None:
     prefer_passive_waits()  # create_worker_app imports the tasks, and with them torch
-    create_worker_app(Settings()).worker_main(["worker", *argv])
+    _root_note()
+    # --quiet: no banner; the worker logs the model and device it loaded, and when ready.
+    create_worker_app(Settings()).worker_main(["--quiet", "worker", *argv])
 
 
 if __name__ == "__main__":

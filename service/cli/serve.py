@@ -20,8 +20,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.cli.common import CommandError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 NAME = "serve"
 HELP = "run the HTTP API and one worker"
@@ -160,6 +165,25 @@ class WorkerSupervisor:
             self._thread.join(timeout=SHUTDOWN_GRACE_S + 1.0)
 
 
+def _where(host: str, port: int, settings: Settings) -> str:
+    """The start-up line: where to open the page, which model and device the workers use."""
+    from model.weights import BUNDLED_NAME, bundled_checkpoint
+
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    paths = [p.strip() for p in settings.checkpoint.split(",") if p.strip()]
+    if paths:
+        model = ", ".join(Path(p).name for p in paths)
+    elif bundled_checkpoint() is not None:
+        model = f"the bundled model ({BUNDLED_NAME})"
+    else:
+        model = "none: set OMNET_CHECKPOINT (this install has no bundled model)"
+    access = "open mode (no API key)" if settings.open_mode else "API keys required"
+    return (
+        f"omnet serve: http://{shown}:{port}/ (web page; API documentation at /docs), "
+        f"{access}; model {model}, device {settings.device}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -168,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    print(_where(args.host, args.port, settings), file=sys.stderr)
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info")
     )

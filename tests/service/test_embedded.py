@@ -180,3 +180,16 @@ def test_a_worker_that_keeps_dying_stops_serve(tmp_path, tiny_checkpoint):
         "omnet serve: error: the embedded worker died 5 times within 60 s (the last one "
         "exited with status 1); stopped the API"
     ), output
+
+
+def test_start_up_logs_say_where_and_stay_quiet(deployment, api):
+    """A newcomer sees where to go, the model and the device, not Celery's banner or
+    its warnings."""
+    serve = deployment.apis[0].proc
+    wait_until(lambda: "ready." in serve.output(), 60, "the worker's ready line", deployment)
+    log = serve.output()
+    assert "omnet serve: http://localhost:" in log and "/docs" in log
+    assert "model " in log and "device " in log
+    assert "loaded ['" in log  # the worker says which model it loaded, and on what device
+    for noise in ("SecurityWarning", "No hostname was supplied", "-------------- [queues]"):
+        assert noise not in log, noise
