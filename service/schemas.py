@@ -188,6 +188,11 @@ class JobStatus(BaseModel):
     progress: float = Field(description="0 to 1")
     stage: str | None = None
     queue_position: int | None = None
+    eta_s: float | None = Field(
+        None,
+        description="estimated seconds until a running job finishes, from its progress rate "
+        "so far (the tiles done during inference); null before there is a rate",
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -150,6 +150,12 @@ def get_predictor(settings: Settings) -> tuple[Predictor, list[Checkpoint]]:
         return _loaded
 
 
+#: While a job's progress moves, it is written at most this often (seconds) ...
+PROGRESS_S = 2.0
+#: ... and only when it moved at least this much since the last write.
+PROGRESS_STEP = 0.02
+
+
 @dataclass
 class _Progress:
     fraction: float = 0.0
@@ -181,7 +187,15 @@ class _Heartbeat(threading.Thread):
             self.stop_reason = StopReason.TIME_LIMIT
 
     def run(self) -> None:
-        while not self._done.wait(self.interval):
+        # A beat every ``interval``, and in between one every PROGRESS_S while the progress
+        # moves, so that a job of a minute shows its tiles advancing, not 0 then 0.9.
+        last_beat, last_written = time.monotonic(), self.progress.fraction
+        while not self._done.wait(min(self.interval, PROGRESS_S)):
+            due = time.monotonic() - last_beat >= self.interval
+            moved = self.progress.fraction - last_written >= PROGRESS_STEP
+            if not (due or moved):
+                continue
+            last_beat, last_written = time.monotonic(), self.progress.fraction
             try:
                 self.beat()
             except Exception:  # a database hiccup must not kill the job; next beat retries

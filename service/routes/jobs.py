@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
-from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore
+from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore, utcnow
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
 from service.dicomweb import STORE_EVENT
 from service.errors import ApiError
@@ -66,6 +66,20 @@ def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
     return _status_from(request, job, store.queue_position(job), store.deliveries(job.id))
 
 
+#: Progress from which a running job's rate gives a time-left estimate.
+ETA_FROM_PROGRESS = 0.1
+
+
+def _eta_s(job: Job) -> float | None:
+    """Seconds a running job has left at its rate so far (elapsed x left / done)."""
+    if job.state != JobState.RUNNING or job.started_at is None:
+        return None
+    if not ETA_FROM_PROGRESS <= job.progress < 1.0:
+        return None
+    elapsed = (utcnow() - job.started_at).total_seconds()
+    return round(max(0.0, elapsed * (1.0 - job.progress) / job.progress), 1)
+
+
 def _status_from(
     request: Request, job: Job, queue_position: int | None, deliveries: list[Delivery]
 ) -> JobStatus:
@@ -82,6 +96,7 @@ def _status_from(
         progress=round(job.progress, 4),
         stage=job.stage,
         queue_position=queue_position,
+        eta_s=_eta_s(job),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -576,3 +576,50 @@ def test_a_dicom_output_that_fails_keeps_the_result(
     assert warning in job.result["metrics"]["warnings"]
     stored = json.loads(storage.path(files["metrics"]).read_text())
     assert warning in stored["warnings"]
+
+
+def test_moving_progress_is_written_between_heartbeats(monkeypatch):
+    """With a 10 s heartbeat, a job whose tiles advance still shows them every couple of
+    seconds; a job whose progress stands still is written at the heartbeat only."""
+    from worker import runner
+
+    monkeypatch.setattr(runner, "PROGRESS_S", 0.05)
+    writes: list[float] = []
+
+    class Recorder:
+        def heartbeat(self, job_id, worker, fraction, stage):
+            writes.append(fraction)
+            return None  # the job is gone: the beat notes it, the thread keeps going
+
+    hb = runner._Heartbeat(Recorder(), "job", "me", interval=10.0, deadline=1e12)
+    hb.start()
+    try:
+        for step in range(1, 6):
+            hb.progress.fraction = 0.1 * step
+            time.sleep(0.3)
+        moving = len(writes)
+        time.sleep(0.5)  # no movement: nothing more until the 10 s beat
+        assert len(writes) == moving
+    finally:
+        hb.close()
+    assert moving >= 4, writes
+    assert writes == sorted(writes) and writes[-1] == pytest.approx(0.5)
+
+
+def test_time_left_follows_the_progress_rate():
+    from datetime import timedelta
+
+    from service.db import Job, JobState, utcnow
+    from service.routes.jobs import _eta_s
+
+    now = utcnow()
+
+    def job(state: JobState, progress: float, started: float | None) -> Job:
+        begun = None if started is None else now - timedelta(seconds=started)
+        return Job(
+            id="x", owner="o", state=state, created_at=now, progress=progress, started_at=begun
+        )
+
+    assert _eta_s(job(JobState.RUNNING, 0.25, 30)) == pytest.approx(90.0, abs=2.0)
+    assert _eta_s(job(JobState.RUNNING, 0.02, 1)) is None  # no rate yet
+    assert _eta_s(job(JobState.QUEUED, 0.0, None)) is None
