@@ -190,10 +190,6 @@ class Predictor:
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )
-        if self.device.type == "cuda":
-            # Same input, same output: no autotuned (run-dependent) convolution algorithms.
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
@@ -205,15 +201,20 @@ class Predictor:
             else torch.from_numpy(batch).to(self.device)
         )  # (B, C, X, Y, Z)
         sums: list[torch.Tensor] = []
-        for flip in self.flips:
-            x = to_network(patches.flip(flip) if flip else patches)
-            for model in self.models:
-                with torch.autocast(self.device.type, enabled=self.mixed_precision):
-                    outputs = model(x)
-                probs = [from_network(F_.softmax(s.float(), dim=1)) for s in outputs]
-                if flip:
-                    probs = [p.flip(flip) for p in probs]  # back to the patch's own orientation
-                sums = probs if not sums else [a + b for a, b in zip(sums, probs, strict=True)]
+        # Same input, same output: no autotuned (run-dependent) cuDNN algorithms, for this
+        # pass only (a training run in the same process keeps its own settings).
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True
+        ):
+            for flip in self.flips:
+                x = to_network(patches.flip(flip) if flip else patches)
+                for model in self.models:
+                    with torch.autocast(self.device.type, enabled=self.mixed_precision):
+                        outputs = model(x)
+                    probs = [from_network(F_.softmax(s.float(), dim=1)) for s in outputs]
+                    if flip:
+                        probs = [p.flip(flip) for p in probs]  # back to the patch's own orientation
+                    sums = probs if not sums else [a + b for a, b in zip(sums, probs, strict=True)]
         passes = len(self.models) * len(self.flips)
         return [p / passes for p in sums]
 

@@ -420,3 +420,18 @@ def test_tta_makes_a_real_network_mirror_equivariant():
 def test_every_tiling_name_has_a_layout():
     assert sorted(TILINGS) == sorted(TILING_NAMES)
     assert DEFAULT_TILING in TILINGS
+
+
+def test_constructing_and_running_a_predictor_leaves_cudnn_settings_alone():
+    """Inference asks cuDNN for deterministic algorithms for its own passes only; a
+    training run in the same process keeps whatever it set."""
+    import torch.backends.cudnn as cudnn
+
+    before = (cudnn.benchmark, cudnn.deterministic)
+    cudnn.benchmark, cudnn.deterministic = True, False
+    try:
+        predictor = Predictor([build_model(ArchConfig(width=4))], device="cpu")
+        predictor.predict(np.zeros((4, 24, 24, 16), dtype=np.float32))
+        assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    finally:
+        cudnn.benchmark, cudnn.deterministic = before
