@@ -119,9 +119,11 @@ def fold_state(run_dir: Path) -> dict:
     if log.exists():
         steps = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         info["step"] = max((r.get("step", 0) for r in steps), default=0)
-        vals = [r for r in steps if any(k.startswith("val") for k in r)]
+        vals = [r for r in steps if "validation" in r]
         if vals:
-            info["last_validation"] = vals[-1]
+            last = vals[-1]
+            dice = {k: round(v, 3) for k, v in last["validation"]["dice"].items()}
+            info["last_validation"] = {"step": last["step"], "dice": dice}
     info["finished"] = (run_dir / "done").exists()
     return info
 
