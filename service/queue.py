@@ -21,7 +21,9 @@ Delivery guarantees (docs/delivery-guarantees.md states the bounds):
   harmless (see :mod:`worker.runner`), and workers periodically re-send the jobs whose
   record says queued, or running under a silent worker, while no message for them is
   left in the broker (:meth:`BrokerLedger.held_job_ids`; e.g. after a Redis restart
-  without persistence);
+  without persistence), and in embedded mode those whose message is not in the
+  transport's folder (:class:`FolderLedger`: a message a worker took, and died with, is
+  gone from it);
 * the API's broker calls are bounded by ``broker_timeout_s`` (socket timeouts, no
   publish retries), and run off its event loop.
 
@@ -30,10 +32,12 @@ Task ids are job ids, so a message names its job in its headers.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import redis
 from celery import Celery
@@ -48,6 +52,12 @@ UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{n}" for n in (3, 6, 9)))
 
 
+def broker_folder(settings: Settings) -> Path:
+    """The embedded mode's broker: the folder under the storage folder whose files are
+    the messages."""
+    return (settings.storage_dir / "broker").resolve()
+
+
 def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = False) -> Celery:
     """A Celery application for ``settings``; ``include`` names the task modules a worker
     imports (the API only sends tasks by name and includes none). ``client`` (the API):
@@ -57,7 +67,7 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
     folder.
     """
     if settings.embedded:
-        broker_dir = (settings.storage_dir / "broker").resolve()
+        broker_dir = broker_folder(settings)
         for sub in ("queue", "processed", "control"):
             (broker_dir / sub).mkdir(parents=True, exist_ok=True)
         broker = "filesystem://localhost//"  # the host names nothing; kombu warns without one
@@ -112,6 +122,16 @@ def send_job(celery: Celery, job_id: str, queue: str, retry: bool = True) -> Non
     celery.send_task(TASK_SEGMENT, args=[job_id], queue=queue, task_id=job_id, retry=retry)
 
 
+class Ledger(Protocol):
+    """What a worker's reconciliation needs to know of the broker."""
+
+    def renew(self, delivery_tags: Iterable[str]) -> int: ...
+
+    def held_job_ids(self, queues: Iterable[str]) -> set[str]: ...
+
+    def try_lock(self, name: str, seconds: float) -> bool: ...
+
+
 class BrokerLedger:
     """What the Redis broker holds for the job queues, read and renewed directly.
 
@@ -153,6 +173,59 @@ class BrokerLedger:
 
     def close(self) -> None:
         self.client.close()
+
+
+class FolderLedger:
+    """What the embedded mode's filesystem transport holds: the messages waiting in its
+    folder. A message a worker has taken is gone from there (the transport keeps no record
+    of handed-out messages, nor leases to renew), so a job whose worker died with its
+    message is found by its record alone.
+
+    Args:
+        folder: the transport's folder (:func:`broker_folder`).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def renew(self, delivery_tags: Iterable[str]) -> int:
+        return 0  # nothing to renew: a taken message is the taker's for good
+
+    def held_job_ids(self, queues: Iterable[str]) -> set[str]:
+        """Ids of the jobs that have a message waiting in ``queues``."""
+        names = {f"{queue}.msg" for queue in queues}
+        found = set()
+        for path in (self.folder / "queue").glob("*.msg"):
+            if path.name.partition(".")[2] not in names:
+                continue
+            try:
+                message = _json(path.read_bytes())
+            except OSError:  # taken meanwhile
+                continue
+            if (task_id := _task_id(message)) is not None:
+                found.add(task_id)
+        return found
+
+    def try_lock(self, name: str, seconds: float) -> bool:
+        """Takes the named lock for ``seconds`` unless another process has it (a file
+        that holds its expiry, read and written under ``flock``)."""
+        with open(self.folder / f"{name}.lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            try:
+                until = float(f.read() or 0)
+            except ValueError:
+                until = 0.0
+            now = time.time()
+            if now < until:
+                return False
+            f.seek(0)
+            f.truncate()
+            f.write(repr(now + seconds))
+            return True
+
+    def close(self) -> None:
+        pass
 
 
 def _json(raw: Any) -> Any:

@@ -18,7 +18,14 @@ from celery.utils.log import get_task_logger
 from model.checkpoint import describe_checkpoints
 from service.db import utcnow
 from service.deliveries import run_deliveries
-from service.queue import TASK_SEGMENT, BrokerLedger, send_job
+from service.queue import (
+    TASK_SEGMENT,
+    BrokerLedger,
+    FolderLedger,
+    Ledger,
+    broker_folder,
+    send_job,
+)
 from worker.app import WorkerContext, context
 from worker.runner import (
     default_checkpoints,
@@ -71,7 +78,7 @@ def _announce(ctx: WorkerContext) -> None:
     )
 
 
-def _keep_alive(ctx: WorkerContext, ledger: BrokerLedger | None) -> None:
+def _keep_alive(ctx: WorkerContext, ledger: Ledger | None) -> None:
     """Every heartbeat: mark this worker alive and renew the leases of the messages it
     holds; every reconciliation period: re-send the jobs that lost their message."""
     period = max(ctx.settings.worker_heartbeat_s, ctx.settings.stale_after_s / 4)
@@ -100,13 +107,31 @@ def _held_delivery_tags() -> set[str]:
     return tags
 
 
-def reconcile(ctx: WorkerContext, ledger: BrokerLedger, period_s: float) -> list[str]:
+def _held_job_ids() -> set[str]:
+    """Ids of the jobs whose messages this worker process has taken and not acknowledged
+    (task ids are job ids)."""
+    from celery.worker import state
+
+    return {
+        str(request.id)
+        for request in [*state.active_requests, *state.reserved_requests]
+        if getattr(request, "id", None)
+    }
+
+
+def _held(ctx: WorkerContext, ledger: Ledger) -> set[str]:
+    """Jobs that have a message: in the broker, or taken by this process."""
+    queues = {ctx.settings.queue("cpu"), ctx.settings.queue("cuda")}
+    return ledger.held_job_ids(queues) | _held_job_ids()
+
+
+def reconcile(ctx: WorkerContext, ledger: Ledger, period_s: float) -> list[str]:
     """Sends again every job whose record is queued (for longer than the stale interval),
     or running under a worker silent for that long, and that has no message left in the
-    broker; one whose workers stopped while running it ``max_attempts`` times fails
-    instead (:func:`worker.runner.fail_exhausted`). One worker at a time does it (a lock
-    for ``period_s``); duplicates would be harmless anyway (the claim). Returns the ids
-    sent."""
+    broker (Redis, or the embedded mode's folder); one whose workers stopped while running
+    it ``max_attempts`` times fails instead (:func:`worker.runner.fail_exhausted`). One
+    worker at a time does it (a lock for ``period_s``); duplicates would be harmless anyway
+    (the claim). Returns the ids sent."""
     settings = ctx.settings
     if not ledger.try_lock(f"{settings.queue_prefix}.reconcile", period_s):
         return []
@@ -114,7 +139,7 @@ def reconcile(ctx: WorkerContext, ledger: BrokerLedger, period_s: float) -> list
     orphans = [j for j in ctx.store.orphans(settings.stale_after_s) if j.created_at < cutoff]
     if not orphans:
         return []
-    held = ledger.held_job_ids({settings.queue("cpu"), settings.queue("cuda")})
+    held = _held(ctx, ledger)
     sent = []
     for job in orphans:
         if fail_exhausted(job, settings, ctx.store, ctx.storage):
@@ -136,8 +161,10 @@ def _ready(sender: Any = None, **_kwargs: Any) -> None:
     ctx = context(sender.app if sender is not None else current_app)
     _announce(ctx)
     settings = ctx.settings
-    ledger = None
-    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
+    ledger: Ledger | None = None
+    if settings.embedded:
+        ledger = FolderLedger(broker_folder(settings))
+    elif settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://")):
         ledger = BrokerLedger(settings.broker_url, settings.broker_timeout_s)
     threading.Thread(
         target=_keep_alive, args=(ctx, ledger), daemon=True, name="worker-heartbeat"
@@ -147,12 +174,14 @@ def _ready(sender: Any = None, **_kwargs: Any) -> None:
     threading.Thread(
         target=run_deliveries, args=(settings, ctx.store, _alive), daemon=True, name="webhooks"
     ).start()
-    if settings.embedded:
+    if isinstance(ledger, FolderLedger):
         # The filesystem transport keeps no record of handed-out messages: jobs queued,
-        # or running under a silent worker, are sent again (the claim makes duplicates
-        # harmless).
+        # or running under a silent worker, whose message is not in its folder are sent
+        # again at once (the claim makes duplicates harmless). A job whose worker died
+        # only now is found by the reconciliation once its heartbeat is stale.
+        held = _held(ctx, ledger)
         for job in ctx.store.orphans(settings.stale_after_s):
-            if fail_exhausted(job, settings, ctx.store, ctx.storage):
+            if fail_exhausted(job, settings, ctx.store, ctx.storage) or job.id in held:
                 continue
             send_job(current_app, job.id, job.queue or _queue_name(ctx))
             logger.info("re-sent job %s (%s)", job.id, job.state)

@@ -11,6 +11,7 @@ import gzip
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -162,6 +163,85 @@ def test_a_killed_worker_is_replaced(deployment, api, phantom):
         deployment,
         0.5,
     )
+
+
+#: Liveness of the deployment below: a restarted worker is up well within the stale
+#: interval, so the job its predecessor ran still has a recent heartbeat then.
+KILLED_HEARTBEAT_S, KILLED_STALE_S = 1.0, 12.0
+#: docs/delivery-guarantees.md: a dead worker's running job resumes (or fails) within
+#: 2 x (heartbeat + stale interval) of a live worker being there.
+KILLED_BOUND_S = 2 * (KILLED_HEARTBEAT_S + KILLED_STALE_S)
+#: What a loaded 2-core machine adds: the message's pick-up, the job's first beat.
+SLACK_S = 8.0
+
+
+def _kill_mid_job(s: Stack, serve: Proc, job_id: str, attempt: int) -> tuple[str, float]:
+    """SIGKILLs the worker while it runs attempt ``attempt`` of the job; returns the
+    killed worker's name and the time its replacement registered."""
+    host = socket.gethostname()
+    record = wait_until(
+        lambda: (r := s.record(job_id)) and r.state == "running" and r.attempts == attempt and r,
+        120,
+        f"attempt {attempt} of the job to run",
+        s,
+        0.05,
+    )
+    killed = _worker_of(serve)
+    assert record.worker == f"{host}:{killed}"
+    os.kill(killed, signal.SIGKILL)
+    replacement = wait_until(
+        lambda: [c for c in _children(serve.pid) if c != killed], 60, "a new worker", s
+    )[0]
+    wait_until(
+        lambda: f"{host}:{replacement}" in {w["name"] for w in s.store.live_workers(3.0)},
+        120,
+        "the new worker to register",
+        s,
+        0.1,
+    )
+    return record.worker, time.monotonic()
+
+
+def test_a_job_whose_worker_is_killed_resumes_then_fails_with_worker_lost(
+    tmp_path, tiny_checkpoint, phantom
+):
+    """SIGKILL the embedded worker mid-job. Its replacement starts before the job's
+    heartbeat is stale, so the start-up re-send leaves the job alone; the periodic
+    reconciliation sends it again once it is stale, and the job resumes within the bound.
+    Killed again at its last attempt (OMNET_MAX_ATTEMPTS=2), it fails with worker_lost
+    within the same bound."""
+    env = base_env(
+        tiny_checkpoint,
+        OMNET_WORKER_HEARTBEAT_S=str(KILLED_HEARTBEAT_S),
+        OMNET_STALE_AFTER_S=str(KILLED_STALE_S),
+        OMNET_MAX_ATTEMPTS="2",
+        OMNET_TILING="paper",  # a job of several seconds, to be killed in the middle
+    )
+    with make_stack("killed", tmp_path, env) as s:
+        api = s.wait_api(s.start_serve())
+        serve = api.proc
+        client = api.client("bob")
+        response = client.post("/v1/jobs", files=phantom.files(), data={"preview": "false"})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        first, ready_at = _kill_mid_job(s, serve, job_id, attempt=1)
+        resumed = wait_until(
+            lambda: (r := s.record(job_id)) and r.attempts == 2 and r,
+            KILLED_BOUND_S + SLACK_S,
+            "the killed worker's job to be taken again",
+            s,
+            0.2,
+        )
+        assert time.monotonic() - ready_at <= KILLED_BOUND_S + SLACK_S
+        assert resumed.worker != first
+
+        _kill_mid_job(s, serve, job_id, attempt=2)
+        status = s.wait_state(client, job_id, ("failed",), timeout=KILLED_BOUND_S + SLACK_S)
+        assert status["attempts"] == 2
+        assert status["error"]["code"] == "worker_lost", status
+        assert "stopped 2 times (attempts 1-2)" in status["error"]["message"]
+        assert serve.alive()
 
 
 def test_a_worker_that_keeps_dying_stops_serve(tmp_path, tiny_checkpoint):
