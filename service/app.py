@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.database)
+    store = JobStore(settings.database, settings.database_timeout_s)
     storage = Storage(settings.storage_dir)
 
     @asynccontextmanager

@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.db import DATABASE_TIMEOUT_S
+
 #: Heartbeats a running job's worker has, at least, before the job counts as stale.
 STALE_HEARTBEATS = 3
 
@@ -43,6 +45,14 @@ class Settings(BaseSettings):
         description="job records (SQLAlchemy URL); default: SQLite in storage_dir. Several hosts "
         "share a PostgreSQL one, `postgresql+psycopg://user:password@host/omnet` (the "
         "`postgres` extra, `pip install '.[postgres]'`; the Docker images have it)",
+    )
+    database_timeout_s: float = Field(
+        DATABASE_TIMEOUT_S,
+        gt=0,
+        description="each wait for the job database gives up after this (a free pooled "
+        "connection, connecting, each use of a connection, a SQLite write lock): the API "
+        "then answers 503 `database_unavailable`, and a server cancels a statement, or "
+        "ends a transaction left idle, this long",
     )
     api_keys: str = Field("", description="comma-separated API keys, each 'key' or 'key:owner'")
     open_mode: bool = Field(False, description="accept requests without an API key")

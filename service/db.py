@@ -10,7 +10,10 @@ without locks of their own.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -24,6 +27,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -234,20 +239,157 @@ def _claimable(now: datetime, stale_after_s: float) -> sa.ColumnElement[bool]:
     )
 
 
-def make_engine(url: str) -> Engine:
+#: Default of ``OMNET_DATABASE_TIMEOUT_S``: how long any wait for the job database lasts.
+DATABASE_TIMEOUT_S = 10.0
+
+
+def make_engine(url: str, timeout_s: float = DATABASE_TIMEOUT_S) -> Engine:
+    """An engine whose every wait for the database gives up after ``timeout_s``.
+
+    SQLite: the wait for another process's write lock. A database server (PostgreSQL):
+    the wait for a free pooled connection, connecting, and each use of a connection (the
+    check that a pooled one still answers, the statements, the commit): the server
+    cancels a statement, and ends a transaction left idle, after ``timeout_s``
+    (``statement_timeout``, ``idle_in_transaction_session_timeout``), and
+    :class:`Deadlines` cuts a connection whose server sends nothing back (a hung server,
+    or a proxy or network that holds the packets: a TCP connection that stays open, which
+    no server-side timeout or keepalive ends). A call that gives up raises
+    ``sqlalchemy.exc.OperationalError`` (``TimeoutError`` for the pool), which the API
+    answers with 503.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(
+            url, connect_args={"timeout": timeout_s, "check_same_thread": False}
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    if sa.engine.make_url(url).get_backend_name() != "postgresql":
+        return sa.create_engine(url, pool_pre_ping=True, pool_timeout=timeout_s)
+    ms = max(1, int(timeout_s * 1000))
+    engine = sa.create_engine(
+        url,
+        pool_timeout=timeout_s,
+        connect_args={
+            "connect_timeout": max(1, math.ceil(timeout_s)),
+            "options": f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+        },
+    )
+    deadlines = Deadlines(timeout_s)
+
+    @sa.event.listens_for(engine, "connect")
+    def _fresh(_dbapi_conn: Any, record: Any) -> None:
+        record.info["fresh"] = True
+
+    @sa.event.listens_for(engine, "checkout")
+    def _lease(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        # The pool's own pre-ping has no deadline; this one runs under the lease's.
+        deadlines.arm(dbapi_conn)
+        if record.info.pop("fresh", False):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # closed by the server, or cut: try a new connection
+            deadlines.disarm(dbapi_conn)
+            raise sa.exc.DisconnectionError(f"the pooled connection did not answer: {exc}") from exc
+
+    @sa.event.listens_for(engine, "checkin")
+    def _returned(dbapi_conn: Any, _record: Any) -> None:
+        if dbapi_conn is not None:
+            deadlines.disarm(dbapi_conn)
+
+    return engine
+
+
+class Deadlines:
+    """Cuts the database connections whose use outlasts ``seconds``.
+
+    A connection is armed when the pool hands it out and disarmed when it comes back. One
+    thread watches the deadlines; at one, it shuts the connection's socket down, so that
+    the call blocked on it fails at once (the driver reads the end of the stream) and the
+    pool discards the connection. The thread ends when nothing is armed for a while and
+    starts again with the next connection.
+    """
+
+    #: The watching thread ends after this long with nothing armed.
+    IDLE_S = 30.0
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._reset()
+        ref = weakref.ref(self)  # the fork hook must not keep the engine's watch alive
+        os.register_at_fork(after_in_child=lambda: _reset_deadlines(ref))
+
+    def _reset(self) -> None:
+        # Also in a forked child: the parent's thread is gone and its lock may be held.
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, Any]] = {}  # id(connection) -> deadline, it
+        self._thread: threading.Thread | None = None
+
+    def arm(self, dbapi_conn: Any) -> None:
+        with self._cond:
+            self._armed[id(dbapi_conn)] = (time.monotonic() + self.seconds, dbapi_conn)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._watch, name="database-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, dbapi_conn: Any) -> None:
+        with self._cond:
+            self._armed.pop(id(dbapi_conn), None)
+
+    def _watch(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [key for key, (at, _c) in self._armed.items() if at <= now]
+                expired = [self._armed.pop(key)[1] for key in due]
+                if not expired:
+                    if self._armed:
+                        idle_since = now
+                    elif now - idle_since >= self.IDLE_S:
+                        self._thread = None
+                        return
+                    nearest = min((at for at, _c in self._armed.values()), default=None)
+                    wait = self.IDLE_S if nearest is None else nearest - now
+                    self._cond.wait(max(0.01, wait))
+                    continue
+            for dbapi_conn in expired:
+                _cut(dbapi_conn)
+
+
+def _reset_deadlines(ref: weakref.ref[Deadlines]) -> None:
+    deadlines = ref()
+    if deadlines is not None:
+        deadlines._reset()
+
+
+def _cut(dbapi_conn: Any) -> None:
+    """Shuts down the socket of a DBAPI connection (psycopg's ``fileno()``), so that a
+    call blocked reading from it returns."""
+    try:
+        sock = socket.socket(fileno=os.dup(dbapi_conn.fileno()))
+    except Exception:  # closed meanwhile
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        logger.warning("cut a database connection that did not answer in time")
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 #: How long a fork waits for the store's connections in use to be returned.
@@ -345,15 +487,35 @@ def create_schema(engine: Engine) -> None:
 class JobStore:
     """Reads and changes job records; every method is one short transaction."""
 
-    def __init__(self, url: str) -> None:
-        self.engine = make_engine(url)
+    def __init__(self, url: str, timeout_s: float = DATABASE_TIMEOUT_S) -> None:
+        self.engine = make_engine(url, timeout_s)
+        # A commit whose answer did not come may still reach a server (a proxy or the
+        # network held it); the server ends a transaction left idle for timeout_s, so once
+        # that has passed since the commit was sent, it can no longer take effect.
+        self._commit_fence_s = 0.0 if url.startswith("sqlite") else timeout_s + 1.0
         create_schema(self.engine)
         self._fork_gate = ForkGate(self.engine)
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self._fork_gate, self.engine.begin() as conn:
-            yield conn
+        """One transaction. When its commit fails without an answer (the connection was
+        cut or lost), this waits until the commit can no longer take effect on the
+        server before raising, so that a caller told "failed" never sees the change made
+        later."""
+        with self._fork_gate, self.engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                tx.rollback()
+                raise
+            sent = time.monotonic()
+            try:
+                tx.commit()
+            except sa.exc.DBAPIError as exc:
+                if exc.connection_invalidated and self._commit_fence_s:
+                    time.sleep(max(0.0, sent + self._commit_fence_s - time.monotonic()))
+                raise
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:

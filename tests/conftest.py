@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,11 @@ def brats_case_dir() -> Path:
     return cases[0]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A new, empty job database: a SQLite file, or a database of its own on the
-    PostgreSQL server at ``OMNET_TEST_POSTGRES_URL`` (dropped afterwards)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
-        return
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty database of its own on the PostgreSQL server at
+    ``OMNET_TEST_POSTGRES_URL`` (dropped afterwards); skips, saying why, when the server
+    cannot be reached."""
     import sqlalchemy as sa
 
     try:
@@ -71,6 +70,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty job database: a SQLite file, or a database of its own on the
+    PostgreSQL server at ``OMNET_TEST_POSTGRES_URL`` (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

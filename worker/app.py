@@ -31,8 +31,9 @@ def create_worker_app(settings: Settings) -> Celery:
     :class:`WorkerContext` at ``app.omnet``."""
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     app = make_celery(settings, include=["worker.tasks"])
+    store = JobStore(settings.database, settings.database_timeout_s)
     app.omnet = WorkerContext(  # type: ignore[attr-defined]
-        settings, JobStore(settings.database), Storage(settings.storage_dir)
+        settings, store, Storage(settings.storage_dir)
     )
     import worker.tasks  # noqa: F401  (registers the tasks and signal handlers)
 

@@ -142,14 +142,17 @@ class Api:
     url: str
     clients: list[httpx.Client] = field(default_factory=list)
 
-    def client(self, owner: str | None = "alice", **headers: str) -> httpx.Client:
-        """An HTTP client sending ``owner``'s API key (none when ``owner`` is None)."""
+    def client(
+        self, owner: str | None = "alice", timeout: float = 60.0, **headers: str
+    ) -> httpx.Client:
+        """An HTTP client sending ``owner``'s API key (none when ``owner`` is None), which
+        waits ``timeout`` seconds for an answer."""
         if owner is not None:
             headers = {"X-API-Key": API_KEYS[owner], **headers}
         client = httpx.Client(
             base_url=self.url,
             headers=headers,
-            timeout=60.0,
+            timeout=timeout,
             event_hooks={"response": [_no_server_errors]},
         )
         self.clients.append(client)
@@ -483,3 +486,81 @@ def status_server(status: int) -> Iterator[tuple[str, http.server.HTTPServer]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------- a proxy that stops forwarding
+class PausableProxy:
+    """A TCP proxy on loopback to ``target`` (host, port) that can be paused: it then
+    accepts connections but forwards nothing either way (what is sent to it waits in its
+    sockets), as a hung server, a stopped connection pooler or a network that holds the
+    packets does.
+    What it held is forwarded on :meth:`resume`. :meth:`pause_on` pauses it when a client
+    sends the given bytes, holding them (e.g. a transaction's COMMIT)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._trigger: bytes | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def pause_on(self, marker: bytes) -> None:
+        self._trigger = marker
+
+    def resume(self) -> None:
+        self._trigger = None
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._flowing.set()
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with suppress(OSError):
+                    sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst, upstream in ((client, server, True), (server, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, upstream), daemon=True, name="proxy-pump"
+                ).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while True:
+                self._flowing.wait()
+                data = src.recv(65536)
+                trigger = self._trigger
+                if upstream and trigger is not None and trigger in data:
+                    self._trigger = None
+                    self._flowing.clear()
+                self._flowing.wait()  # what arrived while paused waits for the resume
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            with suppress(OSError):
+                dst.shutdown(socket.SHUT_RDWR)

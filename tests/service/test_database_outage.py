@@ -2,24 +2,32 @@
 ``database_unavailable`` with Retry-After (never a 500), and a submission leaves no
 files behind.
 
-The app runs in process (no broker is reached: the requests fail before queueing); the
-outage is real: the SQLite file is taken away and a folder put in its place, so each new
-connection fails with SQLite's own "unable to open database file".
+First in process (no broker is reached: the requests fail before queueing), the SQLite
+file taken away and a folder put in its place, so each new connection fails with
+SQLite's own "unable to open database file". Then a real API process on PostgreSQL
+behind a proxy that stops forwarding: the server accepts connections but never answers.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from model.phantom import write_phantom
 from service.app import create_app
 from service.config import Settings
 from service.db import JobStore
+from tests.conftest import postgres_database
+from tests.service.support import PausableProxy, Phantom, Stack, base_env, wait_until
+from tests.service.support import stack as make_stack
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -65,3 +73,126 @@ def test_a_submission_the_database_cannot_record_leaves_no_files(client, tmp_pat
     jobs = tmp_path / "storage" / "jobs"
     assert not jobs.exists() or not any(jobs.iterdir()), list(jobs.iterdir())
     shutil.rmtree(tmp_path / "case")
+
+
+# ------------------------------------------------- a server that never answers
+#: OMNET_DATABASE_TIMEOUT_S of the API below.
+TIMEOUT_S = 2.0
+#: The longest a request may wait for the database: a free pooled connection, then the
+#: check that it answers, then a new connection (each up to the timeout), and a commit
+#: left without an answer waits out the server's idle-transaction timeout (+ 1 s).
+BOUND_S = 3 * TIMEOUT_S + 1.0
+#: What a loaded 2-core machine adds.
+SLACK_S = 5.0
+#: An API process's start before it reaches the database (imports), on such a machine.
+STARTUP_S = 30.0
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[Stack, PausableProxy, str]]:
+    """An API process (embedded mode, no worker) whose job database is a PostgreSQL one
+    reached through a :class:`PausableProxy`; yields the stack, the proxy and the
+    database's direct URL."""
+    with postgres_database() as url:
+        direct = sa.engine.make_url(url)
+        proxy = PausableProxy((direct.host or "127.0.0.1", direct.port or 5432))
+        via_proxy = direct.set(host="127.0.0.1", port=proxy.port)
+        env = base_env(
+            tiny_checkpoint,
+            OMNET_DATABASE_URL=via_proxy.render_as_string(hide_password=False),
+            OMNET_DATABASE_TIMEOUT_S=str(TIMEOUT_S),
+        )
+        try:
+            with make_stack("hung-database", tmp_path, env) as s:
+                s.wait_api(s.start_api())
+                yield s, proxy, url
+        finally:
+            proxy.close()
+
+
+def _jobs_in(url: str) -> int:
+    """Job records in the database, counted directly (not through the proxy)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM jobs").scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _timed(call) -> tuple[httpx.Response | Exception, float]:
+    started = time.monotonic()
+    try:
+        return call(), time.monotonic() - started
+    except httpx.HTTPError as exc:  # no answer within the client's own timeout
+        return exc, time.monotonic() - started
+
+
+def _assert_unavailable(answer: httpx.Response | Exception, took: float, what: str) -> None:
+    assert isinstance(answer, httpx.Response), f"{what}: no answer after {took:.1f} s ({answer!r})"
+    _assert_database_unavailable(answer)
+    assert took <= BOUND_S + SLACK_S, f"{what} took {took:.1f} s"
+
+
+def test_a_database_that_never_answers_gives_503_within_the_timeout(
+    proxied: tuple[Stack, PausableProxy, str], phantom: Phantom
+):
+    """With the proxy paused, concurrent reads and a submission answer 503 within the
+    bound while /healthz answers at once; the submission leaves no job once the proxy
+    forwards again, and the API serves again."""
+    s, proxy, url = proxied
+    api = s.apis[0]
+    client = api.client("alice", timeout=BOUND_S + 2 * SLACK_S)
+    assert client.get("/v1/jobs").status_code == 200  # pooled connections exist
+
+    proxy.pause()
+    answers: list[tuple[httpx.Response | Exception, float]] = []
+    reads = [
+        threading.Thread(target=lambda: answers.append(_timed(lambda: client.get("/v1/jobs"))))
+        for _ in range(4)
+    ]
+    for thread in reads:
+        thread.start()
+    slowest = 0.0
+    while any(t.is_alive() for t in reads):
+        health, took = _timed(lambda: httpx.get(f"{api.url}/healthz", timeout=10))
+        assert isinstance(health, httpx.Response) and health.status_code == 200, health
+        slowest = max(slowest, took)
+        time.sleep(0.2)
+    assert slowest < 1.0, f"/healthz took {slowest:.2f} s while the database hung"
+    assert len(answers) == len(reads)
+    for answer, took in answers:
+        _assert_unavailable(answer, took, "GET /v1/jobs")
+
+    answer, took = _timed(lambda: client.post("/v1/jobs", files=phantom.files()))
+    _assert_unavailable(answer, took, "POST /v1/jobs")
+    # An API started now stops, saying why, instead of waiting in silence.
+    second = s.start_api("api-2").proc
+    second.popen.wait(timeout=BOUND_S + STARTUP_S)
+    assert second.popen.returncode != 0
+    assert "connection timeout expired" in second.output(), second.tail()
+    proxy.resume()
+    # Whatever the API had sent reaches the server now; no job may come of it.
+    wait_until(lambda: client.get("/v1/jobs").status_code == 200, 30, "the API to serve", s)
+    assert _jobs_in(url) == 0
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_a_submission_whose_commit_gets_no_answer_is_never_created_later(
+    proxied: tuple[Stack, PausableProxy, str], phantom: Phantom
+):
+    """The proxy stops as the submission's COMMIT goes through it: the API answers 503
+    and only then, resumed, the proxy delivers the COMMIT; the server has ended the
+    transaction by then, so no job appears."""
+    s, proxy, url = proxied
+    client = s.apis[0].client("alice", timeout=BOUND_S + 2 * SLACK_S)
+    assert client.get("/v1/jobs").status_code == 200
+
+    proxy.pause_on(b"COMMIT")
+    answer, took = _timed(lambda: client.post("/v1/jobs", files=phantom.files()))
+    _assert_unavailable(answer, took, "POST /v1/jobs")
+    proxy.resume()
+    time.sleep(TIMEOUT_S + 1.0)  # the held COMMIT has reached the server
+    assert _jobs_in(url) == 0
+    files = s.storage / "jobs"
+    assert not files.exists() or not any(files.iterdir()), list(files.iterdir())
