@@ -6,7 +6,9 @@ A real SQLite job store and storage folder, a tiny checkpoint and a phantom; no 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 import socket
 import threading
@@ -470,18 +472,38 @@ class _Blink:
 
     def start(self) -> None:
         self.store.engine.dispose()  # pooled connections would keep the old file open
-        for path in self._files():
+        # The folder takes the database's place in one step (see _back), then the journal
+        # files go too.
+        main, *journals = self._files()
+        away = main.with_name(main.name + ".away")
+        away.mkdir()
+        _exchange(away, main)
+        for path in journals:
             if path.exists():
                 path.rename(path.with_name(path.name + ".away"))
-        self.path.mkdir()
         threading.Timer(self.after_s, self._back).start()
 
     def _back(self) -> None:
-        self.path.rmdir()
-        for path in self._files():
+        # The journal files first (nothing opens them without the database), then the
+        # database swapped with the folder in one step: a connection made between "folder
+        # gone" and "file back" would create a new, empty database and see no tables.
+        main, *journals = self._files()
+        for path in journals:
             away = path.with_name(path.name + ".away")
             if away.exists():
                 away.rename(path)
+        away = main.with_name(main.name + ".away")
+        _exchange(away, main)
+        away.rmdir()
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swaps two paths atomically (Linux renameat2 with RENAME_EXCHANGE)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
