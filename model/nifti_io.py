@@ -474,15 +474,21 @@ def _read_data(img: nib.Nifti1Image, path: Path, modality: str | None) -> np.nda
         ) from err
 
 
-def _check_values(volume: np.ndarray, path: Path, modality: str, channel: int | None) -> None:
-    where = (
+def _value_where(path: Path, modality: str, channel: int | None) -> str:
+    return (
         f"{modality} file {path}"
         if channel is None
         else f"{modality} (channel {channel}) of {path}"
     )
-    finite = np.isfinite(volume)
-    if not np.all(finite):
-        n_bad = int(volume.size - np.count_nonzero(finite))
+
+
+def _raise_value_problem(
+    path: Path, modality: str, channel: int | None, n_bad: int, any_nonzero: bool
+) -> None:
+    """The value rules of a volume, from its count of non-finite voxels and whether any
+    voxel is non-zero (see :func:`_check_values`; :mod:`model.nifti_check` streams them)."""
+    where = _value_where(path, modality, channel)
+    if n_bad:
         raise InputError(
             "non_finite",
             f"{where} holds {n_bad} NaN or infinite voxels (or values "
@@ -490,13 +496,19 @@ def _check_values(volume: np.ndarray, path: Path, modality: str, channel: int | 
             "the file again",
             path,
         )
-    if not np.any(volume):
+    if not any_nonzero:
         raise InputError(
             "empty_volume",
             f"{where} is zero everywhere; it is probably the wrong "
             f"file or a failed export. Send a real {modality} scan",
             path,
         )
+
+
+def _check_values(volume: np.ndarray, path: Path, modality: str, channel: int | None) -> None:
+    finite = np.isfinite(volume)
+    n_bad = int(volume.size - np.count_nonzero(finite))
+    _raise_value_problem(path, modality, channel, n_bad, bool(np.any(volume)))
 
 
 def _check_same_grid(
@@ -568,7 +580,28 @@ def _spacing(img: nib.Nifti1Image) -> tuple[float, float, float]:
     return (float(zooms[0]), float(zooms[1]), float(zooms[2]))
 
 
-def _load_separate(files: dict[str, Path], name: str, affine_atol: float) -> Case:
+@dataclass(frozen=True)
+class CaseLayout:
+    """What the headers of a case's files say, every check that needs no voxel passed.
+
+    Attributes:
+        files: modality -> file (the same 4D file for every modality of a 4D case).
+        images: modality -> opened image (voxel data not read).
+        shape: the spatial grid ``(X, Y, Z)``.
+        four_d: the modalities are the channels of one ``(X, Y, Z, 4)`` file.
+    """
+
+    files: dict[str, Path]
+    images: dict[str, nib.Nifti1Image]
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    spacing: tuple[float, float, float]
+    name: str
+    four_d: bool = False
+
+
+def _inspect_separate(files: dict[str, Path], name: str, affine_atol: float) -> CaseLayout:
     images: dict[str, nib.Nifti1Image] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for modality, path in files.items():
@@ -590,23 +623,19 @@ def _load_separate(files: dict[str, Path], name: str, affine_atol: float) -> Cas
             files[modality],
             affine_atol,
         )
-    shape = shapes[REFERENCE_MODALITY]
-    stacked = np.empty((len(MODALITIES), *shape), dtype=np.float32)  # (4, X, Y, Z)
-    for c, modality in enumerate(MODALITIES):
-        volume = _read_data(images[modality], files[modality], modality).reshape(shape)
-        _check_values(volume, files[modality], modality, None)
-        stacked[c] = volume
-    return Case(
-        images=stacked,
+    x, y, z = shapes[REFERENCE_MODALITY][:3]
+    return CaseLayout(
+        files=dict(files),
+        images=images,
+        shape=(x, y, z),
         affine=np.array(ref.affine, dtype=np.float64),
-        header=ref.header.copy(),
+        header=ref.header,
         spacing=_spacing(ref),
         name=name,
-        sources=dict(files),
     )
 
 
-def _load_4d(path: Path) -> Case:
+def _inspect_4d(path: Path) -> CaseLayout:
     img = _open_image(path, None)
     shape = tuple(int(n) for n in img.shape)
     if len(shape) == 5 and shape[3] == 1:  # NIfTI vector layout (X, Y, Z, 1, C)
@@ -621,18 +650,68 @@ def _load_4d(path: Path) -> Case:
         )
     _check_size(shape, path, None)
     _check_voxel_size(img, path, None)
-    data = _read_data(img, path, None).reshape(shape)  # (X, Y, Z, 4)
-    stacked = np.ascontiguousarray(np.moveaxis(data, -1, 0))  # (4, X, Y, Z)
-    for c, modality in enumerate(MODALITIES):
-        _check_values(stacked[c], path, modality, c)
-    return Case(
-        images=stacked,
+    return CaseLayout(
+        files={m: path for m in MODALITIES},
+        images={m: img for m in MODALITIES},
+        shape=(shape[0], shape[1], shape[2]),
         affine=np.array(img.affine, dtype=np.float64),
-        header=img.header.copy(),
+        header=img.header,
         spacing=_spacing(img),
         name=_case_name_from_file(path),
-        sources={m: path for m in MODALITIES},
+        four_d=True,
     )
+
+
+def _read_layout(layout: CaseLayout) -> Case:
+    """The voxels of an inspected case, each volume checked by value."""
+    stacked = np.empty((len(MODALITIES), *layout.shape), dtype=np.float32)  # (4, X, Y, Z)
+    if layout.four_d:
+        path = layout.files[REFERENCE_MODALITY]
+        img = layout.images[REFERENCE_MODALITY]
+        data = _read_data(img, path, None).reshape((*layout.shape, len(MODALITIES)))
+        stacked[:] = np.moveaxis(data, -1, 0)
+        for c, modality in enumerate(MODALITIES):
+            _check_values(stacked[c], path, modality, c)
+    else:
+        for c, modality in enumerate(MODALITIES):
+            path = layout.files[modality]
+            volume = _read_data(layout.images[modality], path, modality).reshape(layout.shape)
+            _check_values(volume, path, modality, None)
+            stacked[c] = volume
+    return Case(
+        images=stacked,
+        affine=layout.affine.copy(),
+        header=layout.header.copy(),
+        spacing=layout.spacing,
+        name=layout.name,
+        sources=dict(layout.files),
+    )
+
+
+def inspect_case(
+    source: Mapping[str, PathLike] | PathLike,
+    *,
+    name: str | None = None,
+    affine_atol: float = AFFINE_ATOL,
+) -> CaseLayout:
+    """Every check of :func:`load_case` that needs no voxel data: the files, their
+    headers (nibabel's full parsing), shapes, grids and voxel sizes.
+
+    Raises:
+        InputError: as :func:`load_case`, except ``non_finite``, ``empty_volume`` and
+            ``unreadable`` voxel data, which only reading the voxels can tell.
+    """
+    if affine_atol < 0 or not np.isfinite(affine_atol):
+        raise ValueError(f"affine_atol must be a finite number >= 0, got {affine_atol!r}")
+    if isinstance(source, Mapping):
+        files = _normalise_mapping(source)
+        default = _case_name_from_file(files[REFERENCE_MODALITY], FILE_SUFFIXES["t1"])
+        return _inspect_separate(files, name or default, affine_atol)
+    path = Path(source)
+    if path.is_dir():
+        return _inspect_separate(find_case_files(path), name or path.name, affine_atol)
+    layout = _inspect_4d(path)
+    return replace(layout, name=name) if name else layout
 
 
 def load_case(
@@ -659,20 +738,7 @@ def load_case(
         InputError: any problem with the files; ``code`` says which (see
             :data:`ERROR_CODES`).
     """
-    if affine_atol < 0 or not np.isfinite(affine_atol):
-        raise ValueError(f"affine_atol must be a finite number >= 0, got {affine_atol!r}")
-    if isinstance(source, Mapping):
-        files = _normalise_mapping(source)
-        default = _case_name_from_file(files[REFERENCE_MODALITY], FILE_SUFFIXES["t1"])
-        case = _load_separate(files, name or default, affine_atol)
-    else:
-        path = Path(source)
-        if path.is_dir():
-            case = _load_separate(find_case_files(path), name or path.name, affine_atol)
-        else:
-            case = _load_4d(path)
-            if name:
-                case = replace(case, name=name)
+    case = _read_layout(inspect_case(source, name=name, affine_atol=affine_atol))
     logger.debug("loaded case %s: shape %s, spacing %s", case.name, case.shape, case.spacing)
     return case
 

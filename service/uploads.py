@@ -5,8 +5,8 @@ the multipart form's fields are sorted into files and options (:func:`read_form`
 :func:`split_fields`, :func:`parse_options`, :func:`check_inputs`); each file's name,
 compressed stream (gzip or bzip2) and declared volume size are checked as it is stored
 (:func:`store_upload`); then the volumes are read and checked together with the same
-rules as the command line (:func:`model.nifti_io.load_case`). :func:`receive_case` runs
-them all for a submission.
+rules as the command line (:func:`model.nifti_check.check_case`, which reads the voxels
+in slabs). :func:`receive_case` runs them all for a submission.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.nifti_check import check_case, check_labels
 from model.nifti_header import HeaderInfo, NiftiHeaderError, read_nifti_header
-from model.nifti_io import MODALITIES, InputError, load_case, load_labels
+from model.nifti_io import MODALITIES, InputError
 from service.config import DicomWebEndpoint, Settings
 from service.dicom_uploads import (
     check_study_on_source,
@@ -565,13 +566,13 @@ def store_case(files: dict[str, UploadFile], staging: Path, max_volume: int) -> 
         name: store_upload(name, upload.filename, upload.file, staging, max_volume)
         for name, upload in files.items()
     }
-    try:
+    try:  # the command line's rules, the voxels read in slabs (never a whole volume)
         if "image" in paths:
-            case = load_case(paths["image"])
+            layout = check_case(paths["image"])
         else:
-            case = load_case({m: paths[m] for m in MODALITIES})
+            layout = check_case({m: paths[m] for m in MODALITIES})
         if "reference" in paths:
-            load_labels(paths["reference"], like=case)
+            check_labels(paths["reference"], like=layout)
     except InputError as exc:
         message = str(exc).replace(f"{staging}/", "")
         raise ApiError(422, exc.code, message) from exc
