@@ -76,3 +76,33 @@ def test_validation_summary_weighs_groups_equally():
         "CBICA": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
         "TCIA01": {"WT": 0.0, "TC": 0.0, "ET": 0.0},
     }
+
+
+def test_cross_validation_folds_cover_every_case_once_stratified_by_institution():
+    """model/splits/cv5_fold*_val.txt (bench/crossval.py folds): the 34 real cases, each
+    in one fold; every institution group spread over as many folds as it has cases (up
+    to five), fold sizes within one of each other; dealing again gives the same folds."""
+    import importlib.util
+    import sys
+
+    folds = [read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt") for k in range(5)]
+    names = [n for fold in folds for n in fold]
+    assert len(names) == len(set(names)) == 34
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    groups: dict[str, list[int]] = {}
+    for k, fold in enumerate(folds):
+        for n in fold:
+            groups.setdefault(institution_group(n), []).append(k)
+    for group, where in groups.items():
+        assert len(set(where)) == min(len(where), 5), (group, where)
+    multisite = set(read_split(SPLITS_DIR / "multisite_val.txt"))
+    multisite |= set(read_split(SPLITS_DIR / "multisite_train.txt"))
+    assert set(names) == multisite  # the same 34 cases as the shipped split
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
+    spec = importlib.util.spec_from_file_location("crossval", script)
+    assert spec is not None and spec.loader is not None
+    crossval = importlib.util.module_from_spec(spec)
+    sys.modules["crossval"] = crossval
+    spec.loader.exec_module(crossval)
+    assert crossval.deal_folds(names) == [sorted(f) for f in folds]
