@@ -25,11 +25,9 @@ from model.nifti_io import (
     CaseLayout,
     InputError,
     PathLike,
-    _check_same_grid,
-    _open_image,
     _raise_value_problem,
-    _spatial_shape,
     inspect_case,
+    inspect_labels,
 )
 
 #: Voxels read at a time (64 MB as float32).
@@ -105,19 +103,7 @@ def check_labels(path: PathLike, like: CaseLayout, affine_atol: float = AFFINE_A
     """
     file = Path(path)
     what = f"label file {file}"
-    img = _open_image(file, "label")
-    shape = _spatial_shape(img, file, "label")
-    _check_same_grid(
-        like.shape,
-        like.affine,
-        f"case {like.name}",
-        shape,
-        img.affine,
-        what,
-        file,
-        affine_atol,
-    )
-    del img
+    inspect_labels(file, like, affine_atol)
     values: set[float] = set()
     x, y, z = like.shape
     for slab in _slabs(file, (x, y, z), None, what):

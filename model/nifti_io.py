@@ -743,6 +743,27 @@ def load_case(
     return case
 
 
+def inspect_labels(
+    file: Path, like: Case | CaseLayout | None, affine_atol: float = AFFINE_ATOL
+) -> tuple[nib.Nifti1Image, tuple[int, ...]]:
+    """The checks of a label map that need no voxels: a NIfTI file, one 3D volume, on
+    ``like``'s grid when given. Returns the opened image and its 3D shape."""
+    img = _open_image(file, "label")
+    shape = _spatial_shape(img, file, "label")
+    if like is not None:
+        _check_same_grid(
+            like.shape,
+            like.affine,
+            f"case {like.name}",
+            shape,
+            img.affine,
+            f"label file {file}",
+            file,
+            affine_atol,
+        )
+    return img, shape
+
+
 def load_labels(
     path: PathLike,
     like: Case | None = None,
@@ -770,19 +791,7 @@ def load_labels(
     """
     file = Path(path)
     what = f"label file {file}"
-    img = _open_image(file, "label")
-    shape = _spatial_shape(img, file, "label")
-    if like is not None:
-        _check_same_grid(
-            like.shape,
-            like.affine,
-            f"case {like.name}",
-            shape,
-            img.affine,
-            what,
-            file,
-            affine_atol,
-        )
+    img, shape = inspect_labels(file, like, affine_atol)
     try:
         raw = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as err:  # EOFError, OSError, zlib.error, ...

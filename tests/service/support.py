@@ -85,6 +85,19 @@ def wait_until(
         time.sleep(interval)
 
 
+def children_of(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue  # the process went meanwhile
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _no_server_errors(response: httpx.Response) -> None:
     """Event hook of every test client: no request may end in an unhandled server error."""
     if response.status_code == 500:

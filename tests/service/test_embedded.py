@@ -14,13 +14,12 @@ import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service.support import Api, Proc, Stack, base_env, wait_until
+from tests.service.support import Api, Proc, Stack, base_env, children_of, wait_until
 from tests.service.support import stack as make_stack
 
 RETENTION_HOURS = 0.002  # 7.2 s
@@ -104,22 +103,9 @@ def test_finished_jobs_expire(deployment, api, phantom):
     assert deployment.store.expired(datetime.max) == []
 
 
-def _children(pid: int) -> list[int]:
-    """The live (not zombie) child processes of ``pid``, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-        except (OSError, IndexError, ValueError):
-            continue  # the process went meanwhile
-        if int(ppid) == pid and state != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _worker_of(serve: Proc) -> int:
     """The pid of the worker that ``omnet serve`` runs (its one child process)."""
-    children = wait_until(lambda: _children(serve.pid), 30, "omnet serve to run a worker")
+    children = wait_until(lambda: children_of(serve.pid), 30, "omnet serve to run a worker")
     assert len(children) == 1, f"omnet serve has {len(children)} child processes: {children}"
     return children[0]
 
@@ -190,7 +176,7 @@ def _kill_mid_job(s: Stack, serve: Proc, job_id: str, attempt: int) -> tuple[str
     assert record.worker == f"{host}:{killed}"
     os.kill(killed, signal.SIGKILL)
     replacement = wait_until(
-        lambda: [c for c in _children(serve.pid) if c != killed], 60, "a new worker", s
+        lambda: [c for c in children_of(serve.pid) if c != killed], 60, "a new worker", s
     )[0]
     wait_until(
         lambda: f"{host}:{replacement}" in {w["name"] for w in s.store.live_workers(3.0)},

@@ -34,6 +34,7 @@ from tests.service.support import (
     Phantom,
     Stack,
     base_env,
+    children_of,
     wait_until,
 )
 from tests.service.support import stack as make_stack
@@ -144,18 +145,7 @@ def _row_states(driver: Any) -> list[str]:
 def _worker_of(api: Api) -> int:
     """The pid of the worker process that ``omnet serve`` runs (its one live child)."""
 
-    def children() -> list[int]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            except (OSError, IndexError, ValueError):
-                continue  # the process went meanwhile
-            if int(ppid) == api.proc.pid and state != "Z":
-                found.append(int(stat.parent.name))
-        return found
-
-    found = wait_until(children, 60, "omnet serve to run its worker")
+    found = wait_until(lambda: children_of(api.proc.pid), 60, "omnet serve to run its worker")
     assert len(found) == 1, f"omnet serve has {len(found)} child processes: {found}"
     return found[0]
 
