@@ -58,7 +58,8 @@ def run_tiling(
     import torch
 
     from model.network import ArchConfig, build_model
-    from model.nifti_io import load_case, save_labels
+    from model.nifti_io import load_case
+    from model.nifti_write import save_labels
     from model.pipeline import load_predictor, segment_case
     from model.tiling import TILINGS, Predictor
 

@@ -5,7 +5,7 @@ network always sees axial slices along its depth axis whatever the file's orient
 pre-process (brain mask, z-score inside it, crop to the brain); overlap-tile inference
 of the three tasks; fusion; post-processing; paste back onto the grid and undo the
 reorientation. Geometry never changes: the result has the input's shape, and writing
-it with :func:`model.nifti_io.save_labels` keeps the input's affine and header.
+it with :func:`model.nifti_write.save_labels` keeps the input's affine and header.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from model.defaults import POSTPROCESS_MODES
 from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
 from model.labels import TaskClass
 from model.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
-from model.nifti_io import MODALITIES, Case, save_labels, save_probabilities
+from model.nifti_io import MODALITIES, Case
+from model.nifti_write import save_labels, save_probabilities
 from model.postprocess import postprocess
 from model.preprocess import paste, preprocess
 from model.tiling import (

@@ -22,9 +22,8 @@ from model.nifti_io import (
     find_label_file,
     load_case,
     load_labels,
-    save_labels,
-    save_probabilities,
 )
+from model.nifti_write import save_labels, save_probabilities
 
 SHAPE = (16, 17, 18)
 NAMES_2018 = {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair"}

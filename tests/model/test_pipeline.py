@@ -19,7 +19,8 @@ from model.checkpoint import CheckpointError, save_checkpoint
 from model.fusion import fuse, fused_probabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET
 from model.network import ArchConfig, TaskOutputs, build_model
-from model.nifti_io import load_case, save_labels
+from model.nifti_io import load_case
+from model.nifti_write import save_labels
 from model.phantom import make_phantom, write_phantom
 from model.pipeline import (
     Segmentation,
