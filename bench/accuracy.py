@@ -8,7 +8,7 @@
         [--split model/splits/multisite_val.txt] \
         [--setting wide+lesion paper+pp fast+pp paper+guard+tta ...] [--json out.json]
 
-Every case goes through :func:`model.case.process_case` (what ``omnet segment`` and
+Every case goes through :func:`model.inference.case.process_case` (what ``omnet segment`` and
 the workers run), once per model and setting. A setting names the tiling (``wide``, the
 default, ``paper`` or ``fast``) followed by levers joined with ``+``: ``pp`` (the
 paper's post-processing), ``guard`` (post-processing with the guarded edema
@@ -40,12 +40,19 @@ from typing import Any
 
 import numpy as np
 
-from model.case import CaseOutputs, process_case
-from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split, resolve_data_dir
-from model.lesions import MAIN_LESION_GAP_MM
-from model.nifti_io import find_label_file, load_case
-from model.pipeline import SegmentationOptions, load_predictor
-from model.tiling import TILINGS, Predictor, TaskProbabilities
+from model.inference.case import CaseOutputs, process_case
+from model.inference.lesions import MAIN_LESION_GAP_MM
+from model.inference.pipeline import SegmentationOptions, load_predictor
+from model.inference.tiling import TILINGS, Predictor, TaskProbabilities
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case
+from model.training.data import (
+    SPLITS_DIR,
+    find_cases_in,
+    institution_group,
+    read_split,
+    resolve_data_dir,
+)
 
 REGIONS = ("WT", "TC", "ET")
 

@@ -119,7 +119,7 @@ def run_segresnet(case: Path, out: Path) -> None:
     import numpy as np
     from segresnet_reference import segresnet, segresnet_regions
 
-    from model.nifti_io import load_case
+    from model.io.nifti.read import load_case
 
     loaded = load_case(case)
     tc, wt, et = segresnet_regions(segresnet(), loaded.images)  # (X, Y, Z) each
@@ -141,7 +141,7 @@ def main() -> None:
     parser.add_argument("omnet_args", nargs="*", help="more omnet segment options, after --")
     args = parser.parse_args()
     if args.case is None:
-        from model.data import resolve_data_dir
+        from model.training.data import resolve_data_dir
 
         data = resolve_data_dir(os.environ.get("OMNET_DATA_DIR"))
         args.case = data / "brats2018" / "Brats18_CBICA_AMH_1"

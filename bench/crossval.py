@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.data import (  # noqa: E402
+from model.training.data import (  # noqa: E402
     DATA_ENV,
     SPLITS_DIR,
     find_cases_in,

@@ -3,13 +3,13 @@
     python bench/dicom_converters.py [CASE] [--repeats 3] [--json]
 
 Writes the BraTS case CASE (default: the first under ``$OMNET_DATA_DIR/brats2018``) as a
-DICOM study with :func:`model.dicom_series.write_study` - T1, T1ce and FLAIR axial on
+DICOM study with :func:`model.io.dicom.write_series.write_study` - T1, T1ce and FLAIR axial on
 the case's grid, T2 as a sagittal acquisition (the same voxels, another slice order),
 and a FLAIR resampled onto coronal slices tilted by 12 degrees (float values, stored
 with RescaleSlope / RescaleIntercept) - and converts each series back to a volume with:
 
 * ``simpleitk``: ``SimpleITK.ImageSeriesReader`` on the file list, sorted along the
-  slice normal (what :mod:`model.dicom_study` does; sorting needs the headers, which
+  slice normal (what :mod:`model.io.dicom.study` does; sorting needs the headers, which
   the reader has read already to group and check the series, so it is not timed);
 * ``dcm2niix``: the ``dcm2niix`` program (Debian package ``dcm2niix``) on the series
   folder, uncompressed NIfTI read back with nibabel;
@@ -50,7 +50,7 @@ Converter = Callable[[list[Path], Path], tuple[np.ndarray, np.ndarray]]
 def default_case() -> Path:
     import os
 
-    from model.data import DATA_ENV, resolve_data_dir
+    from model.training.data import DATA_ENV, resolve_data_dir
 
     root = resolve_data_dir(os.environ.get(DATA_ENV)) / "brats2018"
     return sorted(p for p in root.iterdir() if p.is_dir())[0]
@@ -106,7 +106,7 @@ def with_dicom2nifti(files: list[Path], work: Path) -> tuple[np.ndarray, np.ndar
 def with_pydicom(files: list[Path], work: Path) -> tuple[np.ndarray, np.ndarray]:
     import pydicom
 
-    from model.dicom_series import RAS_TO_LPS
+    from model.io.dicom.protocols import RAS_TO_LPS
 
     datasets = [pydicom.dcmread(f) for f in _sorted_files(files)]
     volume = np.stack(
@@ -146,9 +146,11 @@ def _available(name: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.dicom_series import Acquisition, write_study
-    from model.nifti_io import MODALITIES, load_case
-    from model.resample import resample_to_grid, voxel_mapping
+    from model.io.dicom.protocols import Acquisition
+    from model.io.dicom.write_series import write_study
+    from model.io.nifti.read import load_case
+    from model.io.resample import resample_to_grid, voxel_mapping
+    from model.io.volumes import MODALITIES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("case", nargs="?", type=Path)

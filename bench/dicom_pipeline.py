@@ -4,15 +4,15 @@
         [--dicomweb URL] [--threads 2] [--repeats 1] [--json]
 
 Writes the BraTS case CASE (default: the first under ``$OMNET_DATA_DIR/brats2018``) as a
-DICOM study (:func:`model.dicom_series.write_study`: T1, T1ce and FLAIR axial on the
+DICOM study (:func:`model.io.dicom.write_series.write_study`: T1, T1ce and FLAIR axial on the
 case's grid, T2 on sagittal slices of 1 x 1 x 2 mm, so that it must be resampled; not
 timed), then times what a DICOM job adds to its inference, each step on its own:
 
-* ``check``: the header checks of a submission (:func:`model.dicom_study.check_dicom_study`);
+* ``check``: the header checks of a submission (:func:`model.io.dicom.study.check_dicom_study`);
 * ``convert``: decoding the four series onto the T1ce grid, resampling included
-  (:func:`model.dicom_study.read_dicom_study`), and ``resample`` alone (the T2 onto
-  the T1ce grid, :func:`model.resample.resample_to_grid`);
-* ``inference``: :func:`model.case.process_case` with the checkpoint (default: the
+  (:func:`model.io.dicom.study.read_dicom_study`), and ``resample`` alone (the T2 onto
+  the T1ce grid, :func:`model.io.resample.resample_to_grid`);
+* ``inference``: :func:`model.inference.case.process_case` with the checkpoint (default: the
   bundled model), the default post-processing and the tiling given;
 * ``seg`` and ``preview``: writing the DICOM SEG and the Secondary Capture;
 * with a DICOMweb server (``--dicomweb``, default ``http://127.0.0.1:8042/dicom-web``
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def default_case() -> Path:
-    from model.data import DATA_ENV, resolve_data_dir
+    from model.training.data import DATA_ENV, resolve_data_dir
 
     root = resolve_data_dir(os.environ.get(DATA_ENV)) / "brats2018"
     return sorted(p for p in root.iterdir() if p.is_dir())[0]
@@ -71,14 +71,17 @@ def _answers(url: str) -> bool:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from model.case import CaseOutputs, process_case
-    from model.dicom_outputs import write_dicom_seg, write_preview_dicom
-    from model.dicom_series import Acquisition, StudyInfo, write_study
-    from model.dicom_study import GRID_MODALITY, check_dicom_study, read_dicom_study
-    from model.nifti_io import MODALITIES, load_case, load_labels
-    from model.pipeline import SegmentationOptions, load_predictor
-    from model.resample import resample_to_grid
-    from model.tiling import TILINGS
+    from model.inference.case import CaseOutputs, process_case
+    from model.inference.pipeline import SegmentationOptions, load_predictor
+    from model.inference.tiling import TILINGS
+    from model.io.dicom.outputs import write_preview_dicom
+    from model.io.dicom.protocols import Acquisition, StudyInfo
+    from model.io.dicom.seg import write_dicom_seg
+    from model.io.dicom.study import GRID_MODALITY, check_dicom_study, read_dicom_study
+    from model.io.dicom.write_series import write_study
+    from model.io.nifti.read import load_case, load_labels
+    from model.io.resample import resample_to_grid
+    from model.io.volumes import MODALITIES
     from model.weights import BUNDLED_PATH
 
     torch.set_num_threads(args.threads)

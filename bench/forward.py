@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from model.network import VARIANTS, ArchConfig, build_model, count_flops, count_parameters
+from model.net.network import VARIANTS, ArchConfig, build_model, count_flops, count_parameters
 
 
 def time_forward(model: torch.nn.Module, batch: int, repeats: int, device: str) -> float:

@@ -36,7 +36,7 @@ STAGES = ("load", "preprocess", "inference", "fusion", "postprocess", "paste", "
 
 def default_case() -> Path:
     """The first BraTS 2018 case folder under the data folder."""
-    from model.data import DATA_ENV, resolve_data_dir
+    from model.training.data import DATA_ENV, resolve_data_dir
 
     root = resolve_data_dir(os.environ.get(DATA_ENV)) / "brats2018"
     cases = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
@@ -57,11 +57,11 @@ def run_tiling(
     import numpy as np
     import torch
 
-    from model.network import ArchConfig, build_model
-    from model.nifti_io import load_case
-    from model.nifti_write import save_labels
-    from model.pipeline import load_predictor, segment_case
-    from model.tiling import TILINGS, Predictor
+    from model.inference.pipeline import load_predictor, segment_case
+    from model.inference.tiling import TILINGS, Predictor
+    from model.io.nifti.read import load_case
+    from model.io.nifti.write import save_labels
+    from model.net.network import ArchConfig, build_model
 
     layout = TILINGS[tiling]
     if checkpoint:

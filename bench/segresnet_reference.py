@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.preprocess import brain_mask, zscore
+from model.inference.preprocess import brain_mask, zscore
 
 
 def segresnet() -> torch.nn.Module:

@@ -6,7 +6,7 @@
         (a setting: TILING[+pp|+guard|+rm|+lesion][+tta])
 
 The reference is MONAI's BraTS tutorial model (``bench/segresnet_reference.py``). omnet
-runs the whole pipeline (:func:`model.case.process_case`: pre-process, inference,
+runs the whole pipeline (:func:`model.inference.case.process_case`: pre-process, inference,
 fusion, post-processing) with each given checkpoint (repeat ``--checkpoint`` to compare,
 e.g., widths) and setting. Both run on the CPU with the same thread count, alternately,
 and the script prints each one's wall and CPU seconds per case and omnet's time as a
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from segresnet_reference import segresnet, segresnet_regions
 
-from model.case import CaseOutputs, process_case
-from model.data import resolve_data_dir
-from model.nifti_io import load_case
-from model.pipeline import SegmentationOptions, load_predictor
-from model.tiling import TILINGS
+from model.inference.case import CaseOutputs, process_case
+from model.inference.pipeline import SegmentationOptions, load_predictor
+from model.inference.tiling import TILINGS
+from model.io.nifti.read import load_case
+from model.training.data import resolve_data_dir
 from model.weights import BUNDLED_PATH
 
 

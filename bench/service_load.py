@@ -20,7 +20,7 @@ The service started here serves a tiny random network (width 4, seed 0) unless
 network, not of a full-size model.
 
 Each client thread submits phantom cases (written once with
-:func:`model.phantom.write_phantom`, uploaded as t1, t1ce, t2 and flair with an
+:func:`model.io.phantom.write_phantom`, uploaded as t1, t1ce, t2 and flair with an
 Idempotency-Key) and polls each job until it finishes, then submits the next, until
 ``--jobs`` jobs in all were submitted or ``--duration`` seconds have passed. Reported:
 succeeded jobs per minute (first POST to last job done), latency POST -> succeeded
@@ -243,8 +243,8 @@ def service_env(storage: Path, checkpoint: Path, args: argparse.Namespace) -> di
 def random_checkpoint(path: Path, width: int) -> Path:
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.network import ArchConfig, build_model
+    from model.net.checkpoint import save_checkpoint
+    from model.net.network import ArchConfig, build_model
 
     torch.manual_seed(0)
     config = ArchConfig(width=width)
@@ -396,7 +396,7 @@ class Plan:
 
 def write_cases(folder: Path, shape: tuple[int, int, int], count: int) -> list[dict[str, bytes]]:
     """Writes ``count`` phantoms (seeds 0..count-1) and returns their files' bytes."""
-    from model.phantom import write_phantom
+    from model.io.phantom import write_phantom
 
     cases = []
     for seed in range(count):

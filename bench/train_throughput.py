@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--widths 32 8] [--steps 3] [--data CASES_DIR]
 
-Without --data, phantom cases (model.phantom) are cached into a temporary folder, so
+Without --data, phantom cases (model.io.phantom) are cached into a temporary folder, so
 anyone can run it; sampling reads the same memory-mapped cache either way. Each
 figure is the median of --steps timed steps after one warm-up step, and the last
 column is the speed relative to the first width, measured in the same run.
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from model.data import PatchSampler, build_cache
-from model.nifti_io import find_cases
-from model.phantom import write_phantom
-from model.training import TrainConfig, Trainer
+from model.io.nifti.files import find_cases
+from model.io.phantom import write_phantom
+from model.training.config import TrainConfig
+from model.training.data import PatchSampler, build_cache
+from model.training.trainer import Trainer
 
 STAGES = {
     "task 1": (True, False, False),

@@ -70,7 +70,8 @@ def case_files(case: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     Raises:
         ClientError: ``not_found`` or ``not_a_case`` (status 0: nothing was sent).
     """
-    from model.nifti_io import MODALITIES, InputError, find_case_files, nifti_stem
+    from model.io.nifti.files import find_case_files, nifti_stem
+    from model.io.volumes import MODALITIES, InputError
 
     path = Path(case)
     if path.is_file():

@@ -244,7 +244,7 @@ class Settings(BaseSettings):
         # Checked with the DICOM reader's own parser, imported only when rules are set,
         # so that reading settings does not load the DICOM stack.
         if value.strip():
-            from model.dicom_study import parse_series_rules
+            from model.io.dicom.classify import parse_series_rules
 
             parse_series_rules(value)
         return value

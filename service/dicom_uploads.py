@@ -4,9 +4,9 @@ A job's case comes in one of three ways: NIfTI volumes (:mod:`service.uploads`),
 study uploaded as one zip (``study``) or as ``.dcm`` parts (``dicom``, repeated), or a
 ``study_uid`` that the worker retrieves from the configured DICOMweb source. An
 uploaded study is stored and its headers are checked the way the worker will read it
-(:func:`model.dicom_study.check_dicom_study`: series found, mapped to the four
+(:func:`model.io.dicom.study.check_dicom_study`: series found, mapped to the four
 modalities, geometry safe to convert, pixel data decodable) and its SEG and preview are
-built once, in memory, on the T1ce headers (:func:`model.dicom_outputs.dicom_output_problems`),
+built once, in memory, on the T1ce headers (:func:`model.io.dicom.outputs.dicom_output_problems`),
 so that a study that cannot work is answered 422 with the reason's code now, not as a
 failed job (or a result without its SEG) later. A ``study_uid`` is looked up
 on the source (QIDO-RS); its series are mapped by the worker once retrieved.
@@ -20,16 +20,15 @@ from pathlib import Path
 
 from starlette.datastructures import UploadFile
 
-from model.dicom_outputs import dicom_output_problems
-from model.dicom_study import (
+from model.io.dicom.classify import (
     DEFAULT_RULES,
-    GRID_MODALITY,
     SeriesRule,
-    check_dicom_study,
     parse_series_overrides,
     parse_series_rules,
 )
-from model.nifti_io import InputError
+from model.io.dicom.outputs import dicom_output_problems
+from model.io.dicom.study import GRID_MODALITY, check_dicom_study
+from model.io.volumes import InputError
 from service.config import DicomWebEndpoint, Settings
 from service.dicomweb import DicomWebError, find_study
 from service.errors import ApiError

@@ -5,7 +5,7 @@ the multipart form's fields are sorted into files and options (:func:`read_form`
 :func:`split_fields`, :func:`parse_options`, :func:`check_inputs`); each file's name,
 compressed stream (gzip or bzip2) and declared volume size are checked as it is stored
 (:func:`store_upload`); then the volumes are read and checked together with the same
-rules as the command line (:func:`model.nifti_check.check_case`, which reads the voxels
+rules as the command line (:func:`model.io.nifti.check.check_case`, which reads the voxels
 in slabs). :func:`receive_case` runs them all for a submission.
 """
 
@@ -34,9 +34,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.nifti_check import check_case, check_labels
-from model.nifti_header import HeaderInfo, NiftiHeaderError, read_nifti_header
-from model.nifti_io import MODALITIES, InputError
+from model.io.nifti.check import check_case, check_labels
+from model.io.nifti.header import HeaderInfo, NiftiHeaderError, read_nifti_header
+from model.io.volumes import MODALITIES, InputError
 from service.config import DicomWebEndpoint, Settings
 from service.dicom_uploads import (
     check_study_on_source,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from model.data import DATA_ENV, resolve_data_dir
+from model.training.data import DATA_ENV, resolve_data_dir
 
 __all__ = ["DATA_ENV", "data_dir"]
 

@@ -1,10 +1,11 @@
 """A DICOM conformance corpus, written at test time from a volume (a cropped BraTS case).
 
-:func:`write_corpus` writes the case as a plain study (:func:`model.dicom_series.write_study`,
-four classic MR series) and then one study per :data:`VARIANTS` entry: the same images as
-other writers and anonymisers send them. Each variant says what reading it must give:
+:func:`write_corpus` writes the case as a plain study
+(:func:`model.io.dicom.write_series.write_study`, four classic MR series) and then one
+study per :data:`VARIANTS` entry: the same images as other writers and anonymisers send
+them. Each variant says what reading it must give:
 ``None`` - the plain study's voxels (and so its labels); otherwise the
-:class:`~model.nifti_io.InputError` code of the refusal and words its message must hold.
+:class:`~model.io.volumes.InputError` code of the refusal and words its message must hold.
 
 The transcodings are pydicom's own encoders (RLE), pyjpegls (JPEG-LS), pylibjpeg-openjpeg
 (JPEG 2000) and pydicom's writer (deflated, big-endian, implicit VR); the multi-frame
@@ -39,8 +40,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from model.dicom_series import StudyInfo, write_study
-from model.dicom_study import ENHANCED_MR_STORAGE
+from model.io.dicom.protocols import StudyInfo
+from model.io.dicom.scan import ENHANCED_MR_STORAGE
+from model.io.dicom.write_series import write_study
 
 #: Type 2 attributes that writers and anonymisers leave out or empty.
 TYPE2 = (
@@ -404,7 +406,8 @@ class Corpus:
 
 def build_corpus(case_dir: Path, root: Path) -> Corpus:
     """The corpus of the BraTS case in ``case_dir``, cropped to :data:`CROP`."""
-    from model.nifti_io import find_label_file, load_case, load_labels
+    from model.io.nifti.files import find_label_file
+    from model.io.nifti.read import load_case, load_labels
 
     case = load_case(case_dir)
     labels = load_labels(find_label_file(case_dir), like=case)

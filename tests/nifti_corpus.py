@@ -20,7 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from model.nifti_io import MODALITIES, find_case_files, find_label_file
+from model.io.nifti.files import find_case_files, find_label_file
+from model.io.volumes import MODALITIES
 
 #: Crop margin around the tumour's bounding box, in voxels.
 MARGIN = 6

@@ -27,13 +27,15 @@ from typing import Any, TypeVar
 import sqlalchemy.exc as sa_exc
 
 from model.atomic import atomic_write_text
-from model.case import CaseOutputs, CaseReport, process_case
-from model.checkpoint import Checkpoint, describe_checkpoints
-from model.dicom_outputs import AlgorithmInfo, software_version, write_study_outputs
-from model.dicom_study import DicomStudy, read_dicom_study
-from model.nifti_io import MODALITIES, InputError, load_labels
-from model.pipeline import SegmentationOptions, load_predictor
-from model.tiling import TILINGS, Predictor
+from model.inference.case import CaseOutputs, CaseReport, process_case
+from model.inference.pipeline import SegmentationOptions, load_predictor
+from model.inference.tiling import TILINGS, Predictor
+from model.io.dicom.outputs import write_study_outputs
+from model.io.dicom.seg import AlgorithmInfo, software_version
+from model.io.dicom.study import DicomStudy, read_dicom_study
+from model.io.nifti.read import load_labels
+from model.io.volumes import MODALITIES, InputError
+from model.net.checkpoint import Checkpoint, describe_checkpoints
 from service.config import Settings
 from service.db import FINISHED, Job, JobState, JobStore
 from service.dicom_uploads import job_destinations, series_overrides, series_rules
@@ -284,7 +286,7 @@ def _dicom_study_path(
 
 
 def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:
-    """Runs the job's case through :func:`model.case.process_case`; returns the files,
+    """Runs the job's case through :func:`model.inference.case.process_case`; returns the files,
     metrics and model of the job's result (and, for DICOM input, its SEG)."""
     predictor, checkpoints = get_predictor(settings)
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}

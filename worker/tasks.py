@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task, current_app, shared_task, signals
 from celery.utils.log import get_task_logger
 
-from model.checkpoint import describe_checkpoints
+from model.net.checkpoint import describe_checkpoints
 from service.db import utcnow
 from service.deliveries import run_deliveries
 from service.queue import (
@@ -60,14 +60,14 @@ _alive = threading.Event()
 
 
 def _queue_name(ctx: WorkerContext) -> str:
-    from model.tiling import resolve_device
+    from model.inference.tiling import resolve_device
 
     return ctx.settings.queue(resolve_device(ctx.settings.device).type)
 
 
 def _announce(ctx: WorkerContext) -> None:
-    from model.checkpoint import read_checkpoint_info
-    from model.tiling import resolve_device
+    from model.inference.tiling import resolve_device
+    from model.net.checkpoint import read_checkpoint_info
 
     # Read, not built: this runs in the pool's parent, which must not start PyTorch's
     # OpenMP threads before it forks a child (the child would hang in them).

@@ -1,6 +1,6 @@
 """``omnet evaluate``: Dice, sensitivity, specificity, PPV and HD95 of label maps.
 
-The rules that pair predictions with references live in :mod:`model.evaluation`.
+The rules that pair predictions with references live in :mod:`model.evaluation.files`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from service.cli.common import EXIT_FAILURE, CommandError, one_line
 
 if TYPE_CHECKING:
-    from model.metrics import RegionMetrics
+    from model.evaluation.metrics import RegionMetrics
 
 NAME = "evaluate"
 HELP = "Dice, sensitivity, specificity, PPV and HD95 of predicted label maps"
@@ -93,7 +93,7 @@ def _evaluation_table(
 def _evaluation_csv(results: Mapping[str, Mapping[str, RegionMetrics]]) -> str:
     from dataclasses import fields
 
-    from model.metrics import RegionMetrics
+    from model.evaluation.metrics import RegionMetrics
 
     names = [f.name for f in fields(RegionMetrics)]
     buffer = io.StringIO()
@@ -109,8 +109,8 @@ def _evaluation_csv(results: Mapping[str, Mapping[str, RegionMetrics]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.evaluation import evaluate_label_files, match_label_files
-    from model.metrics import summarise
+    from model.evaluation.files import evaluate_label_files, match_label_files
+    from model.evaluation.metrics import summarise
 
     pairs, errors = match_label_files(Path(args.pred), Path(args.ref))
     for message in errors:

@@ -16,7 +16,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variant",
         default="omnet_cga",
-        choices=LazyChoices("model.network", "VARIANTS"),
+        choices=LazyChoices("model.net.network", "VARIANTS"),
         metavar="VARIANT",
         help="architecture: %(choices)s (default %(default)s)",
     )
@@ -26,7 +26,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.network import ArchConfig, build_model, count_flops, count_parameters
+    from model.net.network import ArchConfig, build_model, count_flops, count_parameters
 
     config = ArchConfig(variant=args.variant, width=args.width, num_classes=args.classes)
     model = build_model(config)

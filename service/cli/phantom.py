@@ -22,7 +22,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.phantom import write_phantom
+    from model.io.phantom import write_phantom
 
     kwargs: dict[str, object] = {"seed": args.seed}
     if args.shape is not None:

@@ -1,6 +1,6 @@
 """``omnet segment``: segment cases with a trained model.
 
-Each case goes through :func:`model.case.process_case`, the path the service's workers
+Each case goes through :func:`model.inference.case.process_case`, the path the service's workers
 take too; this module adds what is the command line's own: reading its arguments into
 cases, a progress bar, a one-line summary per case and a ``<case>_metrics.json``.
 """
@@ -20,11 +20,11 @@ from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, POSTPROCESS_MODE
 from service.cli.common import CommandError, one_line, positive_int
 
 if TYPE_CHECKING:
-    from model.case import CaseReport
-    from model.dicom_outputs import AlgorithmInfo
-    from model.dicom_study import DicomStudy
-    from model.pipeline import SegmentationOptions
-    from model.tiling import Predictor
+    from model.inference.case import CaseReport
+    from model.inference.pipeline import SegmentationOptions
+    from model.inference.tiling import Predictor
+    from model.io.dicom.seg import AlgorithmInfo
+    from model.io.dicom.study import DicomStudy
 
 NAME = "segment"
 HELP = "segment cases with a trained model"
@@ -35,7 +35,7 @@ MODALITY_OPTIONS = ("t1", "t1ce", "t2", "flair")
 
 
 def _has_nifti(folder: Path) -> bool:
-    from model.nifti_io import nifti_stem
+    from model.io.nifti.files import nifti_stem
 
     return any(
         p.is_file() and not p.name.startswith(".") and nifti_stem(p) is not None
@@ -66,7 +66,7 @@ class _CaseInput:
 
     Attributes:
         name: the case name (output file prefix); None: load_case derives it.
-        source: what :func:`model.nifti_io.load_case` reads, or a DICOM study.
+        source: what :func:`model.io.nifti.read.load_case` reads, or a DICOM study.
         folder: the BraTS case folder, where ``--evaluate`` looks for a label map.
         dicom: ``source`` is a DICOM study (a folder or zip file).
     """
@@ -183,7 +183,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _folder_inputs(folder: Path, out_dir: Path) -> list[_CaseInput]:
     """A case folder, or the case folders inside a folder of cases."""
-    from model.dicom_study import looks_like_dicom
+    from model.io.dicom.scan import looks_like_dicom
 
     if _has_nifti(folder):
         return [_CaseInput(folder.name, folder, folder)]
@@ -288,7 +288,7 @@ def _zip_stem(path: Path) -> str:
 
 def _series_overrides(values: list[str] | None) -> dict[str, str]:
     """``--series MOD=UID`` values as a mapping."""
-    from model.dicom_study import parse_series_overrides
+    from model.io.dicom.classify import parse_series_overrides
 
     try:
         return parse_series_overrides(values or [])
@@ -297,7 +297,7 @@ def _series_overrides(values: list[str] | None) -> dict[str, str]:
 
 
 def _file_stem(path: Path) -> str:
-    from model.nifti_io import nifti_stem
+    from model.io.nifti.files import nifti_stem
 
     return nifti_stem(path) or path.name
 
@@ -330,9 +330,10 @@ def _segment_one(
 ) -> str:
     """Segments one case, writes its outputs and metrics; returns its one-line summary."""
     from model.atomic import atomic_write_text
-    from model.case import CaseOutputs, process_case
-    from model.dicom_study import read_dicom_study
-    from model.nifti_io import find_label_file, load_case
+    from model.inference.case import CaseOutputs, process_case
+    from model.io.dicom.study import read_dicom_study
+    from model.io.nifti.files import find_label_file
+    from model.io.nifti.read import load_case
 
     study = None
     if job.dicom:
@@ -392,7 +393,7 @@ def _segment_one(
 
 def _check_dicom_outputs(study: DicomStudy, args: argparse.Namespace) -> None:
     """Refuses, before inference, a study whose DICOM outputs could not be written."""
-    from model.dicom_outputs import dicom_output_problems
+    from model.io.dicom.outputs import dicom_output_problems
 
     problems = dicom_output_problems(study.reference, study.frames, preview=args.preview)
     if problems:
@@ -412,8 +413,8 @@ def _write_dicom(
 ) -> tuple[dict[str, Path], list[str]]:
     """The SEG (and, with --preview, the Secondary Capture) of a DICOM case: the files
     written, and a sentence for each that could not be."""
-    from model.dicom_outputs import write_study_outputs
-    from model.nifti_io import load_labels
+    from model.io.dicom.outputs import write_study_outputs
+    from model.io.nifti.read import load_labels
 
     case = study.case
     labels = load_labels(report.outputs["segmentation"], like=case, et_label=args.label_convention)
@@ -425,9 +426,9 @@ def _write_dicom(
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.checkpoint import describe_checkpoints
-    from model.pipeline import SegmentationOptions, load_predictor
-    from model.tiling import TILINGS
+    from model.inference.pipeline import SegmentationOptions, load_predictor
+    from model.inference.tiling import TILINGS
+    from model.net.checkpoint import describe_checkpoints
 
     out_dir = Path(args.out)
     jobs = _segment_inputs(args, out_dir)
@@ -446,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     }
     algorithm = None
     if args.dicom_seg:
-        from model.dicom_outputs import AlgorithmInfo, software_version
+        from model.io.dicom.seg import AlgorithmInfo, software_version
 
         model = describe_checkpoints(loaded, metadata=False)
         algorithm = AlgorithmInfo(

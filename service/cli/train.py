@@ -15,10 +15,11 @@ from service.cli.common import LazyChoices
 if TYPE_CHECKING:
     import numpy as np
 
-    from model.augment import AugmentConfig
-    from model.data import CachedCase
-    from model.nifti_io import Case
-    from model.training import TrainConfig, Trainer
+    from model.io.volumes import Case
+    from model.training.augment import AugmentConfig
+    from model.training.config import TrainConfig
+    from model.training.data import CachedCase
+    from model.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--val-tiling",
         default="wide",
-        choices=LazyChoices("model.tiling", "TILINGS"),
+        choices=LazyChoices("model.inference.tiling", "TILINGS"),
         metavar="NAME",
         help="tiling of the validation passes: wide (default, as omnet segment), paper or fast",
     )
@@ -93,8 +94,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _new_run(args: argparse.Namespace) -> dict:
-    from model.data import find_cases_in, read_split
-    from model.training import TrainConfig, split_cases
+    from model.training.config import TrainConfig
+    from model.training.data import find_cases_in, read_split
+    from model.training.splits import split_cases
 
     if args.data is None or args.out is None:
         raise ValueError("a new run needs --data DIR and --out DIR (or --resume RUN)")
@@ -163,7 +165,7 @@ def _training_cases(run_info: dict[str, Any], case_dirs: dict[str, Path]) -> lis
     """The training cases, cached (once) and memory-mapped, with a progress bar."""
     from tqdm import tqdm
 
-    from model.data import build_cache
+    from model.training.data import build_cache
 
     names = run_info["train_cases"]
     with tqdm(total=len(names), desc="caching cases", unit="case", file=sys.stderr) as bar:
@@ -178,7 +180,8 @@ def _validation_cases(
     run_info: dict[str, Any], case_dirs: dict[str, Path]
 ) -> list[tuple[Case, np.ndarray]]:
     """The validation cases with their reference label maps, in memory."""
-    from model.nifti_io import find_label_file, load_case, load_labels
+    from model.io.nifti.files import find_label_file
+    from model.io.nifti.read import load_case, load_labels
 
     validation = []
     for name in run_info["val_cases"]:
@@ -194,7 +197,7 @@ def _fit(trainer: Trainer, run_dir: Path, max_minutes: float | None) -> int:
     """Trains with a progress bar until done or stopped; prints how it ended."""
     from tqdm import tqdm
 
-    from model.training import TrainingInterruptedError
+    from model.training.config import TrainingInterruptedError
 
     config = trainer.config
     bar = tqdm(
@@ -232,7 +235,7 @@ def _fit(trainer: Trainer, run_dir: Path, max_minutes: float | None) -> int:
 
 
 def _augment_config(config: TrainConfig) -> AugmentConfig | None:
-    from model.augment import AugmentConfig
+    from model.training.augment import AugmentConfig
 
     if not config.augment:
         return None
@@ -240,9 +243,10 @@ def _augment_config(config: TrainConfig) -> AugmentConfig | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.data import PatchSampler
-    from model.tiling import resolve_device
-    from model.training import TrainConfig, Trainer
+    from model.inference.tiling import resolve_device
+    from model.training.config import TrainConfig
+    from model.training.data import PatchSampler
+    from model.training.trainer import Trainer
 
     run_dir, run_info = _open_run(args)
     config = TrainConfig.from_dict(run_info["config"])

@@ -24,7 +24,7 @@ def worker_command(
     """The command line of a worker for ``device`` (``python -m worker``, Celery's worker
     options): GPU workers take the GPU queue first and help with the CPU queue; CPU
     workers take the CPU queue."""
-    from model.tiling import resolve_device
+    from model.inference.tiling import resolve_device
 
     kind = resolve_device(device).type
     queues = (

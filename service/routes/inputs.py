@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import FileResponse
 
-from model.nifti_io import MODALITIES
+from model.io.volumes import MODALITIES
 from service.db import Job
 from service.deps import OwnerDep, StorageDep, StoreDep
 from service.errors import ApiError

@@ -1,12 +1,12 @@
-"""Tests for model/augment.py: invariants of the patch augmentation."""
+"""Tests for model/training/augment.py: invariants of the patch augmentation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.augment import AugmentConfig, augment_patch, bias_field
 from model.labels import TaskClass
+from model.training.augment import AugmentConfig, augment_patch, bias_field
 
 SHAPE = (8, 6, 4)
 ALWAYS = dict(noise=1.0, blur=1.0, brightness=1.0, contrast=1.0, shift=1.0, gamma=1.0)
@@ -88,8 +88,8 @@ def test_bad_probability_is_refused():
 
 
 def test_sampler_with_augmentation_resumes_the_same_stream(tmp_path):
-    from model.data import PatchSampler, build_cache
-    from model.phantom import write_phantom
+    from model.io.phantom import write_phantom
+    from model.training.data import PatchSampler, build_cache
 
     write_phantom(tmp_path / "data", name="a", shape=(40, 40, 24), seed=1)
     cases = build_cache([tmp_path / "data" / "a"], tmp_path / "cache")

@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 
-from model.checkpoint import load_checkpoint
-from model.data import SPLITS_DIR, read_split
+from model.evaluation.metrics import evaluate_case
+from model.inference.pipeline import load_predictor, segment_case
+from model.inference.tiling import TILINGS
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case, load_labels
 from model.labels import ENHANCING
-from model.metrics import evaluate_case
-from model.nifti_io import find_label_file, load_case, load_labels
-from model.pipeline import load_predictor, segment_case
-from model.tiling import TILINGS
+from model.net.checkpoint import load_checkpoint
+from model.training.data import SPLITS_DIR, read_split
 from model.weights import bundled_checkpoint
 
 BUNDLED = bundled_checkpoint()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.cga import CrossTaskGuidedAttention, category_probabilities
 from model.labels import CORE_CLASSES, TUMOUR_CLASSES
+from model.net.cga import CrossTaskGuidedAttention, category_probabilities
 
 
 def _numpy_cga(features, probs, target, w_t, b_t, w_n, b_n, w_s, b_s, soft=True):

@@ -3,13 +3,13 @@ import hashlib
 import pytest
 import torch
 
-from model.checkpoint import (
+from model.net.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint_info,
     save_checkpoint,
 )
-from model.network import ArchConfig, build_model
+from model.net.network import ArchConfig, build_model
 
 
 @pytest.mark.parametrize("variant", ["omnet_cga", "omnet_se", "mc_cascade"])
@@ -73,7 +73,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_description_leaves_out_machine_paths(tmp_path):
-    from model.checkpoint import describe_checkpoints
+    from model.net.checkpoint import describe_checkpoints
 
     config = ArchConfig(width=4)
     metadata = {

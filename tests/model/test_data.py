@@ -1,4 +1,4 @@
-"""Tests of model/data.py: the training cache and the paper's patch sampler.
+"""Tests of model/training/data.py: the training cache and the paper's patch sampler.
 
 Cache tests run on small phantom case folders; sampler tests use cases built by hand
 (CachedCase from numpy arrays) whose image channels encode each voxel's coordinates,
@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from model import data as data_module
-from model.data import (
+from model.inference.pipeline import to_canonical
+from model.inference.preprocess import preprocess
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case, load_labels
+from model.io.phantom import make_phantom, write_phantom
+from model.io.volumes import InputError
+from model.labels import CORE_CLASSES, TUMOUR_CLASSES, TaskClass, labels_to_task_target
+from model.training import data as data_module
+from model.training.data import (
     HALF,
     PATCH,
     TUMOUR_DILATION,
@@ -26,11 +33,6 @@ from model.data import (
     read_split,
     transfer_targets,
 )
-from model.labels import CORE_CLASSES, TUMOUR_CLASSES, TaskClass, labels_to_task_target
-from model.nifti_io import InputError, find_label_file, load_case, load_labels
-from model.phantom import make_phantom, write_phantom
-from model.pipeline import to_canonical
-from model.preprocess import preprocess
 
 SHAPE = (40, 40, 24)
 NAME = "Brats18_TEST_1_1"

@@ -9,10 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_outputs import read_dicom_seg, write_dicom_seg
-from model.dicom_series import Acquisition, write_study
-from model.dicom_study import read_dicom_study
-from model.nifti_io import find_label_file, load_case, load_labels
+from model.io.dicom.protocols import Acquisition
+from model.io.dicom.seg import read_dicom_seg, write_dicom_seg
+from model.io.dicom.study import read_dicom_study
+from model.io.dicom.write_series import write_study
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case, load_labels
 
 pytestmark = pytest.mark.data
 

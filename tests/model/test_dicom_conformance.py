@@ -1,4 +1,4 @@
-"""model/dicom_study.py and model/dicom_outputs.py on the DICOM conformance corpus
+"""model/io/dicom/study.py and model/io/dicom/seg.py on the DICOM conformance corpus
 (tests/dicom_corpus.py): each variant reads to the plain study's voxels or is refused
 with a message that says what to do, and the SEG and Secondary Capture copy what the
 source has and write empty what it lacks.
@@ -15,15 +15,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_outputs import (
-    COPIED_TYPE2,
-    dicom_output_problems,
-    read_dicom_seg,
-    write_study_outputs,
-)
-from model.dicom_study import ENHANCED_MR_STORAGE, frame_headers, read_dicom_study
-from model.nifti_io import InputError
-from model.phantom import make_phantom
+from model.io.dicom.outputs import dicom_output_problems, write_study_outputs
+from model.io.dicom.scan import ENHANCED_MR_STORAGE, frame_headers
+from model.io.dicom.seg import COPIED_TYPE2, read_dicom_seg
+from model.io.dicom.study import read_dicom_study
+from model.io.phantom import make_phantom
+from model.io.volumes import InputError
 from tests.dicom_corpus import FOREIGN_PATIENT, TYPE2, VARIANTS, write_corpus
 
 #: What no message a user reads may hold: exception class names, Python internals.
@@ -107,7 +104,7 @@ def test_a_failed_output_leaves_the_others(tmp_path, monkeypatch):
     images, labels, affine = make_phantom((32, 32, 16), seed=2)
     write_corpus(images, affine, tmp_path, names=["plain"])
     study = read_dicom_study(tmp_path / "plain")
-    import model.dicom_outputs as outputs_module
+    import model.io.dicom.seg as outputs_module
 
     real = outputs_module.atomic_write
 

@@ -1,4 +1,4 @@
-"""model/dicom_outputs.py: the DICOM SEG and the Secondary Capture preview."""
+"""model/io/dicom/seg.py: the DICOM SEG and the Secondary Capture preview."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_outputs import (
-    SEGMENTS,
-    AlgorithmInfo,
-    read_dicom_seg,
-    write_dicom_seg,
-    write_preview_dicom,
-)
-from model.dicom_series import Acquisition, write_study
-from model.dicom_study import read_dicom_study
-from model.phantom import make_phantom
-from model.preview import render_preview
+from model.io.dicom.outputs import write_preview_dicom
+from model.io.dicom.protocols import Acquisition
+from model.io.dicom.seg import SEGMENTS, AlgorithmInfo, read_dicom_seg, write_dicom_seg
+from model.io.dicom.study import read_dicom_study
+from model.io.dicom.write_series import write_study
+from model.io.phantom import make_phantom
+from model.io.preview import render_preview
 
 SHAPE = (30, 26, 16)
 ALGORITHM = AlgorithmInfo(version="9.8.7", model_name="tiny.pt", model_sha256="ab" * 32)
@@ -32,7 +28,7 @@ def study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("seg") / "study"
     write_study(images, affine, folder, acquisitions={"t1ce": Acquisition("sagittal")})
     result = read_dicom_study(folder)
-    from model.resample import resample_to_grid
+    from model.io.resample import resample_to_grid
 
     grid_labels = resample_to_grid(labels, affine, result.case.shape, result.case.affine, order=0)
     return result, grid_labels.astype(np.uint8)

@@ -1,4 +1,4 @@
-"""model/dicom_series.py: MR series written from a volume and an affine."""
+"""model/io/dicom/write_series.py: MR series written from a volume and an affine."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_series import (
-    PROTOCOLS,
-    Acquisition,
-    StudyInfo,
-    acquisition_grid,
-    write_mr_series,
-    write_study,
-)
-from model.phantom import make_phantom
-from model.resample import resample_to_grid
+from model.io.dicom.protocols import PROTOCOLS, Acquisition, StudyInfo, acquisition_grid
+from model.io.dicom.write_series import write_mr_series, write_study
+from model.io.phantom import make_phantom
+from model.io.resample import resample_to_grid
 
 
 def _read(files):

@@ -1,4 +1,4 @@
-"""model/dicom_study.py: DICOM studies read as cases, and what is refused."""
+"""model/io/dicom/study.py: DICOM studies read as cases, and what is refused."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from model.dicom_series import Acquisition, StudyInfo, write_mr_series, write_study
-from model.dicom_study import (
-    classify_series,
-    read_dicom_study,
-    scan_study,
-    skull_stripping_warning,
-)
-from model.nifti_io import ERROR_CODES, MODALITIES, InputError
-from model.phantom import make_phantom
+from model.io.dicom.classify import classify_series
+from model.io.dicom.protocols import Acquisition, StudyInfo
+from model.io.dicom.scan import scan_study
+from model.io.dicom.study import read_dicom_study, skull_stripping_warning
+from model.io.dicom.write_series import write_mr_series, write_study
+from model.io.phantom import make_phantom
+from model.io.volumes import ERROR_CODES, MODALITIES, InputError
 
 SHAPE = (32, 28, 18)
 
@@ -123,7 +121,7 @@ def test_non_axial_t1ce_defines_the_grid(tmp_path, phantom):
     assert np.allclose(result.case.affine, written["t1ce"].affine, atol=1e-6)
     assert set(result.resampled) == {"t1", "t2", "flair"}
     # Back on the phantom's grid, every modality is the original.
-    from model.resample import resample_to_grid
+    from model.io.resample import resample_to_grid
 
     for c in range(4):
         back = resample_to_grid(result.case.images[c], result.case.affine, SHAPE, affine)
@@ -240,7 +238,7 @@ def test_series_are_classified(description, protocol, attributes, expected):
 
 
 def test_rules_are_configurable():
-    from model.dicom_study import SeriesRule
+    from model.io.dicom.classify import SeriesRule
 
     rules = (SeriesRule("flair", r"\bdf\b"),)
     assert classify_series(_series("ax df"), rules) == "flair"

@@ -1,4 +1,4 @@
-"""Tests for model/fusion.py on hand-set task probabilities.
+"""Tests for model/inference/fusion.py on hand-set task probabilities.
 
 Probabilities are dyadic fractions where a threshold is tested (0.5, 0.5 + 2**-10, ...)
 so that float32 sums are exact and "exactly 0.5" really is 0.5.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.fusion import (
+from model.inference.fusion import (
     DILATION_VOXELS,
     FUSED_CHANNEL_LABELS,
     coarse_tumour,
@@ -17,8 +17,8 @@ from model.fusion import (
     fuse,
     fused_probabilities,
 )
+from model.inference.tiling import TaskProbabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET, TaskClass
-from model.tiling import TaskProbabilities
 
 EPS = 2.0**-10
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.labels import EDEMA, ENHANCING, NCR_NET
-from model.lesions import (
+from model.inference.lesions import (
     SHELL_FRACTION,
     assess,
     components,
     edge_depth_mm,
     keep_main_lesion,
 )
+from model.labels import EDEMA, ENHANCING, NCR_NET
 
 SPACING = (1.0, 1.0, 1.0)
 SHAPE = (120, 140, 110)

@@ -1,4 +1,5 @@
-"""Tests for model/metrics.py: hand-worked counts, the empty-mask table, HD95 by brute force."""
+"""Tests for model/evaluation/metrics.py: hand-worked counts, the empty-mask table, HD95
+by brute force."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from model.labels import ENHANCING, ENHANCING_2023, REGIONS, LabelError
-from model.metrics import (
+from model.evaluation.metrics import (
     RegionMetrics,
     evaluate_case,
     grid_diagonal_mm,
@@ -20,6 +20,7 @@ from model.metrics import (
     summarise,
     surface,
 )
+from model.labels import ENHANCING, ENHANCING_2023, REGIONS, LabelError
 
 # --------------------------------------------------------------------------- brute force
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.network import (
+from model.net.network import (
     VARIANTS,
     ArchConfig,
     OMNet,

@@ -1,4 +1,4 @@
-"""model/nifti_check.py: the command line's input rules, the voxels read in slabs."""
+"""model/io/nifti/check.py: the command line's input rules, the voxels read in slabs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model import nifti_check
-from model.nifti_check import check_case, check_labels
-from model.nifti_io import MODALITIES, InputError, inspect_case, load_case, load_labels
+from model.io.nifti import check as nifti_check
+from model.io.nifti.check import check_case, check_labels
+from model.io.nifti.read import inspect_case, load_case, load_labels
+from model.io.volumes import MODALITIES, InputError
 
 SHAPE = (64, 60, 48)
 

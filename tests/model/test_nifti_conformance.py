@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from starlette.datastructures import UploadFile
 
-from model.nifti_io import MODALITIES, InputError, load_case, load_labels
+from model.io.nifti.read import load_case, load_labels
+from model.io.volumes import MODALITIES, InputError
 from service.cli import main as omnet
 from service.errors import ApiError
 from service.uploads import store_case

@@ -1,4 +1,4 @@
-"""Tests for model/nifti_io.py: tiny synthetic NIfTI files written to tmp_path."""
+"""Tests for model/io/nifti/read.py: tiny synthetic NIfTI files written to tmp_path."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from model.io.nifti.files import find_case_files, find_cases, find_label_file
+from model.io.nifti.read import load_case, load_labels
+from model.io.nifti.write import save_labels, save_probabilities
+from model.io.volumes import ERROR_CODES, MODALITIES, Case, InputError
 from model.labels import EDEMA, ENHANCING, ENHANCING_2023, NCR_NET
-from model.nifti_io import (
-    ERROR_CODES,
-    MODALITIES,
-    Case,
-    InputError,
-    find_case_files,
-    find_cases,
-    find_label_file,
-    load_case,
-    load_labels,
-)
-from model.nifti_write import save_labels, save_probabilities
 
 SHAPE = (16, 17, 18)
 NAMES_2018 = {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair"}

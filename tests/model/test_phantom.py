@@ -1,4 +1,4 @@
-"""Tests for model/phantom.py: determinism, nested labels, MRI-like contrasts, files."""
+"""Tests for model/io/phantom.py: determinism, nested labels, MRI-like contrasts, files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from model.inference.preprocess import brain_mask
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case, load_labels
+from model.io.phantom import make_phantom, write_phantom
+from model.io.volumes import MODALITIES
 from model.labels import BACKGROUND, EDEMA, ENHANCING, NCR_NET, region_mask
-from model.nifti_io import MODALITIES, find_label_file, load_case, load_labels
-from model.phantom import make_phantom, write_phantom
-from model.preprocess import brain_mask
 
 T1, T1CE, T2, FLAIR = (MODALITIES.index(m) for m in ("t1", "t1ce", "t2", "flair"))
 

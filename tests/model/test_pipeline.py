@@ -1,4 +1,4 @@
-"""Tests for model/pipeline.py: whole-case segmentation with a tiny random network.
+"""Tests for model/inference/pipeline.py: whole-case segmentation with a tiny random network.
 
 The network (width 4, fixed seed) is untrained, so its labels are arbitrary; what is
 tested is the plumbing around it: geometry, reorientation, options and file output.
@@ -14,15 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.case import CaseOutputs, process_case
-from model.checkpoint import CheckpointError, save_checkpoint
-from model.fusion import fuse, fused_probabilities
-from model.labels import EDEMA, ENHANCING, NCR_NET
-from model.network import ArchConfig, TaskOutputs, build_model
-from model.nifti_io import load_case
-from model.nifti_write import save_labels
-from model.phantom import make_phantom, write_phantom
-from model.pipeline import (
+from model.inference.case import CaseOutputs, process_case
+from model.inference.fusion import fuse, fused_probabilities
+from model.inference.pipeline import (
     Segmentation,
     SegmentationOptions,
     canonical_spacing,
@@ -31,9 +25,15 @@ from model.pipeline import (
     segment_images,
     to_canonical,
 )
-from model.postprocess import postprocess
-from model.preprocess import paste, preprocess
-from model.tiling import FAST_TILING, WIDE_TILING, Predictor, TileLayout
+from model.inference.postprocess import postprocess
+from model.inference.preprocess import paste, preprocess
+from model.inference.tiling import FAST_TILING, WIDE_TILING, Predictor, TileLayout
+from model.io.nifti.read import load_case
+from model.io.nifti.write import save_labels
+from model.io.phantom import make_phantom, write_phantom
+from model.labels import EDEMA, ENHANCING, NCR_NET
+from model.net.checkpoint import CheckpointError, save_checkpoint
+from model.net.network import ArchConfig, TaskOutputs, build_model
 
 SHAPE = (40, 36, 24)
 LABELS = {0, NCR_NET, EDEMA, ENHANCING}
@@ -317,7 +317,7 @@ def test_real_case_end_to_end(brats_case_dir, tmp_path, model):
 
 
 def test_postprocess_modes_map_to_options():
-    from model.pipeline import POSTPROCESS_MODES, SegmentationOptions
+    from model.inference.pipeline import POSTPROCESS_MODES, SegmentationOptions
 
     expected = {
         "main-lesion": (True, False, False),

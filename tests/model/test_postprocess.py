@@ -1,17 +1,13 @@
-"""Tests for model/postprocess.py on tiny hand-built volumes."""
+"""Tests for model/inference/postprocess.py on tiny hand-built volumes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from model.inference.lesions import keep_main_lesion
+from model.inference.postprocess import postprocess, relabel_edema_kmeans, remove_small_components
 from model.labels import EDEMA, ENHANCING, NCR_NET
-from model.lesions import keep_main_lesion
-from model.postprocess import (
-    postprocess,
-    relabel_edema_kmeans,
-    remove_small_components,
-)
 
 T1CE = 1
 

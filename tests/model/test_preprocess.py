@@ -1,11 +1,18 @@
-"""Tests for model/preprocess.py on hand-worked and small random arrays."""
+"""Tests for model/inference/preprocess.py on hand-worked and small random arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.preprocess import Preprocessed, bounding_box, brain_mask, paste, preprocess, zscore
+from model.inference.preprocess import (
+    Preprocessed,
+    bounding_box,
+    brain_mask,
+    paste,
+    preprocess,
+    zscore,
+)
 
 
 def _images(seed: int = 0) -> np.ndarray:

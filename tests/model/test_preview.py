@@ -1,4 +1,4 @@
-"""Tests for model/preview.py on small synthetic volumes."""
+"""Tests for model/io/preview.py on small synthetic volumes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.labels import EDEMA, ENHANCING, NCR_NET
-from model.preview import (
+from model.io.preview import (
     CAPTION_HEIGHT,
     LABEL_COLOURS,
     PANEL_GAP,
@@ -18,6 +17,7 @@ from model.preview import (
     save_preview,
     tumour_centre,
 )
+from model.labels import EDEMA, ENHANCING, NCR_NET
 
 SHAPE = (40, 48, 30)  # x (to the right), y (to anterior), z (to superior)
 SIZE = 96

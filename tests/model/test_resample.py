@@ -1,11 +1,11 @@
-"""model/resample.py: grid-to-grid resampling in physical space."""
+"""model/io/resample.py: grid-to-grid resampling in physical space."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from model.resample import resample_to_grid
+from model.io.resample import resample_to_grid
 
 
 def _volume(shape=(5, 4, 3)) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Tests of the shipped splits and of institution groups (model/data.py, model/training.py)."""
+"""Tests of the shipped splits and of institution groups (model/training/data.py,
+model/training/splits.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from model.data import SPLITS_DIR, find_cases_in, institution_group, read_split
-from model.phantom import write_phantom
-from model.training import split_cases, summarise_validation
+from model.io.phantom import write_phantom
+from model.training.data import SPLITS_DIR, find_cases_in, institution_group, read_split
+from model.training.splits import split_cases
+from model.training.trainer import summarise_validation
 
 
 @pytest.mark.parametrize(

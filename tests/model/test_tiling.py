@@ -1,4 +1,4 @@
-"""Tests for model/tiling.py: coverage of the tiling and placement of the predictions.
+"""Tests for model/inference/tiling.py: coverage of the tiling and placement of the predictions.
 
 The placement tests use a fake network whose scores are a voxel-wise function of its
 input, so the probabilities the Predictor should return can be computed directly on the
@@ -14,8 +14,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from model.defaults import DEFAULT_TILING, TILING_NAMES
-from model.network import ArchConfig, TaskOutputs, build_model
-from model.tiling import (
+from model.inference.tiling import (
     FAST_TILING,
     PAPER_TILING,
     TILINGS,
@@ -27,6 +26,7 @@ from model.tiling import (
     resolve_device,
     to_network,
 )
+from model.net.network import ArchConfig, TaskOutputs, build_model
 
 #: A layout with the kept block flush against the patch's start along X and its end
 #: along Y and Z, to exercise extreme offsets.

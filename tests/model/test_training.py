@@ -1,4 +1,4 @@
-"""Tests of model/training.py: the recipe, the curriculum, training steps, resuming.
+"""Tests of model/training/trainer.py: the recipe, the curriculum, training steps, resuming.
 
 Networks are width 4 with two patches per task, on hand-made cached cases; torch runs
 on one thread so the tests stay quick on a busy machine.
@@ -12,19 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.data import HALF, PATCH, CachedCase, PatchSampler, TaskBatch
+from model.io.nifti.files import find_label_file
+from model.io.nifti.read import load_case, load_labels
+from model.io.phantom import write_phantom
 from model.labels import TaskClass
-from model.network import MCCascade
-from model.nifti_io import find_label_file, load_case, load_labels
-from model.phantom import write_phantom
-from model.training import (
-    TASK_NAMES,
-    TrainConfig,
-    Trainer,
-    TrainingInterruptedError,
-    split_cases,
-)
+from model.net.checkpoint import load_checkpoint
+from model.net.network import MCCascade
+from model.training.config import TASK_NAMES, TrainConfig, TrainingInterruptedError
+from model.training.data import HALF, PATCH, CachedCase, PatchSampler, TaskBatch
+from model.training.splits import split_cases
+from model.training.trainer import Trainer
 
 ALL = (True, True, True)
 
@@ -342,7 +339,7 @@ def test_resume_refuses_another_configuration(cases, tmp_path):
 
 
 def test_module_doc_names_the_run_file():
-    from model import training
+    from model.training import trainer as training
 
     assert "``run.json``" in (training.__doc__ or "")
     assert "config.json" not in (training.__doc__ or "")
@@ -438,8 +435,8 @@ def test_split_by_names():
 
 
 def test_a_run_can_start_from_another_checkpoint(tmp_path, cases):
-    from model.checkpoint import save_checkpoint
-    from model.network import ArchConfig, build_model
+    from model.net.checkpoint import save_checkpoint
+    from model.net.network import ArchConfig, build_model
 
     torch.manual_seed(7)
     source = build_model(ArchConfig(width=4))

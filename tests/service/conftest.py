@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.network import ArchConfig, build_model
-from model.phantom import write_phantom
+from model.io.phantom import write_phantom
+from model.net.checkpoint import save_checkpoint
+from model.net.network import ArchConfig, build_model
 from tests.service import support
 from tests.service.support import MODALITY_FIELDS, Phantom
 

@@ -16,7 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model.nifti_io import MODALITIES, find_case_files, find_label_file
+from model.io.nifti.files import find_case_files, find_label_file
+from model.io.volumes import MODALITIES
 from model.weights import BUNDLED_PATH
 from tests.nifti_corpus import CLOSE_DICE, VARIANTS, CroppedCase, crop_real_case, dice
 from tests.nifti_corpus import write_variant as write_corpus_variant

@@ -4,7 +4,7 @@ Orthanc with its DICOMweb plugin as the PACS.
 The PACS is the Orthanc that answers at ``OMNET_TEST_ORTHANC_URL`` (default
 ``http://127.0.0.1:8042/dicom-web``; ``.ci/run`` starts one), else a private one this
 module starts; the tests skip with a reason when neither can be had. The studies are
-phantom cases written as MR series by :mod:`model.dicom_series` (the T2 on sagittal
+phantom cases written as MR series by :mod:`model.io.dicom.write_series` (the T2 on sagittal
 slices, so that the worker resamples it), each with new UIDs, so a shared Orthanc is
 never confused by earlier runs.
 
@@ -26,10 +26,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_outputs import read_dicom_seg
-from model.dicom_series import Acquisition, StudyInfo, write_study
-from model.dicom_study import read_dicom_study
-from model.phantom import make_phantom
+from model.io.dicom.protocols import Acquisition, StudyInfo
+from model.io.dicom.seg import read_dicom_seg
+from model.io.dicom.study import read_dicom_study
+from model.io.dicom.write_series import write_study
+from model.io.phantom import make_phantom
 from service.config import parse_endpoint
 from service.dicomweb import client, store_files
 from tests.service.support import (

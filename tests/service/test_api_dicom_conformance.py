@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from model.dicom_outputs import COPIED_TYPE2
+from model.io.dicom.seg import COPIED_TYPE2
 from tests.service.support import Api, Stack, queued_messages, redis_env
 from tests.service.support import stack as make_stack
 

@@ -13,8 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model.dicom_series import StudyInfo, write_study
-from model.phantom import make_phantom
+from model.io.dicom.protocols import StudyInfo
+from model.io.dicom.write_series import write_study
+from model.io.phantom import make_phantom
 from tests.service.support import MODALITY_FIELDS, Api, Phantom, Stack, base_env, nifti_gz
 from tests.service.support import stack as make_stack
 

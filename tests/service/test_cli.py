@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from model import weights
-from model.checkpoint import save_checkpoint
-from model.network import ArchConfig, build_model
-from model.phantom import write_phantom
+from model.io.phantom import write_phantom
+from model.net.checkpoint import save_checkpoint
+from model.net.network import ArchConfig, build_model
 from service.cli import main
 from service.cli import segment as segment_command
 
@@ -94,7 +94,7 @@ def test_parser_imports_no_torch():
     modules = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert "'torch'" not in modules and "'model.network'" not in modules
+    assert "'torch'" not in modules and "'model.net.network'" not in modules
 
 
 def test_phantom_writes_five_files(tmp_path, capsys):

@@ -12,12 +12,13 @@ import pydicom
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.dicom_outputs import read_dicom_seg
-from model.dicom_series import StudyInfo, write_study
-from model.dicom_study import read_dicom_study
-from model.network import ArchConfig, build_model
-from model.phantom import make_phantom
+from model.io.dicom.protocols import StudyInfo
+from model.io.dicom.seg import read_dicom_seg
+from model.io.dicom.study import read_dicom_study
+from model.io.dicom.write_series import write_study
+from model.io.phantom import make_phantom
+from model.net.checkpoint import save_checkpoint
+from model.net.network import ArchConfig, build_model
 from service.cli import main
 
 
@@ -99,7 +100,7 @@ def test_skull_warning_goes_to_stderr(checkpoint, tmp_path, capsys):
     [(["--dicom-seg"], "--dicom-seg needs DICOM inputs"), (["--series", "t1=1.2"], "--series")],
 )
 def test_dicom_options_need_a_dicom_input(tmp_path, checkpoint, capsys, extra, message):
-    from model.phantom import write_phantom
+    from model.io.phantom import write_phantom
 
     write_phantom(tmp_path, name="nifti", shape=(32, 32, 24))
     assert _segment([tmp_path / "nifti"], tmp_path / "out", checkpoint, *extra) != 0

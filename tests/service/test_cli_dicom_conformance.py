@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model.dicom_outputs import read_dicom_seg
-from model.dicom_study import read_dicom_study
+from model.io.dicom.seg import read_dicom_seg
+from model.io.dicom.study import read_dicom_study
 from service.cli import main
 from tests.dicom_corpus import SEG_REFUSED, VARIANTS
 
@@ -89,7 +89,8 @@ def test_variant_segments_like_the_plain_study_or_says_what_to_do(dicom_corpus, 
 def test_a_seg_that_fails_after_inference_keeps_the_nifti(
     dicom_corpus, tiny_checkpoint, tmp_path, monkeypatch
 ):
-    import model.dicom_outputs as outputs_module
+    import model.io.dicom.outputs as outputs_module
+    import model.io.dicom.seg as seg_module
 
     real = outputs_module.atomic_write
 
@@ -99,6 +100,7 @@ def test_a_seg_that_fails_after_inference_keeps_the_nifti(
         return real(path, write)
 
     monkeypatch.setattr(outputs_module, "atomic_write", full_disk)
+    monkeypatch.setattr(seg_module, "atomic_write", full_disk)
     result = _segment([dicom_corpus.variants["type2_absent"].folder], tmp_path, tiny_checkpoint)
     assert result.status == 1
     assert "Traceback" not in result.stderr

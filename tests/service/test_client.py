@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from model.phantom import write_phantom
+from model.io.phantom import write_phantom
 from service.client import ClientError, OmnetClient, WaitTimeoutError, case_files
 from tests.service.conftest import SHAPE
 from tests.service.support import API_KEYS, OMNET, Api, Stack, base_env

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from model.phantom import write_phantom
+from model.io.phantom import write_phantom
 from service.app import create_app
 from service.config import Settings
 from service.db import JobStore

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from model.dicom_study import DEFAULT_RULES, SeriesRule, parse_series_rules
+from model.io.dicom.classify import DEFAULT_RULES, SeriesRule, parse_series_rules
 from service.config import Settings, parse_destinations, parse_endpoint
 from service.db import DeliveryStatus, JobState, JobStore
 from service.deliveries import deliver

@@ -75,8 +75,8 @@ def half_checkpoint(tmp_path_factory) -> Path:
     as loading the bundled model does; the tiny test model's tensors are too small."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.network import ArchConfig, build_model
+    from model.net.checkpoint import save_checkpoint
+    from model.net.network import ArchConfig, build_model
 
     torch.manual_seed(0)
     config = ArchConfig(width=16)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import model.data
-from model.checkpoint import load_checkpoint
-from model.phantom import write_phantom
+import model.training.data
+from model.io.phantom import write_phantom
+from model.net.checkpoint import load_checkpoint
 from service.cli import main
 
 CASES = ("Brats18_P_1_1", "Brats18_P_2_1", "Brats18_P_3_1")
@@ -133,13 +133,13 @@ def test_sampler_transfer_follows_the_switches(
 ):
     seen = {}
 
-    class Recording(model.data.PatchSampler):
+    class Recording(model.training.data.PatchSampler):
         def __init__(self, cases, batch_per_task, transfer, seed, **options):
             super().__init__(cases, batch_per_task, transfer, seed, **options)
             seen.update(transfer=self.transfer, batch=self.batch_per_task, cases=len(cases))
             raise _SamplerBuiltError("sampler built")  # no need to train
 
-    monkeypatch.setattr(model.data, "PatchSampler", Recording)
+    monkeypatch.setattr(model.training.data, "PatchSampler", Recording)
     cache = json.loads((finished_run / "run.json").read_text())["cache"]
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--cache", cache]
     assert main([*args, *SMALL, *extra]) != 0
@@ -173,7 +173,7 @@ def test_several_data_folders_and_a_duplicate_case(data, tmp_path, capsys):
 
 
 def test_validation_tiling_defaults_to_the_segment_default_and_checks_its_name(capsys):
-    from model.training import TrainConfig
+    from model.training.config import TrainConfig
     from service.cli import build_parser
 
     parser = build_parser()
@@ -187,8 +187,8 @@ def test_validation_tiling_defaults_to_the_segment_default_and_checks_its_name(c
 
 
 def test_augment_flag_chooses_the_augmentation_set():
-    from model.augment import AugmentConfig
-    from model.training import TrainConfig
+    from model.training.augment import AugmentConfig
+    from model.training.config import TrainConfig
     from service.cli import build_parser
     from service.cli.train import _augment_config
 

@@ -52,7 +52,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,1100",
 )
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-#: RGB of each label in the viewer (model/preview.py's LABEL_COLOURS).
+#: RGB of each label in the viewer (model/io/preview.py's LABEL_COLOURS).
 LABEL_RGB = {"NCR/NET": (255, 0, 0), "edema": (0, 255, 0), "enhancing": (255, 255, 0)}
 JOB_TIMEOUT_S = 300
 

@@ -23,10 +23,10 @@ import sqlalchemy as sa
 import torch
 from pydantic import SecretStr
 
-from model.checkpoint import save_checkpoint
-from model.network import ArchConfig, build_model
-from model.nifti_io import InputError
-from model.phantom import write_phantom
+from model.io.phantom import write_phantom
+from model.io.volumes import InputError
+from model.net.checkpoint import save_checkpoint
+from model.net.network import ArchConfig, build_model
 from service.config import Settings
 from service.db import JobState, JobStore, jobs, utcnow
 from service.schemas import JobOptions
@@ -570,9 +570,9 @@ def test_a_dicom_output_that_fails_keeps_the_result(
     """The SEG cannot be written after inference: the job still succeeds, its label map
     and metrics are kept and downloadable, a warning says what failed, and the result
     records it for the download routes; the preview, which could be written, is kept."""
-    import model.dicom_outputs as outputs_module
-    from model.dicom_series import write_study
-    from model.phantom import make_phantom
+    import model.io.dicom.seg as outputs_module
+    from model.io.dicom.write_series import write_study
+    from model.io.phantom import make_phantom
 
     images, _, affine = make_phantom((32, 32, 16), seed=8)
     write_study(images, affine, tmp_path / "study")

@@ -19,15 +19,11 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
+from model.evaluation.metrics import RegionMetrics, evaluate_case
+from model.io.nifti.files import find_label_file, nifti_stem, strip_label_suffix
+from model.io.nifti.read import load_labels
+from model.io.volumes import AFFINE_ATOL
 from model.labels import ENHANCING
-from model.metrics import RegionMetrics, evaluate_case
-from model.nifti_io import (
-    AFFINE_ATOL,
-    find_label_file,
-    load_labels,
-    nifti_stem,
-    strip_label_suffix,
-)
 
 PROBABILITIES_SUFFIX = "_probabilities"
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from model.atomic import atomic_write
-from model.network import ArchConfig, build_model
+from model.net.network import ArchConfig, build_model
 
 #: An absolute path: POSIX (/srv/...) or Windows (C:\\... or C:/...).
 _ABSOLUTE_PATH = re.compile(r"^(/|[A-Za-z]:[\\/])")

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.evaluation.metrics import RegionMetrics, evaluate_case, region_volumes_ml
+from model.inference.pipeline import SegmentationOptions, segment_case, write_segmentation
+from model.inference.tiling import Predictor, ProgressCallback
+from model.io.nifti.read import load_case, load_labels
+from model.io.volumes import Case
 from model.labels import ENHANCING
-from model.metrics import RegionMetrics, evaluate_case, region_volumes_ml
-from model.nifti_io import Case, load_case, load_labels
-from model.pipeline import SegmentationOptions, segment_case, write_segmentation
-from model.tiling import Predictor, ProgressCallback
 
-#: What :func:`model.nifti_io.load_case` reads: a case folder, a 4-D file, or the four
+#: What :func:`model.io.nifti.read.load_case` reads: a case folder, a 4-D file, or the four
 #: modality files by name.
 CaseSource = str | Path | Mapping[str, str | Path]
 
@@ -68,7 +69,7 @@ class CaseReport:
         timings_s: seconds per stage (load, pre-processing, inference, ..., total).
         outputs: kind (``segmentation``, ``probabilities``, ``preview``) -> file written.
         warnings: what the user should know about the result.
-        quality: signs of a likely failure (:meth:`model.lesions.Quality.to_dict`).
+        quality: signs of a likely failure (:meth:`model.inference.lesions.Quality.to_dict`).
     """
 
     case: str
@@ -123,7 +124,7 @@ def process_case(
     """Loads, segments, evaluates and writes one case.
 
     Args:
-        source: what :func:`~model.nifti_io.load_case` reads, or a loaded case.
+        source: what :func:`~model.io.nifti.read.load_case` reads, or a loaded case.
         predictor: the network(s) and tiling.
         outputs: where the files go.
         options: post-processing and extra outputs.

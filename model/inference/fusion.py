@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from model.inference.tiling import TaskProbabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, TaskClass
-from model.tiling import TaskProbabilities
 
 DILATION_VOXELS = 5
 

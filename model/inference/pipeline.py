@@ -5,7 +5,7 @@ network always sees axial slices along its depth axis whatever the file's orient
 pre-process (brain mask, z-score inside it, crop to the brain); overlap-tile inference
 of the three tasks; fusion; post-processing; paste back onto the grid and undo the
 reorientation. Geometry never changes: the result has the input's shape, and writing
-it with :func:`model.nifti_write.save_labels` keeps the input's affine and header.
+it with :func:`model.io.nifti.write.save_labels` keeps the input's affine and header.
 """
 
 from __future__ import annotations
@@ -19,22 +19,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from model.checkpoint import Checkpoint, load_checkpoint
 from model.defaults import POSTPROCESS_MODES
-from model.fusion import DILATION_VOXELS, fuse, fused_probabilities
-from model.labels import TaskClass
-from model.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
-from model.nifti_io import MODALITIES, Case
-from model.nifti_write import save_labels, save_probabilities
-from model.postprocess import postprocess
-from model.preprocess import paste, preprocess
-from model.tiling import (
+from model.inference.fusion import DILATION_VOXELS, fuse, fused_probabilities
+from model.inference.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
+from model.inference.postprocess import postprocess
+from model.inference.preprocess import paste, preprocess
+from model.inference.tiling import (
     WIDE_TILING,
     Predictor,
     ProgressCallback,
     TaskProbabilities,
     TileLayout,
 )
+from model.io.nifti.write import save_labels, save_probabilities
+from model.io.volumes import MODALITIES, Case
+from model.labels import TaskClass
+from model.net.checkpoint import Checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ class SegmentationOptions:
         remove_small: post-processing step 1 (small-component removal).
         relabel_edema: post-processing step 2 (K-means edema relabelling).
         relabel_guard: step 2 only in tumour components that already hold core (not in
-            the paper; see :func:`model.postprocess.relabel_edema_kmeans`).
+            the paper; see :func:`model.inference.postprocess.relabel_edema_kmeans`).
         main_lesion_gap_mm: after the other steps, remove tumour components farther than
             this from the largest (None: keep them; not in the paper, see
-            :func:`model.lesions.keep_main_lesion`).
+            :func:`model.inference.lesions.keep_main_lesion`).
         main_lesion_guard: shells along the brain's edge are never the main lesion and
             the component surest of core is never removed (False: the largest component
             is the main lesion and any other may go).
@@ -98,7 +98,7 @@ class Segmentation:
         timings: seconds per stage.
         warnings: what the user should know about the result (e.g. tumour removed by
             post-processing).
-        quality: signs of a likely failure (see :func:`model.lesions.assess`).
+        quality: signs of a likely failure (see :func:`model.inference.lesions.assess`).
     """
 
     labels: np.ndarray
@@ -229,7 +229,7 @@ def segment_case(
     options: SegmentationOptions | None = None,
     progress: ProgressCallback | None = None,
 ) -> Segmentation:
-    """Segments a loaded :class:`~model.nifti_io.Case` on its own grid."""
+    """Segments a loaded :class:`~model.io.volumes.Case` on its own grid."""
     return segment_images(case.images, case.affine, predictor, options, progress)
 
 
@@ -241,7 +241,7 @@ def load_predictor(
     tta: bool = False,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`
-    (``tta``: mirrored test-time augmentation, see :class:`~model.tiling.Predictor`).
+    (``tta``: mirrored test-time augmentation, see :class:`~model.inference.tiling.Predictor`).
 
     Raises:
         CheckpointError: a file cannot be used.
@@ -269,7 +269,7 @@ def write_segmentation(
 ) -> dict[str, Path]:
     """Writes a case's label map, its probabilities (when computed and a path is given)
     and a FLAIR overlay preview (when a path is given); returns kind -> written file."""
-    from model.preview import save_preview
+    from model.io.preview import save_preview
 
     written = {"segmentation": save_labels(seg.labels, case, labels_path, et_label)}
     if seg.probabilities is not None and probabilities_path is not None:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.blocks import Backbone, TaskHead
-from model.cga import CrossTaskGuidedAttention
 from model.labels import CORE_CLASSES, NUM_TASK_CLASSES, TUMOUR_CLASSES
+from model.net.blocks import Backbone, TaskHead
+from model.net.cga import CrossTaskGuidedAttention
 
 VARIANTS = ("mc", "mc_cascade", "omnet", "omnet_se", "omnet_cga", "omnet_cga_minus")
 OMNET_VARIANTS = ("omnet", "omnet_se", "omnet_cga", "omnet_cga_minus")

@@ -9,8 +9,9 @@ import nibabel as nib
 import numpy as np
 
 from model.atomic import atomic_write
+from model.io.nifti.files import split_nifti_name
+from model.io.volumes import Case, PathLike
 from model.labels import ENHANCING, from_brats2018, to_brats2018
-from model.nifti_io import Case, PathLike, _split_nifti_name
 
 
 def _output_header(case: Case, dtype: type) -> nib.Nifti1Header:
@@ -28,7 +29,7 @@ def _atomic_save(img: nib.Nifti1Image, path: PathLike) -> Path:
     """Writes ``img`` with :func:`model.atomic.atomic_write` (readers never see a
     half-written file; missing parent folders are created)."""
     target = Path(path)
-    if _split_nifti_name(target) is None:
+    if split_nifti_name(target) is None:
         raise ValueError(f"path must end in .nii, .nii.gz or .nii.bz2, got {str(target)!r}")
     return atomic_write(target, lambda tmp: nib.save(img, tmp))
 

@@ -21,14 +21,11 @@ position in the schedule, sampler and torch random states, history), ``train.jso
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,126 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F_
 
-from model.checkpoint import atomic_save, load_checkpoint, save_checkpoint
-from model.data import PatchSampler, TaskBatch, institution_group
-from model.defaults import DEFAULT_TILING
-from model.metrics import evaluate_case
-from model.network import ArchConfig, MCCascade, OMNet, build_model
-from model.nifti_io import Case
-from model.pipeline import SegmentationOptions, segment_case
-from model.tiling import TILINGS, Predictor, to_network
-
-logger = logging.getLogger(__name__)
-
-STATE_VERSION = 1
-TASK_NAMES = ("coarse", "tumour", "enhancing")
-
-
-#: Patch augmentation sets: nnU-Net's default set, or that plus scanner imitation.
-AUGMENT_PRESETS = ("default", "site")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run's recipe; saved in the run directory and the checkpoints."""
-
-    variant: str = "omnet_cga"
-    width: int = 32
-    dropout: float = 0.5
-    stage_epochs: tuple[int, int, int] = (1, 1, 18)
-    curriculum: bool = True
-    transfer: bool = True
-    steps_per_epoch: int = 1000
-    batch_per_task: int = 20
-    lr: float = 1e-3
-    momentum: float = 0.99
-    weight_decay: float = 5e-4
-    lr_halve_every: int = 4
-    seed: int = 0
-    checkpoint_every: int = 200
-    log_every: int = 10
-    val_tiling: str = DEFAULT_TILING
-    val_every: int = 1
-    task1_tumour_fraction: float = 0.0
-    augment: bool = False
-    augment_preset: str = "default"  # "site": AugmentConfig.site_shift()
-    init_checkpoint: str | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.stage_epochs) != 3 or any(e < 0 for e in self.stage_epochs):
-            raise ValueError(f"stage_epochs must be three counts >= 0; got {self.stage_epochs}")
-        if sum(self.stage_epochs) < 1:
-            raise ValueError("stage_epochs must add up to at least one epoch")
-        for name in (
-            "steps_per_epoch",
-            "batch_per_task",
-            "lr_halve_every",
-            "checkpoint_every",
-            "log_every",
-            "val_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1); got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
-        if not 0.0 <= self.task1_tumour_fraction <= 1.0:
-            raise ValueError(
-                f"task1_tumour_fraction must lie in [0, 1]; got {self.task1_tumour_fraction}"
-            )
-        if self.val_tiling not in TILINGS:
-            raise ValueError(
-                f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
-            )
-        if self.augment_preset not in AUGMENT_PRESETS:
-            raise ValueError(
-                f"augment_preset must be one of {AUGMENT_PRESETS}; got {self.augment_preset!r}"
-            )
-        if self.variant == "mc":
-            raise ValueError("variant 'mc' is one network; train the MC baseline as 'mc_cascade'")
-        ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
-
-    @property
-    def epochs(self) -> int:
-        return sum(self.stage_epochs)
-
-    @property
-    def arch(self) -> ArchConfig:
-        return ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
-
-    def active_tasks(self, epoch: int) -> tuple[bool, bool, bool]:
-        """Tasks trained in ``epoch`` (0-based)."""
-        if not self.curriculum or self.variant == "mc_cascade":
-            return (True, True, True)
-        s1, s2, _ = self.stage_epochs
-        if epoch < s1:
-            return (True, False, False)
-        if epoch < s1 + s2:
-            return (True, True, False)
-        return (True, True, True)
-
-    @property
-    def online_transfer(self) -> bool:
-        """Whether the sampler transfers patches between tasks (never for ``mc_cascade``)."""
-        return self.transfer and self.variant != "mc_cascade"
-
-    def learning_rate(self, epoch: int) -> float:
-        return self.lr * 0.5 ** (epoch // self.lr_halve_every)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["stage_epochs"] = list(self.stage_epochs)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        if "stage_epochs" in known:
-            known["stage_epochs"] = tuple(known["stage_epochs"])
-        return cls(**known)
+from model.evaluation.metrics import evaluate_case
+from model.inference.pipeline import SegmentationOptions, segment_case
+from model.inference.tiling import TILINGS, Predictor, to_network
+from model.io.volumes import Case
+from model.net.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from model.net.network import ArchConfig, MCCascade, OMNet, build_model
+from model.training.config import (
+    STATE_VERSION,
+    TASK_NAMES,
+    TrainConfig,
+    TrainingInterruptedError,
+    TrainState,
+)
+from model.training.data import PatchSampler, TaskBatch, institution_group
 
 
 def task_losses(
@@ -170,24 +61,6 @@ def task_losses(
         t = torch.from_numpy(target).to(device).permute(0, 3, 1, 2)  # (B, X, Y, Z) -> (B, Z, X, Y)
         losses.append(F_.cross_entropy(scores.float(), t))
     return losses
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; everything in it is saved in ``state.pt``."""
-
-    epoch: int = 0
-    step: int = 0  # within the epoch
-    global_step: int = 0
-    patches_seen: int = 0
-    seconds: float = 0.0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class TrainingInterruptedError(Exception):
-    """Training stopped early (signal or time budget) after saving its state."""
 
 
 @dataclass(frozen=True)
@@ -524,57 +397,3 @@ def summarise_validation(per_case: dict[str, dict[str, float]]) -> dict[str, Any
         "groups": by_group,
         "cases": per_case,
     }
-
-
-# --------------------------------------------------------------------------- runs
-#: Shipped splits tried in order when none is given: the first whose cases are all
-#: present is used.
-BUNDLED_SPLITS = ("multisite", "brats2018")
-
-
-def split_cases(
-    case_dirs: Sequence[Path],
-    val_names: Sequence[str] | None = None,
-    train_names: Sequence[str] | None = None,
-    val_fraction: float = 0.2,
-) -> tuple[list[Path], list[Path]]:
-    """Splits case folders into (train, validation); the two never share a case.
-
-    With ``val_names`` those cases validate (every one must exist) and ``train_names``
-    (default: all the others) train. Without, the first shipped split of
-    :data:`BUNDLED_SPLITS` whose cases are all present is used (the multi-institution
-    split over all 34 real cases, else the BraTS 2018 one), else the last
-    ``val_fraction`` of the cases ordered by a hash of their names (at least one)
-    validate: a fixed split for a fixed set of names.
-    """
-    by_name = {p.name: p for p in case_dirs}
-    if val_names is None:
-        for split in BUNDLED_SPLITS:
-            bundled_val = read_split_file(f"{split}_val.txt")
-            bundled_train = read_split_file(f"{split}_train.txt")
-            if set(bundled_val) | set(bundled_train) <= set(by_name):
-                val_names, train_names = bundled_val, train_names or bundled_train
-                break
-        else:
-            ordered = sorted(by_name, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
-            count = max(1, round(len(ordered) * val_fraction)) if len(ordered) > 1 else 0
-            val_names = sorted(ordered[len(ordered) - count :])
-    missing = [n for n in [*val_names, *(train_names or [])] if n not in by_name]
-    if missing:
-        raise ValueError(f"split names cases that are not in the data folder: {missing[:5]}")
-    val_set = set(val_names)
-    if train_names is None:
-        train_names = [n for n in sorted(by_name) if n not in val_set]
-    overlap = val_set & set(train_names)
-    if overlap:
-        raise ValueError(f"cases in both the training and validation split: {sorted(overlap)[:5]}")
-    if not train_names:
-        raise ValueError("no training cases left after the validation split")
-    return [by_name[n] for n in train_names], [by_name[n] for n in sorted(val_set)]
-
-
-def read_split_file(name: str) -> list[str]:
-    """A split file shipped with the package (``model/splits/<name>``)."""
-    from model.data import SPLITS_DIR, read_split
-
-    return read_split(SPLITS_DIR / name)

@@ -1,7 +1,7 @@
 """DICOM outputs of a segmented study: a Segmentation (SEG) and a preview (Secondary Capture).
 
 :func:`write_dicom_seg` writes the label map of a case read with
-:func:`model.dicom_study.read_dicom_study` as a DICOM Segmentation (highdicom) on the
+:func:`model.io.dicom.study.read_dicom_study` as a DICOM Segmentation (highdicom) on the
 T1ce series' geometry: one frame per T1ce slice that holds tumour, each frame
 referencing its source image (DerivationImageSequence / SourceImageSequence, which
 OHIF and other viewers use to place it), the series referenced in
@@ -25,11 +25,11 @@ segment                 BraTS label  property type                          cate
 region 12738006 "Brain". BraTS's label 1 (necrotic and non-enhancing tumour core) has
 no single code: "Necrosis" is used, and the segment label and description say
 "NCR/NET". Neither has enhancing tumour: "Neoplasm" is used with the label "Enhancing
-tumour". Display colours are those of the PNG previews (:mod:`model.preview`).
+tumour". Display colours are those of the PNG previews (:mod:`model.io.preview`).
 
 :func:`read_dicom_seg` reconstructs the label map from a SEG on its source grid (the
 inverse of :func:`write_dicom_seg`), and :func:`write_preview_dicom` stores the overlay
-preview of :func:`model.preview.render_preview` as an RGB Secondary Capture image in
+preview of :func:`model.io.preview.render_preview` as an RGB Secondary Capture image in
 the same study.
 """
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,25 +50,28 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from model.atomic import atomic_write
+from model.io.preview import LABEL_COLOURS
 from model.labels import EDEMA, ENHANCING, NCR_NET, LabelError, to_brats2018
-from model.nifti_io import MODALITIES
-from model.preview import LABEL_COLOURS, render_preview
 
 if TYPE_CHECKING:
-    from model.dicom_study import DicomStudy
+    pass
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
+
 #: SeriesNumber of the SEG and of the preview, and their descriptions.
 SEG_SERIES_NUMBER = 900
-PREVIEW_SERIES_NUMBER = 901
+
+
 SEG_SERIES_DESCRIPTION = "omnet tumour segmentation"
-PREVIEW_SERIES_DESCRIPTION = "omnet tumour segmentation preview"
+
 
 #: Segmented property category of every segment: Morphologically Abnormal Structure.
 CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+
+
 #: Anatomic region of every segment.
 BRAIN = Code("12738006", "SCT", "Brain")
 
@@ -131,7 +133,7 @@ class AlgorithmInfo:
         name: AlgorithmName.
         version: AlgorithmVersion (the software's version).
         model_name: the checkpoint(s) used.
-        model_sha256: their SHA-256 (see :func:`model.checkpoint.describe_checkpoints`).
+        model_sha256: their SHA-256 (see :func:`model.net.checkpoint.describe_checkpoints`).
     """
 
     name: str = "omnet"
@@ -168,7 +170,7 @@ COPIED_TYPE2 = (
 )
 
 
-def _complete(ds: Dataset) -> Dataset:
+def complete_type2(ds: Dataset) -> Dataset:
     """``ds``, or a copy of it (the caller's left untouched) with the attributes of
     :data:`COPIED_TYPE2` that it lacks added empty."""
     missing = [k for k in COPIED_TYPE2 if k not in ds]
@@ -186,12 +188,12 @@ def _complete(ds: Dataset) -> Dataset:
 
 
 def _completed(reference: Sequence[Dataset]) -> list[Dataset]:
-    """:func:`_complete` of each header, each distinct header completed once."""
+    """:func:`complete_type2` of each header, each distinct header completed once."""
     done: dict[int, Dataset] = {}
-    return [done.setdefault(id(ds), _complete(ds)) for ds in reference]
+    return [done.setdefault(id(ds), complete_type2(ds)) for ds in reference]
 
 
-def _check_reference(reference: Sequence[Dataset]) -> tuple[int, int, int]:
+def check_reference(reference: Sequence[Dataset]) -> tuple[int, int, int]:
     """The grid ``(columns, rows, slices)`` of the source series."""
     if len(reference) == 0:
         raise ValueError("reference must hold the source series' instances, got none")
@@ -242,7 +244,7 @@ def _source_frames(
     return unique, out
 
 
-def _segmentation(
+def build_segmentation(
     checked: np.ndarray,
     reference: Sequence[Dataset],
     frames: Sequence[int],
@@ -310,12 +312,12 @@ def write_dicom_seg(
     Args:
         labels: uint8 ``(X, Y, Z)`` in the BraTS 2018 convention (0, 1, 2, 4), on the
             source series' grid: x the column index, y the row index, z the slices in
-            ``reference`` order (what :func:`model.dicom_study.read_dicom_study` gives).
+            ``reference`` order (what :func:`model.io.dicom.study.read_dicom_study` gives).
         reference: the source series' instances (headers suffice) in slice order,
-            :attr:`model.dicom_study.DicomStudy.reference`.
+            :attr:`model.io.dicom.study.DicomStudy.reference`.
         path: the ``.dcm`` file to write (atomically; folders created).
         frames: for a multi-frame source, the frame number of each slice in it
-            (:attr:`model.dicom_study.DicomStudy.frames`); () for single-frame images.
+            (:attr:`model.io.dicom.study.DicomStudy.frames`); () for single-frame images.
         algorithm: the algorithm's identification (default: omnet, this version).
         series_number: the SEG's SeriesNumber.
         manufacturer: Manufacturer of the SEG.
@@ -327,9 +329,9 @@ def write_dicom_seg(
         ValueError: labels not on the reference grid or not BraTS labels, or a source
             that a SEG cannot reference.
     """
-    grid = _check_reference(reference)
+    grid = check_reference(reference)
     checked = _checked_labels(labels, grid)
-    seg = _segmentation(
+    seg = build_segmentation(
         checked, reference, frames, algorithm or AlgorithmInfo(), series_number, manufacturer
     )
     target = atomic_write(Path(path), lambda tmp: seg.save_as(tmp))
@@ -353,7 +355,7 @@ def read_dicom_seg(
     Raises:
         ValueError: the SEG's segments are not those of :data:`SEGMENTS`.
     """
-    grid = _check_reference(reference)
+    grid = check_reference(reference)
     seg = hd.seg.segread(str(path))
     by_code = {(s.property_type.value, s.property_type.scheme_designator): s for s in SEGMENTS}
     mapping: dict[int, int] = {}
@@ -383,172 +385,3 @@ def read_dicom_seg(
     for number, label in mapping.items():
         labels[volume == number] = label
     return labels
-
-
-def _secondary_capture(
-    rgb: np.ndarray, reference: Dataset, series_number: int, manufacturer: str
-) -> hd.sc.SCImage:
-    """An RGB Secondary Capture image in the study of ``reference`` (not yet written)."""
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_complete(reference),
-        pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-        bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        patient_orientation=("L", "P"),
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-    )
-    # Three panels of different planes: no single orientation describes the image
-    # (Patient Orientation is type 2C for a Secondary Capture: present, may be empty).
-    sc["PatientOrientation"].value = ""
-    sc.BodyPartExamined = str(reference.get("BodyPartExamined", "") or "BRAIN")
-    sc.SeriesDescription = PREVIEW_SERIES_DESCRIPTION
-    sc.BurnedInAnnotation = "NO"  # captions and legend only, no patient identifiers
-    return sc
-
-
-def write_preview_dicom(
-    image: np.ndarray,
-    labels: np.ndarray,
-    affine: np.ndarray,
-    reference: Dataset,
-    path: PathLike,
-    *,
-    series_number: int = PREVIEW_SERIES_NUMBER,
-    manufacturer: str = "omnet",
-    size: int = 256,
-) -> Path:
-    """Writes the overlay preview (:func:`model.preview.render_preview`) as an RGB
-    Secondary Capture image in the study of ``reference``.
-
-    The patient and study attributes are copied from ``reference``; type 2 ones it
-    lacks (:data:`COPIED_TYPE2`) are written empty.
-
-    Args:
-        image: the 3D volume shown in grey (e.g. the case's FLAIR).
-        labels: the label map on the same grid.
-        affine: the grid's affine.
-        reference: an instance of the source study (patient and study are copied).
-        path: the ``.dcm`` file to write (atomically).
-        series_number: the image's SeriesNumber.
-        manufacturer: Manufacturer.
-        size: height in pixels of each panel.
-
-    Returns:
-        The path written.
-    """
-    rgb = np.asarray(render_preview(image, labels, affine, size=size).convert("RGB"))
-    sc = _secondary_capture(rgb, reference, series_number, manufacturer)
-    return atomic_write(Path(path), lambda tmp: sc.save_as(tmp))
-
-
-def _reason(exc: Exception) -> str:
-    """An exception's message as one line a user can read."""
-    text = str(exc).strip()
-    if not text:
-        return "no reason given"
-    missing = re.search(r"has no attribute '(\w+)'", text)
-    if missing:
-        return f"the source images have no {missing.group(1)}"
-    return text.splitlines()[0]
-
-
-def dicom_output_problems(
-    reference: Sequence[Dataset], frames: Sequence[int] = (), *, preview: bool = True
-) -> list[str]:
-    """What would keep the SEG (and, with ``preview``, the Secondary Capture) of a
-    source series from being made: both are built, in memory, for a label map of one
-    voxel. Cheap (well under a second for a 155-slice series), so it runs before a
-    job is queued or inference starts, not after.
-
-    Args:
-        reference: the source series' headers in slice order.
-        frames: for a multi-frame source, the frame number of each slice in it.
-        preview: also try the Secondary Capture.
-
-    Returns:
-        One sentence per output that cannot be made; empty when both can.
-    """
-    problems = []
-    try:
-        grid = _check_reference(reference)
-        labels = np.zeros(grid, dtype=np.uint8)
-        labels[0, 0, 0] = EDEMA
-        _segmentation(labels, reference, frames, AlgorithmInfo(), SEG_SERIES_NUMBER, "omnet")
-    except Exception as exc:  # whatever highdicom refuses, said in words
-        problems.append(f"the DICOM SEG cannot be written ({_reason(exc)})")
-    if preview and reference:
-        try:
-            rgb = np.zeros((8, 8, 3), dtype=np.uint8)
-            _secondary_capture(rgb, reference[0], PREVIEW_SERIES_NUMBER, "omnet")
-        except Exception as exc:
-            problems.append(f"the DICOM preview cannot be written ({_reason(exc)})")
-    return problems
-
-
-@dataclass(frozen=True)
-class StudyOutputs:
-    """What :func:`write_study_outputs` wrote, and what it could not.
-
-    Attributes:
-        written: ``dicom_seg`` (and ``dicom_preview``) -> the file written.
-        failures: output kind -> one sentence saying what failed; the other outputs
-            (and the label map they were made from) are unaffected.
-    """
-
-    written: dict[str, Path]
-    failures: dict[str, str]
-
-
-def write_study_outputs(
-    study: DicomStudy,
-    labels: np.ndarray,
-    seg_path: PathLike,
-    preview_path: PathLike | None = None,
-    *,
-    algorithm: AlgorithmInfo | None = None,
-) -> StudyOutputs:
-    """The DICOM results of a case read from DICOM: the SEG of its T1ce series and,
-    with ``preview_path``, the overlay preview on the FLAIR as a Secondary Capture.
-
-    Each is written on its own: one that fails (a source header highdicom refuses, a
-    full disk) is reported in :attr:`StudyOutputs.failures` (the traceback logged at
-    debug level; the caller says what failed), and the other is still written.
-
-    Args:
-        study: the study the case was read from (:func:`model.dicom_study.read_dicom_study`).
-        labels: the label map on the case's (the T1ce's) grid, any ET convention.
-        seg_path: the SEG file to write.
-        preview_path: the Secondary Capture file to write, or None.
-        algorithm: the algorithm's identification.
-
-    Returns:
-        The files written and the outputs that failed.
-    """
-    case = study.case
-    written: dict[str, Path] = {}
-    failures: dict[str, str] = {}
-    try:
-        written["dicom_seg"] = write_dicom_seg(
-            labels, study.reference, seg_path, frames=study.frames, algorithm=algorithm
-        )
-    except Exception as exc:  # the label map is kept whatever the SEG writer says
-        failures["dicom_seg"] = f"the DICOM SEG could not be written ({_reason(exc)})"
-        logger.debug("%s: %s", case.name, failures["dicom_seg"], exc_info=True)
-    if preview_path is not None:
-        try:
-            flair = case.images[MODALITIES.index("flair")]
-            written["dicom_preview"] = write_preview_dicom(
-                flair, labels, case.affine, study.reference[0], preview_path
-            )
-        except Exception as exc:
-            failures["dicom_preview"] = (
-                f"the DICOM preview (Secondary Capture) could not be written ({_reason(exc)})"
-            )
-            logger.debug("%s: %s", case.name, failures["dicom_preview"], exc_info=True)
-    return StudyOutputs(written, failures)

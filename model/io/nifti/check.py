@@ -1,8 +1,8 @@
 """Checking a case's NIfTI files without holding their voxels: the service's submission
 checks.
 
-:func:`check_case` runs the rules of :func:`model.nifti_io.load_case` - the same header
-checks (:func:`~model.nifti_io.inspect_case`), then the same value rules - but reads each
+:func:`check_case` runs the rules of :func:`model.io.nifti.read.load_case` - the same header
+checks (:func:`~model.io.nifti.read.inspect_case`), then the same value rules - but reads each
 volume in slabs of at most :data:`SLAB_VOXELS` voxels, front to back, so that the API
 process never holds a whole volume: a file the command line accepts is accepted here,
 and the reverse, with the same codes and messages. :func:`check_labels` does the same
@@ -18,17 +18,10 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
+from model.io.nifti.image import raise_value_problem
+from model.io.nifti.read import CaseLayout, inspect_case, inspect_labels
+from model.io.volumes import AFFINE_ATOL, MODALITIES, InputError, PathLike
 from model.labels import LabelError, to_brats2018
-from model.nifti_io import (
-    AFFINE_ATOL,
-    MODALITIES,
-    CaseLayout,
-    InputError,
-    PathLike,
-    _raise_value_problem,
-    inspect_case,
-    inspect_labels,
-)
 
 #: Voxels read at a time (64 MB as float32).
 SLAB_VOXELS = 1 << 24
@@ -72,7 +65,7 @@ def _check_volume(
         finite = np.isfinite(slab)
         n_bad += int(slab.size - np.count_nonzero(finite))
         any_nonzero = any_nonzero or bool(np.any(slab))
-    _raise_value_problem(path, modality, channel, n_bad, any_nonzero)
+    raise_value_problem(path, modality, channel, n_bad, any_nonzero)
 
 
 def check_case(
@@ -81,7 +74,7 @@ def check_case(
     name: str | None = None,
     affine_atol: float = AFFINE_ATOL,
 ) -> CaseLayout:
-    """Every rule of :func:`~model.nifti_io.load_case`, the voxels read in slabs.
+    """Every rule of :func:`~model.io.nifti.read.load_case`, the voxels read in slabs.
 
     Raises:
         InputError: exactly where ``load_case`` would, with the same code.
@@ -94,7 +87,7 @@ def check_case(
 
 
 def check_labels(path: PathLike, like: CaseLayout, affine_atol: float = AFFINE_ATOL) -> None:
-    """The rules of :func:`~model.nifti_io.load_labels` for a reference of ``like``, the
+    """The rules of :func:`~model.io.nifti.read.load_labels` for a reference of ``like``, the
     voxels read in slabs.
 
     Raises:

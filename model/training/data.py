@@ -35,12 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from model.augment import AugmentConfig, augment_patch
-from model.fusion import dilate
+from model.inference.fusion import dilate
+from model.inference.pipeline import to_canonical
+from model.inference.preprocess import preprocess
+from model.io.nifti.files import find_cases, find_label_file
+from model.io.nifti.read import load_case, load_labels
+from model.io.volumes import InputError
 from model.labels import CORE_CLASSES, TUMOUR_CLASSES, TaskClass, labels_to_task_target
-from model.nifti_io import InputError, find_cases, find_label_file, load_case, load_labels
-from model.pipeline import to_canonical
-from model.preprocess import preprocess
+from model.training.augment import AugmentConfig, augment_patch
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ TUMOUR_DILATION = 5
 TRANSFER_TUMOUR = 0.40  # eq. 1
 TRANSFER_CORE = 0.50  # eq. 2
 CACHE_VERSION = 1
-SPLITS_DIR = Path(__file__).parent / "splits"
+SPLITS_DIR = Path(__file__).resolve().parents[1] / "splits"
 #: Environment variable naming the folder of real data sets (``<it>/brats2018/<case>/``).
 #: Entry points (tests, benchmarks) read it and pass its value to :func:`resolve_data_dir`.
 DATA_ENV = "OMNET_DATA_DIR"
@@ -60,7 +62,7 @@ def resolve_data_dir(value: str | None) -> Path:
     """The real-data folder: ``value`` when given (the caller's ``$OMNET_DATA_DIR``), else
     ``../shared/data`` beside the source checkout (where tests and benchmarks look for
     BraTS cases). An empty ``value`` counts as not given."""
-    return Path(value) if value else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(value) if value else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 # --------------------------------------------------------------------------- splits
@@ -263,7 +265,7 @@ class PatchSampler:
             (about 4 %) when the training budget is far below the paper's.
         transfer: online training-data transfer on or off.
         seed: seed of the sampler's own random generator (its state is checkpointed).
-        augment: patch augmentation (:mod:`model.augment`), or None (the paper) for none.
+        augment: patch augmentation (:mod:`model.training.augment`), or None (the paper) for none.
             Its draws come from a second generator (seeded from ``seed``, checkpointed
             too), so the patch positions are the same with and without it.
     """

@@ -18,7 +18,7 @@ The paper leaves two choices open, made here as follows:
   as they come, i.e. already z-score normalised per modality, so no modality dominates
   by its raw scale. The T1ce channel is only used afterwards to name the dark group.
 
-A third step is not in the paper: :func:`model.lesions.keep_main_lesion` deletes tumour
+A third step is not in the paper: :func:`model.inference.lesions.keep_main_lesion` deletes tumour
 components that lie far from the main lesion (see that module).
 
 All functions are pure: they take label maps in the BraTS 2018 convention (0, 1, 2, 4;

@@ -27,8 +27,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from model.io.nifti.files import FILE_SUFFIXES, LABEL_SUFFIXES
+from model.io.volumes import MODALITIES
 from model.labels import BACKGROUND, EDEMA, ENHANCING, NCR_NET
-from model.nifti_io import FILE_SUFFIXES, LABEL_SUFFIXES, MODALITIES
 
 #: Mean intensity of each tissue per modality, in :data:`MODALITIES` order
 #: (T1, T1ce, T2, FLAIR); ``BACKGROUND`` is normal brain tissue here.

@@ -1,0 +1,4 @@
+"""Training: real and synthetic data, patch sampling, augmentation, the curriculum
+trainer and its resumable state, and the bundled splits. May import every other part
+of ``model``.
+"""
