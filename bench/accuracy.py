@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from model.defaults import MAIN_LESION_GAP_MM
 from model.inference.case import CaseOutputs, process_case
-from model.inference.lesions import MAIN_LESION_GAP_MM
 from model.inference.pipeline import SegmentationOptions, load_predictor
 from model.inference.tiling import TILINGS, Predictor, TaskProbabilities
 from model.io.nifti.files import find_label_file

@@ -34,8 +34,17 @@ class TaskClass(IntEnum):
     ENHANCING = 4
 
 
-NUM_TASK_CLASSES = (5, 5, 2)
-"""Classes per task: task 1 (coarse), task 2 (tumour), task 3 (enhancing vs not)."""
+class EnhancingClass(IntEnum):
+    """The 2-class target of task 3 (trained in the tumour core)."""
+
+    NOT_ENHANCING = 0
+    ENHANCING = 1
+
+
+NUM_TASK_CLASSES = (len(TaskClass), len(TaskClass), len(EnhancingClass))
+"""Classes per task: task 1 (coarse), task 2 (tumour), task 3 (enhancing vs not); the
+network's heads (:mod:`model.net.network`) and the tiled inference's outputs
+(:mod:`model.inference.tiling`) are sized by it."""
 
 TUMOUR_CLASSES = (TaskClass.NCR_NET, TaskClass.EDEMA, TaskClass.ENHANCING)
 CORE_CLASSES = (TaskClass.NCR_NET, TaskClass.ENHANCING)

@@ -17,10 +17,32 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.defaults import (
+    DEFAULT_POSTPROCESS,
+    DEFAULT_TILING,
+    NO_POSTPROCESS,
+    POSTPROCESS_MODES,
+    TILING_NAMES,
+    PostprocessMode,
+    TilingName,
+    describe_postprocess,
+)
 from service.db import DATABASE_TIMEOUT_S
 
 #: Heartbeats a running job's worker has, at least, before the job counts as stale.
 STALE_HEARTBEATS = 3
+
+#: Post-processing modes a deployment may apply to the jobs that ask for post-processing
+#: (a job that asks for none is segmented with ``NO_POSTPROCESS``).
+SERVICE_POSTPROCESS_MODES: tuple[PostprocessMode, ...] = tuple(
+    mode for mode in POSTPROCESS_MODES if mode != NO_POSTPROCESS
+)
+
+
+def _one_of(names: tuple[str, ...], mark: str = "'") -> str:
+    """``'a', 'b' or 'c'``, each name between two ``mark``."""
+    quoted = [f"{mark}{name}{mark}" for name in names]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else quoted[0]
 
 
 class Settings(BaseSettings):
@@ -76,17 +98,14 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:N")
     batch_size: int = Field(16, ge=1, description="patches per forward pass in the worker")
-    tiling: str = Field("wide", description="worker tiling: wide, paper or fast")
-    postprocess: str = Field(
-        "main-lesion",
-        description="post-processing of jobs that ask for it: `main-lesion` (small-component "
-        "removal,"
-        " then tumour parts more than 10 mm from the main lesion removed - a rim along "
-        "the brain's edge is never the main lesion and the surest core is never removed -"
-        " with a job warning saying how much; measured best on unseen sites), "
-        "`components` (small-component removal alone: keeps distant foci of a multifocal "
-        "tumour), `paper` (the paper's removal and K-means edema relabelling) or "
-        "`guarded` (the relabelling only in tumours that already hold core)",
+    tiling: TilingName = Field(
+        DEFAULT_TILING,
+        description=f"worker tiling: {_one_of(TILING_NAMES, '`')} (see docs/method.md)",
+    )
+    postprocess: PostprocessMode = Field(
+        DEFAULT_POSTPROCESS,
+        description="post-processing of the jobs that ask for it (`postprocess=true`, the "
+        f"API's default): {describe_postprocess(SERVICE_POSTPROCESS_MODES)}",
     )
     tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
@@ -210,20 +229,20 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("tiling")
+    @field_validator("tiling", mode="before")
     @classmethod
-    def _known_tiling(cls, value: str) -> str:
-        if value not in ("wide", "paper", "fast"):
-            raise ValueError(f"tiling must be 'wide', 'paper' or 'fast'; got {value!r}")
+    def _known_tiling(cls, value: object) -> object:
+        if value not in TILING_NAMES:
+            raise ValueError(f"tiling must be {_one_of(TILING_NAMES)}; got {value!r}")
         return value
 
-    @field_validator("postprocess")
+    @field_validator("postprocess", mode="before")
     @classmethod
-    def _known_postprocess(cls, value: str) -> str:
-        if value not in ("main-lesion", "paper", "guarded", "components"):
+    def _known_postprocess(cls, value: object) -> object:
+        if value not in SERVICE_POSTPROCESS_MODES:
             raise ValueError(
-                "postprocess must be 'main-lesion', 'paper', 'guarded' or 'components'; "
-                f"got {value!r}"
+                f"postprocess must be {_one_of(SERVICE_POSTPROCESS_MODES)}; got {value!r} (a "
+                "job asks for no post-processing itself, with postprocess=false)"
             )
         return value
 

@@ -8,13 +8,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from model.defaults import DEFAULT_POSTPROCESS, NO_POSTPROCESS, POSTPROCESS_MEANINGS
+from service.config import SERVICE_POSTPROCESS_MODES
 from service.db import DeliveryStatus, JobState
+
+#: What a job's ``postprocess`` option does: the deployment's mode, or none.
+POSTPROCESS_DESCRIPTION = (
+    "true: the post-processing this service is set up with, one of "
+    + ", ".join(f"`{mode}`" for mode in SERVICE_POSTPROCESS_MODES)
+    + f" (`OMNET_POSTPROCESS`; default `{DEFAULT_POSTPROCESS}`: "
+    + f"{POSTPROCESS_MEANINGS[DEFAULT_POSTPROCESS]}); false: "
+    + POSTPROCESS_MEANINGS[NO_POSTPROCESS]
+)
 
 
 class JobOptions(BaseModel):
     """Options of a job, sent as form fields beside the files."""
 
-    postprocess: bool = Field(True, description="small-component removal and edema relabelling")
+    postprocess: bool = Field(True, description=POSTPROCESS_DESCRIPTION)
     label_convention: Literal[4, 3] = Field(
         4, description="value written for enhancing tumour: 4 (BraTS 2018-2021) or 3 (2023)"
     )

@@ -32,14 +32,9 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from model.defaults import MAIN_LESION_GAP_MM
 from model.labels import ENHANCING, NCR_NET
 
-#: Default gap of :func:`keep_main_lesion`: tumour components whose nearest voxel lies
-#: farther than this from the main lesion are removed. On the multi-site validation
-#: split, gaps of 8 to 12 mm gave the same result and 15 mm kept a false positive; in
-#: the reference labels of all 34 cases, foci of one tumour lie at most 9.7 mm apart
-#: except one 774-voxel focus at 31 mm (1 % of that case's tumour).
-MAIN_LESION_GAP_MM = 10.0
 #: Depth (mm) of the band inside the brain mask's outer boundary that counts as its edge.
 SHELL_MM = 5.0
 #: Share of a component's voxels in that band from which it counts as a shell.

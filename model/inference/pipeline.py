@@ -19,9 +19,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from model.defaults import POSTPROCESS_MODES
+from model.defaults import MAIN_LESION_GAP_MM, NO_POSTPROCESS, POSTPROCESS_MODES
 from model.inference.fusion import DILATION_VOXELS, fuse, fused_probabilities
-from model.inference.lesions import MAIN_LESION_GAP_MM, Quality, assess, keep_main_lesion
+from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
 from model.inference.preprocess import paste, preprocess
 from model.inference.tiling import (
@@ -80,7 +80,7 @@ class SegmentationOptions:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}; got {mode!r}")
         relabel = mode in ("paper", "guarded")
         return cls(
-            remove_small=mode != "none",
+            remove_small=mode != NO_POSTPROCESS,
             relabel_edema=relabel,
             relabel_guard=mode == "guarded",
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if mode == "main-lesion" else None,

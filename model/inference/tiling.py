@@ -17,7 +17,7 @@ stride, the position of the five kept slices and the padding open. Choices made 
   the first kept block starts at voxel 0 and the last one covers the end;
 - a tile whose kept block holds no brain voxel is not run (its voxels are background).
 
-The product's default (:data:`DEFAULT_TILING`) is :data:`WIDE_TILING`: the paper's
+The product's default (:data:`model.defaults.DEFAULT_TILING`) is :data:`WIDE_TILING`: the paper's
 32 x 32 x 16 patches (the size the network was trained on), keeping their centre
 24 x 24 x 8 (four voxels of context on every side) instead of 20 x 20 x 5. It runs 2.3x
 fewer tiles, and its held-out Dice stays within a point of the paper's tiling (docs/model-card.md,
@@ -123,8 +123,9 @@ FAST_TILING = TileLayout(patch=(64, 64, 32), kept=(52, 52, 21), offset=(6, 6, 5)
 #: The default: the paper's patch, its centre 24 x 24 x 8 kept (28 % of each prediction
 #: kept instead of 12 %), four voxels of context on every side.
 WIDE_TILING = TileLayout(patch=(32, 32, 16), kept=(24, 24, 8), offset=(4, 4, 4))
-TILINGS = {"paper": PAPER_TILING, "wide": WIDE_TILING, "fast": FAST_TILING}
-#: The tiling of ``omnet segment``, the workers and the benchmarks unless told otherwise.
+#: The layout of each name of :data:`model.defaults.TILING_NAMES` (the names the command
+#: line, the settings and the benchmarks take).
+TILINGS: dict[str, TileLayout] = {"paper": PAPER_TILING, "wide": WIDE_TILING, "fast": FAST_TILING}
 
 
 class TaskProbabilities(NamedTuple):

@@ -55,7 +55,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="give up waiting after S seconds (default: wait as long as it takes)",
     )
-    p.add_argument("--no-postprocess", action="store_true", help="raw model output")
+    p.add_argument(
+        "--no-postprocess",
+        action="store_true",
+        help="no post-processing, the network's fused output (default: the service's "
+        "OMNET_POSTPROCESS)",
+    )
     p.add_argument("--probabilities", action="store_true", help="also the probability maps")
     p.add_argument("--no-preview", action="store_true", help="no preview image")
     p.add_argument(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli.common import LazyChoices
+from model.defaults import DEFAULT_TILING, TILING_NAMES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,10 +61,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, help="cache folder (default: RUN/../cache)")
     p.add_argument(
         "--val-tiling",
-        default="wide",
-        choices=LazyChoices("model.inference.tiling", "TILINGS"),
+        default=DEFAULT_TILING,
+        choices=TILING_NAMES,
         metavar="NAME",
-        help="tiling of the validation passes: wide (default, as omnet segment), paper or fast",
+        help=f"tiling of the validation passes: {', '.join(TILING_NAMES)} (default "
+        "%(default)s, as omnet segment)",
     )
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and last)")
     p.add_argument(
