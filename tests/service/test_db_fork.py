@@ -1,4 +1,4 @@
-"""service/db.py across os.fork: a Celery prefork parent uses the job store from its
+"""The job store (service/db/) across os.fork: a Celery prefork parent uses the job store from its
 threads while it forks pool children, and a child must be able to claim jobs at once.
 
 Real databases (a SQLite file, and PostgreSQL where a server answers) and real forked
