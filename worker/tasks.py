@@ -2,7 +2,8 @@
 
 The task is a shared task, bound to the application that :func:`worker.app.create_worker_app`
 builds; it and the signal handlers find the worker's settings, store and storage in that
-application's :class:`~worker.app.WorkerContext`.
+application's :class:`~worker.context.WorkerContext`. This module does not import
+:mod:`worker.app`: the application imports its tasks, never the other way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from service.queue import (
     broker_folder,
     send_job,
 )
-from worker.app import WorkerContext, context
+from worker.context import WorkerContext, context
 from worker.runner import (
     default_checkpoints,
     fail_exhausted,
