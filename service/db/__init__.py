@@ -11,7 +11,8 @@ The package's public names are imported from here; its modules:
 - :mod:`~service.db.records`: the states and records (:class:`JobState`, :class:`Job`,
   :class:`Delivery`, ...);
 - :mod:`~service.db.engine`: the connection, with its deadlines, and the fork gate;
-- :mod:`~service.db.tables`: the tables; :mod:`~service.db.schema`: their creation;
+- :mod:`~service.db.tables`: the tables; :mod:`~service.db.schema`: the migrations
+  (:mod:`~service.db.migrations`) that bring a database to them;
 - :mod:`~service.db.store`: :class:`JobStore`, with the outbox of deliveries
   (:mod:`~service.db.outbox`).
 """
@@ -30,7 +31,7 @@ from service.db.records import (
     NewDelivery,
     utcnow,
 )
-from service.db.schema import SCHEMA_TRIES, create_schema
+from service.db.schema import SCHEMA_TRIES, SchemaError, create_schema, migrate
 from service.db.store import JobStore
 from service.db.tables import deliveries, jobs, metadata, workers
 
@@ -49,11 +50,13 @@ __all__ = [
     "JobState",
     "JobStore",
     "NewDelivery",
+    "SchemaError",
     "create_schema",
     "deliveries",
     "jobs",
     "make_engine",
     "metadata",
+    "migrate",
     "utcnow",
     "workers",
 ]

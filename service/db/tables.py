@@ -1,5 +1,9 @@
-"""The tables of the job database: ``jobs``, ``workers`` and ``webhook_deliveries`` (the
-outbox of deliveries, :data:`deliveries`); :mod:`service.db.schema` creates them.
+"""The tables of the job database as the code reads and writes them: ``jobs``,
+``workers`` and ``webhook_deliveries`` (the outbox of deliveries, :data:`deliveries`).
+
+They describe the schema at the newest migration (:mod:`service.db.migrations`); a change
+to them goes with a new migration that makes it in existing databases (see
+:mod:`service.db.schema`).
 """
 
 from __future__ import annotations

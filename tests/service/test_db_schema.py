@@ -1,7 +1,9 @@
-"""Processes that start together on a new job database all get its tables.
+"""Processes that start together on a job database all get its tables at the newest
+schema.
 
-``omnet serve`` and its worker, or several API processes, open a new database at the
-same moment; creating the tables must not fail for the ones that lose the race."""
+``omnet serve`` and its worker, or several API processes, open a new database, or one
+that an earlier release created, at the same moment; creating or migrating the tables
+must not fail for the ones that lose the race."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import multiprocessing
 import uuid
 
 import pytest
+import sqlalchemy as sa
 
-from service.db import JobStore
+from service.db import JobStore, make_engine, utcnow
+from service.db import schema as db_schema
+from service.db.migrations.versions import v0001_baseline as baseline
 
 PROCESSES = 6
 ROUNDS = 4
@@ -50,3 +55,20 @@ def test_processes_opening_a_new_sqlite_database_together_all_succeed(tmp_path, 
 
 def test_processes_opening_a_new_database_together_all_succeed(database_url):
     assert _race(database_url) == []
+
+
+def test_processes_opening_a_database_of_the_earlier_code_together_all_succeed(database_url):
+    engine = make_engine(database_url)
+    baseline.metadata.create_all(engine)  # as the code before migrations left it
+    with engine.begin() as conn:
+        conn.execute(
+            baseline.workers.insert().values(
+                name="w", device="cpu", queue="q", model="{}", started_at=utcnow(), seen_at=utcnow()
+            )
+        )
+    engine.dispose()
+    assert _race(database_url) == []
+    with engine.connect() as conn:
+        assert db_schema.current_revision(conn) == db_schema.head()
+        assert conn.execute(sa.text("SELECT name FROM workers")).scalars().all() == ["w"]
+    engine.dispose()

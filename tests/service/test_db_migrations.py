@@ -1,0 +1,237 @@
+"""The job database's schema migrations (service/db/schema.py, service/db/migrations/).
+
+Real databases: a SQLite file, and a database of its own on PostgreSQL where a server
+answers (the ``database_url`` fixture). A database "of the earlier code" is made here as
+that code made it: ``metadata.create_all`` of the baseline's tables, with rows in them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from service.db import (
+    DeliveryStatus,
+    JobState,
+    JobStore,
+    SchemaError,
+    create_schema,
+    make_engine,
+    metadata,
+    migrate,
+)
+from service.db import schema as db_schema
+from service.db.migrations.versions import v0001_baseline as baseline
+
+ROOT = Path(__file__).resolve().parents[2]
+CREATED = datetime(2026, 1, 2, 3, 4, 5)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def _earlier_database(engine: sa.Engine) -> None:
+    """The schema and rows that the code before migrations left: a finished job with its
+    result, its webhook delivery, and a worker."""
+    baseline.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            baseline.jobs.insert().values(
+                id="job-1",
+                owner="alice",
+                idempotency_key="key-1",
+                state="succeeded",
+                progress=1.0,
+                options=json.dumps({"tta": True}),
+                inputs=json.dumps({"t1": "t1.nii.gz"}),
+                queue="omnet.cpu",
+                created_at=CREATED,
+                finished_at=CREATED,
+                attempts=1,
+                result=json.dumps({"volumes_ml": {"wt": 1.5}}),
+            )
+        )
+        conn.execute(
+            baseline.deliveries.insert().values(
+                id="msg_1",
+                job_id="job-1",
+                owner="alice",
+                event="job.succeeded",
+                url="https://example.org/hook",
+                body="{}",
+                status="failed",
+                attempts=3,
+                created_at=CREATED,
+            )
+        )
+        conn.execute(
+            baseline.workers.insert().values(
+                name="cpu0@host",
+                device="cpu",
+                queue="omnet.cpu",
+                model="{}",
+                started_at=CREATED,
+                seen_at=CREATED,
+            )
+        )
+
+
+def _revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        return db_schema.current_revision(conn)
+
+
+def _differences(engine: sa.Engine) -> list:
+    """What tells the database's schema from the code's tables (indexes and constraints
+    by name too); empty when they match."""
+    with engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), metadata)
+
+
+def test_the_migrations_form_one_line_from_the_baseline():
+    scripts = db_schema.scripts()
+    assert scripts.get_heads() == [db_schema.head()]
+    assert scripts.get_bases() == [db_schema.BASELINE] == [baseline.revision]
+
+
+def test_an_empty_database_is_migrated_to_the_head(engine):
+    migration = migrate(engine)
+    assert (migration.before, migration.after, migration.stamped) == (None, db_schema.head(), False)
+    assert _revision(engine) == db_schema.head()
+    assert _differences(engine) == []
+
+
+def test_a_database_of_the_earlier_code_keeps_its_rows(engine, database_url):
+    _earlier_database(engine)
+    assert _revision(engine) is None
+    with engine.connect() as conn:
+        assert db_schema.predates_migrations(conn)
+
+    migration = migrate(engine)
+    assert (migration.before, migration.stamped, migration.after) == (None, True, db_schema.head())
+    assert _revision(engine) == db_schema.head()
+    assert _differences(engine) == []
+
+    store = JobStore(database_url)
+    try:
+        job = store.get("job-1", "alice")
+        assert job is not None
+        assert (job.state, job.created_at) == (JobState.SUCCEEDED, CREATED)
+        assert job.options == {"tta": True}
+        assert job.result == {"volumes_ml": {"wt": 1.5}}
+        assert store.by_idempotency_key("alice", "key-1") == job
+        [delivery] = store.deliveries("job-1")
+        assert (delivery.id, delivery.status) == ("msg_1", DeliveryStatus.FAILED)
+        assert delivery.attempts == 3
+        assert store.retry_deliveries("job-1", "job.") == 1  # the table takes writes
+        assert [w["name"] for w in store.live_workers(within_s=1e9)] == ["cpu0@host"]
+        new, created = store.create("alice", {}, {}, "omnet.cpu", idempotency_key="key-1")
+        assert (new.id, created) == ("job-1", False)  # the unique constraint survived
+    finally:
+        store.engine.dispose()
+
+
+def test_a_database_of_the_earlier_code_missing_a_table_gets_it(engine):
+    """The earlier code created the tables one by one; a start cut short left some out,
+    and the next start created them."""
+    baseline.jobs.create(engine)
+    assert migrate(engine).stamped
+    assert _differences(engine) == []
+
+
+def test_migrating_again_changes_nothing_and_takes_no_lock(engine):
+    first = migrate(engine)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        again = migrate(engine)
+        create_schema(engine)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    assert first.changed and not again.changed
+    assert (again.before, again.after) == (db_schema.head(), db_schema.head())
+    writes = [s for s in statements if not s.lstrip().upper().startswith(("SELECT", "PRAGMA"))]
+    assert writes == []
+
+
+def test_a_revision_this_code_does_not_know_is_refused(engine):
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    with pytest.raises(SchemaError, match="9999_from_the_future"):
+        migrate(engine)
+    assert _revision(engine) == "9999_from_the_future"
+
+
+def test_a_failed_migration_changes_nothing(engine, monkeypatch):
+    """Schema changes run in the migration's transaction, on SQLite too."""
+    real_upgrade = command.upgrade
+
+    def upgrade_then_fail(config, revision) -> None:
+        real_upgrade(config, revision)
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(command, "upgrade", upgrade_then_fail)
+    with pytest.raises(RuntimeError, match="cut short"):
+        migrate(engine)
+    assert sa.inspect(engine).get_table_names() == []  # no revision, no tables
+    monkeypatch.undo()
+    assert migrate(engine).changed
+    assert _differences(engine) == []
+
+
+def test_threads_opening_a_database_together_all_succeed(database_url, engine):
+    _earlier_database(engine)
+    barrier = threading.Barrier(6)
+    errors: list[str] = []
+
+    def open_store() -> None:
+        barrier.wait(timeout=60)
+        try:
+            JobStore(database_url).engine.dispose()
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    assert _revision(engine) == db_schema.head()
+    assert _differences(engine) == []
+
+
+def test_the_migrations_are_installed_with_the_package():
+    """setuptools installs packages only: each folder of migrations is one."""
+    code = (
+        "import setuptools, json; print(json.dumps(setuptools.find_packages("
+        "include=['model*', 'service*', 'worker*'])))"
+    )
+    found = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout
+    )
+    assert {"service.db", "service.db.migrations", "service.db.migrations.versions"} <= set(found)
+    versions = {p.name for p in db_schema.MIGRATIONS.joinpath("versions").glob("v*.py")}
+    assert {Path(s.path).name for s in db_schema.scripts().walk_revisions()} == versions
