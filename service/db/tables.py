@@ -1,5 +1,5 @@
 """The tables of the job database as the code reads and writes them: ``jobs``,
-``workers`` and ``webhook_deliveries`` (the outbox of deliveries, :data:`deliveries`).
+``workers`` and ``deliveries``.
 
 They describe the schema at the newest migration (:mod:`service.db.migrations`); a change
 to them goes with a new migration that makes it in existing databases (see
@@ -56,7 +56,7 @@ workers = sa.Table(
 #: ``url``; ``dicomweb.store:<name>``: the files listed in ``body`` to destination
 #: ``<name>``, whose URL stays in the settings).
 deliveries = sa.Table(
-    "webhook_deliveries",
+    "deliveries",
     metadata,
     sa.Column("id", sa.String(64), primary_key=True),  # the webhook-id header
     sa.Column("job_id", sa.String(36), nullable=False, index=True),

@@ -114,6 +114,7 @@ def test_an_empty_database_is_migrated_to_the_head(engine):
     assert (migration.before, migration.after, migration.stamped) == (None, db_schema.head(), False)
     assert _revision(engine) == db_schema.head()
     assert _differences(engine) == []
+    assert "webhook_deliveries" not in sa.inspect(engine).get_table_names()
 
 
 def test_a_database_of_the_earlier_code_keeps_its_rows(engine, database_url):
@@ -126,6 +127,7 @@ def test_a_database_of_the_earlier_code_keeps_its_rows(engine, database_url):
     assert (migration.before, migration.stamped, migration.after) == (None, True, db_schema.head())
     assert _revision(engine) == db_schema.head()
     assert _differences(engine) == []
+    assert "webhook_deliveries" not in sa.inspect(engine).get_table_names()
 
     store = JobStore(database_url)
     try:
@@ -138,7 +140,7 @@ def test_a_database_of_the_earlier_code_keeps_its_rows(engine, database_url):
         [delivery] = store.deliveries("job-1")
         assert (delivery.id, delivery.status) == ("msg_1", DeliveryStatus.FAILED)
         assert delivery.attempts == 3
-        assert store.retry_deliveries("job-1", "job.") == 1  # the table takes writes
+        assert store.retry_deliveries("job-1", "job.") == 1  # the renamed table takes writes
         assert [w["name"] for w in store.live_workers(within_s=1e9)] == ["cpu0@host"]
         new, created = store.create("alice", {}, {}, "omnet.cpu", idempotency_key="key-1")
         assert (new.id, created) == ("job-1", False)  # the unique constraint survived
@@ -182,8 +184,27 @@ def test_a_revision_this_code_does_not_know_is_refused(engine):
     assert _revision(engine) == "9999_from_the_future"
 
 
-def test_a_failed_migration_changes_nothing(engine, monkeypatch):
+def test_the_migrations_go_back_to_the_baseline_and_forward_again(engine):
+    _earlier_database(engine)
+    migrate(engine)
+    with engine.begin() as conn:
+        command.downgrade(db_schema.alembic_config(conn), db_schema.BASELINE)
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), baseline.metadata)
+    assert diffs == []  # the baseline's schema, names and all
+    assert _revision(engine) == db_schema.BASELINE
+    migrate(engine)
+    assert _differences(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM deliveries")).scalar_one() == 1
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["empty", "earlier"])
+def test_a_failed_migration_changes_nothing(engine, monkeypatch, earlier):
     """Schema changes run in the migration's transaction, on SQLite too."""
+    if earlier:
+        _earlier_database(engine)
+    before = set(sa.inspect(engine).get_table_names())
     real_upgrade = command.upgrade
 
     def upgrade_then_fail(config, revision) -> None:
@@ -193,9 +214,10 @@ def test_a_failed_migration_changes_nothing(engine, monkeypatch):
     monkeypatch.setattr(command, "upgrade", upgrade_then_fail)
     with pytest.raises(RuntimeError, match="cut short"):
         migrate(engine)
-    assert sa.inspect(engine).get_table_names() == []  # no revision, no tables
+    assert set(sa.inspect(engine).get_table_names()) == before  # no revision, no rename
+    assert _revision(engine) is None
     monkeypatch.undo()
-    assert migrate(engine).changed
+    assert migrate(engine).stamped == earlier
     assert _differences(engine) == []
 
 
