@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from service.cli import (
+    db,
     evaluate,
     export,
     model_info,
@@ -31,7 +32,7 @@ from service.cli import (
 from service.cli.common import EXIT_FAILURE, EXIT_USAGE, one_line
 from service.openmp import prefer_passive_waits
 
-COMMANDS = (model_info, phantom, segment, evaluate, train, serve, worker, submit, export)
+COMMANDS = (model_info, phantom, segment, evaluate, train, serve, worker, db, submit, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

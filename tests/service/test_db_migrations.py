@@ -257,3 +257,36 @@ def test_the_migrations_are_installed_with_the_package():
     assert {"service.db", "service.db.migrations", "service.db.migrations.versions"} <= set(found)
     versions = {p.name for p in db_schema.MIGRATIONS.joinpath("versions").glob("v*.py")}
     assert {Path(s.path).name for s in db_schema.scripts().walk_revisions()} == versions
+
+
+@pytest.fixture
+def omnet_db(database_url, monkeypatch, capsys):
+    """Runs ``omnet db ...`` on the test's database; returns (exit status, stdout)."""
+    from service.cli import main
+    from service.config import get_settings
+
+    monkeypatch.setenv("OMNET_DATABASE_URL", database_url)
+    get_settings.cache_clear()
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(["db", *argv])
+        return code, capsys.readouterr().out
+
+    yield run
+    get_settings.cache_clear()
+
+
+def test_omnet_db_shows_and_migrates_a_database_of_the_earlier_code(engine, omnet_db):
+    code, out = omnet_db("current", "--check")
+    assert code == 1 and ("none: empty" in out or "no database yet" in out)  # SQLite: no file
+    _earlier_database(engine)
+    code, out = omnet_db("current", "--check")
+    assert code == 1 and "created before migrations" in out
+
+    code, out = omnet_db("upgrade")
+    assert code == 0
+    assert f"migrated to {db_schema.head()} (was created before migrations)" in out
+    code, out = omnet_db("upgrade")
+    assert code == 0 and f"already at {db_schema.head()}" in out
+    code, out = omnet_db("current", "--check")
+    assert code == 0 and f"{db_schema.head()}, the newest" in out
