@@ -1,6 +1,6 @@
 """Checking the DICOM parts of a submission before anything is queued.
 
-A job's case comes in one of three ways: NIfTI volumes (:mod:`service.uploads`), a DICOM
+A job's case comes in one of three ways: NIfTI volumes (:mod:`service.nifti_uploads`), a DICOM
 study uploaded as one zip (``study``) or as ``.dcm`` parts (``dicom``, repeated), or a
 ``study_uid`` that the worker retrieves from the configured DICOMweb source. An
 uploaded study is stored and its headers are checked the way the worker will read it

@@ -20,7 +20,7 @@ from model.io.nifti.read import load_case, load_labels
 from model.io.volumes import MODALITIES, InputError
 from service.cli import main as omnet
 from service.errors import ApiError
-from service.uploads import store_case
+from service.nifti_uploads import store_case
 from tests.nifti_corpus import CLOSE_DICE, VARIANTS, CroppedCase, Variant, crop_real_case, dice
 from tests.nifti_corpus import write_variant as write_corpus_variant
 
