@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from model.defaults import DEFAULT_POSTPROCESS, NO_POSTPROCESS, POSTPROCESS_MEANINGS
+from model.inference.report import CaseReportDict
 from service.config import SERVICE_POSTPROCESS_MODES
 from service.db import DeliveryStatus, JobState
 
@@ -213,10 +214,11 @@ class JobStatus(BaseModel):
     model: ModelRef | None = None
     error: ErrorDetail | None = None
     links: JobLinks
-    metrics: dict[str, Any] | None = Field(
+    metrics: CaseReportDict | None = Field(
         None,
-        description="region volumes in mL (and scores against a reference); for DICOM input "
-        "also the series used per modality and those resampled",
+        description="the case's report (succeeded jobs), the document `omnet segment` "
+        "writes as <case>_metrics.json: region volumes in mL, scores against a reference, "
+        "quality, warnings, how the result was made and, for DICOM input, the series used",
     )
     warnings: list[str] = Field(
         default_factory=list,

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -27,21 +26,21 @@ from typing import Any, TypeVar
 import sqlalchemy.exc as sa_exc
 
 from model.atomic import atomic_write_text
-from model.inference.case import CaseOutputs, CaseReport, process_case
+from model.inference.case import CaseOutputs, process_case
 from model.inference.pipeline import SegmentationOptions, load_predictor
+from model.inference.report import InferenceInfo
 from model.inference.tiling import TILINGS, Predictor
-from model.io.dicom.outputs import write_study_outputs
-from model.io.dicom.seg import AlgorithmInfo, software_version
-from model.io.dicom.study import DicomStudy, read_dicom_study
-from model.io.nifti.read import load_labels
+from model.io.dicom.study import read_dicom_study
 from model.io.volumes import MODALITIES, InputError
 from model.net.checkpoint import Checkpoint, describe_checkpoints
 from service.config import Settings
-from service.db import FINISHED, Job, JobState, JobStore
+from service.db import Job, JobState, JobStore
 from service.dicom_uploads import job_destinations, series_overrides, series_rules
-from service.dicomweb import DicomWebError, retrieve_study, store_deliveries
+from service.dicomweb import DicomWebError, store_deliveries
 from service.storage import Storage
 from service.webhooks import completion_event
+from worker.dicom_source import dicom_study_path
+from worker.heartbeat import Heartbeat, JobStoppedError, StopReason
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +59,6 @@ class RunOutcome(StrEnum):
     GONE = "gone"
     #: Another live worker runs it; the caller should look again later.
     BUSY = "busy"
-
-
-#: Waits between retrievals of a study from a DICOMweb source that cannot send it: the
-#: first, doubled each time up to the last.
-RETRIEVE_FIRST_WAIT_S, RETRIEVE_MAX_WAIT_S = 2.0, 30.0
 
 
 #: Waits between tries of a change to a job's record that the job database did not take:
@@ -97,22 +91,6 @@ def _persist(call: Callable[[], T], job_id: str, what: str, patience_s: float) -
             )
             time.sleep(wait_s)
             wait_s = min(wait_s * 2, DATABASE_MAX_WAIT_S)
-
-
-class StopReason(StrEnum):
-    """Why a running job must stop before it is done."""
-
-    CANCELLED = "cancelled"
-    TAKEN_OVER = "taken_over"
-    TIME_LIMIT = "time_limit"
-
-
-class JobStoppedError(Exception):
-    """The job must stop: cancelled, taken over by another worker, or out of time."""
-
-    def __init__(self, reason: StopReason) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def worker_name() -> str:
@@ -152,167 +130,43 @@ def get_predictor(settings: Settings) -> tuple[Predictor, list[Checkpoint]]:
         return _loaded
 
 
-#: While a job's progress moves, it is written at most this often (seconds) ...
-PROGRESS_S = 2.0
-#: ... and only when it moved at least this much since the last write.
-PROGRESS_STEP = 0.02
-
-
-@dataclass
-class _Progress:
-    fraction: float = 0.0
-    stage: str = "starting"
-
-
-class _Heartbeat(threading.Thread):
-    """Records progress every ``interval`` seconds and watches for a reason to stop."""
-
-    def __init__(
-        self, store: JobStore, job_id: str, worker: str, interval: float, deadline: float
-    ) -> None:
-        super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
-        self.store, self.job_id, self.worker = store, job_id, worker
-        self.interval, self.deadline = interval, deadline
-        self.progress = _Progress()
-        self.stop_reason: StopReason | None = None
-        self._done = threading.Event()
-
-    def beat(self) -> None:
-        job = self.store.heartbeat(
-            self.job_id, self.worker, self.progress.fraction, self.progress.stage
-        )
-        if job is None or job.state == JobState.CANCELLED:
-            self.stop_reason = StopReason.CANCELLED
-        elif job.state in FINISHED or job.worker != self.worker:
-            self.stop_reason = StopReason.TAKEN_OVER
-        elif time.monotonic() > self.deadline:
-            self.stop_reason = StopReason.TIME_LIMIT
-
-    def run(self) -> None:
-        # A beat every ``interval``, and in between one every PROGRESS_S while the progress
-        # moves, so that a job of a minute shows its tiles advancing, not 0 then 0.9.
-        last_beat, last_written = time.monotonic(), self.progress.fraction
-        while not self._done.wait(min(self.interval, PROGRESS_S)):
-            due = time.monotonic() - last_beat >= self.interval
-            moved = self.progress.fraction - last_written >= PROGRESS_STEP
-            if not (due or moved):
-                continue
-            last_beat, last_written = time.monotonic(), self.progress.fraction
-            try:
-                self.beat()
-            except Exception:  # a database hiccup must not kill the job; next beat retries
-                logger.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-
-    def check(self) -> None:
-        if self.stop_reason is None and time.monotonic() > self.deadline:
-            self.stop_reason = StopReason.TIME_LIMIT
-        if self.stop_reason is not None:
-            raise JobStoppedError(self.stop_reason)
-
-    def pause(self, seconds: float) -> None:
-        """Sleeps ``seconds``, stopping early (JobStoppedError) when the job must stop."""
-        until = time.monotonic() + seconds
-        while (left := until - time.monotonic()) > 0:
-            self.check()
-            time.sleep(min(left, 0.25))
-        self.check()
-
-    def close(self) -> None:
-        self._done.set()
-
-
-def _dicom_study_path(
-    job: Job, settings: Settings, storage: Storage, hb: _Heartbeat
-) -> Path | None:
-    """Where the job's DICOM study is: its uploaded zip or folder, or the folder its
-    ``study_uid`` is retrieved into (WADO-RS) now; None for NIfTI input."""
-    for name in ("study", "dicom"):
-        if name in job.inputs:
-            return storage.path(job.inputs[name])
-    study_uid = job.options.get("study_uid")
-    if not study_uid:
-        return None
-    endpoint = settings.dicomweb_source_endpoint()
-    if endpoint is None:
-        raise DicomWebError(
-            "dicomweb_not_configured",
-            "the workers have no DICOMweb source (OMNET_DICOMWEB_SOURCE) to retrieve the "
-            "study from",
-        )
-    folder = storage.inputs_dir(job.id) / "retrieved"
-    overrides = series_overrides(job.options)
-    # Four series named by UID: only those are retrieved; otherwise the study's MR series.
-    named = list(overrides.values()) if len(overrides) == len(MODALITIES) else []
-    uids = named if all("." in uid for uid in named) else []
-
-    def progress(done: int, total: int) -> None:
-        hb.progress.fraction = 0.05 * done / max(total, 1)
-        hb.check()
-
-    # A source that is down for a while (a PACS restarting) holds the job up, with its
-    # stage saying so, for at most dicomweb_retrieve_patience_s; then the job fails.
-    deadline = time.monotonic() + settings.dicomweb_retrieve_patience_s
-    wait_s = RETRIEVE_FIRST_WAIT_S
-    attempt = 0
-    while True:
-        attempt += 1
-        shutil.rmtree(folder, ignore_errors=True)  # a job taken over starts it again too
-        folder.mkdir(parents=True)
-        hb.progress.stage = "retrieving"
-        try:
-            retrieve_study(
-                endpoint,
-                study_uid,
-                folder,
-                series_uids=uids,
-                max_bytes=int(settings.max_study_mb * 2**20),
-                timeout_s=settings.dicomweb_timeout_s,
-                progress=progress,
-                retries=False,  # this loop retries, with the stage saying so
-            )
-            return folder
-        except DicomWebError as exc:
-            left = deadline - time.monotonic()
-            if not exc.transient or left <= 0:
-                if exc.transient and attempt > 1:
-                    exc.message += (
-                        f" ({attempt} attempts over {settings.dicomweb_retrieve_patience_s:.0f} s)"
-                    )
-                raise
-            logger.warning("job %s: %s; retrying in %.0f s", job.id, exc.message, min(wait_s, left))
-            hb.progress.stage = "waiting for the DICOMweb source"
-            hb.pause(min(wait_s, left))
-            wait_s = min(wait_s * 2, RETRIEVE_MAX_WAIT_S)
-
-
-def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> dict[str, Any]:
-    """Runs the job's case through :func:`model.inference.case.process_case`; returns the files,
-    metrics and model of the job's result (and, for DICOM input, its SEG)."""
+def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> dict[str, Any]:
+    """Runs the job's case, NIfTI or DICOM, through :func:`model.inference.case.process_case`;
+    returns the files, report and model of the job's result (and the outputs that failed)."""
     predictor, checkpoints = get_predictor(settings)
     inputs = {name: storage.path(key) for name, key in job.inputs.items()}
     opts = job.options
-    study = None
-    failed: dict[str, str] = {}
-    study_path = _dicom_study_path(job, settings, storage, hb)
+    study_path = dicom_study_path(job, settings, storage, hb)
     source: Any
     if study_path is not None:
         hb.progress.stage = "converting"
-        study = read_dicom_study(
+        source = read_dicom_study(
             study_path,
             name=job.id,
             rules=series_rules(settings),
             overrides=series_overrides(opts),
             max_bytes=int(settings.max_study_mb * 2**20),
         )
-        source = study.case
     else:
         source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     mode = settings.postprocess if opts["postprocess"] else "none"
     options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
+    dicom = study_path is not None
     outputs = CaseOutputs(
         storage.output(job.id, "segmentation"),
         storage.output(job.id, "probabilities") if opts["probabilities"] else None,
         storage.output(job.id, "preview") if opts["preview"] else None,
+        storage.output(job.id, "dicom_seg") if dicom else None,
+        storage.output(job.id, "dicom_preview") if dicom and opts["preview"] else None,
+    )
+    model = describe_checkpoints(checkpoints)
+    inference = InferenceInfo.describe(
+        model,
+        tiling=settings.tiling,
+        tta=settings.tta,
+        device=str(predictor.device),
+        batch_size=predictor.batch_size,
+        postprocess=mode,
     )
 
     def progress(done: int, total: int) -> None:
@@ -330,62 +184,22 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: _Heartbeat) -> 
         et_label=opts["label_convention"],
         progress=progress,
         check=hb.check,
+        inference=inference,
     )
     hb.progress.stage, hb.progress.fraction = "writing", 0.92
-    model = describe_checkpoints(checkpoints)
-    warnings = list(report.warnings)
-    if study is not None:
-        # The label map and metrics are the result; a DICOM output that cannot be
-        # written is a warning on it, never a reason to throw it away.
-        written, failed = _write_dicom(job, study, report, model, storage)
-        report.outputs.update(written)
-        for failure in failed.values():
-            logger.warning("job %s: %s", job.id, failure)
-            warnings.append(f"{failure}; the label map and metrics are kept")
+    for failure in report.failures.values():
+        logger.warning("job %s: %s", job.id, failure)
+    # Files by name only: the storage's paths mean nothing to the job's owner.
+    document = report.to_dict(paths=lambda path: Path(path).name)
     files = {kind: storage.key(path) for kind, path in report.outputs.items()}
-    metrics: dict[str, Any] = {
-        "volumes_ml": report.volumes_ml,
-        "label_convention": report.et_label,
-        "shape": list(report.shape),
-        "spacing_mm": list(report.spacing_mm),
-        "timings_s": {k: round(v, 3) for k, v in report.timings_s.items()},
-    }
-    if warnings:
-        metrics["warnings"] = warnings
-    metrics["quality"] = report.quality
-    if study is not None:
-        metrics["dicom"] = study.summary()
-    if report.evaluation is not None:
-        metrics["reference"] = {region: m.to_dict() for region, m in report.evaluation.items()}
     metrics_path = atomic_write_text(
-        storage.output(job.id, "metrics"), json.dumps(metrics, indent=2)
+        storage.output(job.id, "metrics"), json.dumps(document, indent=2) + "\n"
     )
     files["metrics"] = storage.key(metrics_path)
-    result = {"files": files, "metrics": metrics, "model": model}
-    if study is not None and failed:
-        result["failed"] = failed  # kind -> what went wrong, for the download routes
+    result: dict[str, Any] = {"files": files, "metrics": document, "model": model}
+    if report.failures:
+        result["failed"] = report.failures  # kind -> what went wrong, for the download routes
     return result
-
-
-def _write_dicom(
-    job: Job, study: DicomStudy, report: CaseReport, model: dict[str, Any], storage: Storage
-) -> tuple[dict[str, Path], dict[str, str]]:
-    """The SEG (and, with a preview, the Secondary Capture) of a DICOM job: the files
-    written, and for each that could not be, a sentence saying why."""
-    try:
-        labels = load_labels(
-            report.outputs["segmentation"], like=study.case, et_label=report.et_label
-        )
-    except InputError as exc:
-        return {}, {"dicom_seg": f"the DICOM outputs could not be written ({exc})"}
-    algorithm = AlgorithmInfo(
-        version=software_version(), model_name=model["name"], model_sha256=model["sha256"]
-    )
-    preview = storage.output(job.id, "dicom_preview") if job.options["preview"] else None
-    outputs = write_study_outputs(
-        study, labels, storage.output(job.id, "dicom_seg"), preview, algorithm=algorithm
-    )
-    return outputs.written, outputs.failures
 
 
 def _finish(
@@ -520,7 +334,7 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
         # while its answer was lost, or an earlier run here that ended without a record.
         job = current
     logger.info("job %s claimed by %s (attempt %d)", job_id, me, job.attempts)
-    hb = _Heartbeat(
+    hb = Heartbeat(
         store, job_id, me, settings.worker_heartbeat_s, time.monotonic() + settings.job_time_limit_s
     )
     hb.start()

@@ -1,21 +1,30 @@
 """One case, start to end: load, segment, score against a reference, write, report.
 
 :func:`process_case` is the one path that the command line (``omnet segment``), the
-service's workers and the benchmarks take through a case; each adds only what is its
-own (a progress bar, job heartbeats and cancellation, a results table).
+service's workers and the benchmarks take through a case, NIfTI or DICOM: it writes
+every output (label map, probabilities, PNG preview and, for a DICOM study, the DICOM
+SEG and the preview as a Secondary Capture) and returns the
+:class:`~model.inference.report.CaseReport`. Each caller adds only what is its own
+(a progress bar and the summary line; job heartbeats, cancellation and storage; a
+results table).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from model.evaluation.metrics import RegionMetrics, evaluate_case, region_volumes_ml
+import numpy as np
+
+from model.evaluation.metrics import evaluate_case, region_volumes_ml
 from model.inference.pipeline import SegmentationOptions, segment_case, write_segmentation
+from model.inference.report import CaseReport, InferenceInfo
 from model.inference.tiling import Predictor, ProgressCallback
+from model.io.dicom.outputs import write_study_outputs
+from model.io.dicom.seg import AlgorithmInfo, software_version
+from model.io.dicom.study import DicomStudy
 from model.io.nifti.read import load_case, load_labels
 from model.io.volumes import Case
 from model.labels import ENHANCING
@@ -39,78 +48,31 @@ class CaseOutputs:
     segmentation: Path
     probabilities: Path | None = None
     preview: Path | None = None
+    dicom_seg: Path | None = None
+    dicom_preview: Path | None = None
 
     @classmethod
     def in_folder(
-        cls, folder: Path, name: str, probabilities: bool = False, preview: bool = False
+        cls,
+        folder: Path,
+        name: str,
+        probabilities: bool = False,
+        preview: bool = False,
+        dicom: bool = False,
     ) -> CaseOutputs:
-        """The command line's names: ``<folder>/<name>_seg.nii.gz`` and siblings."""
+        """The command line's names: ``<folder>/<name>_seg.nii.gz`` and siblings
+        (``dicom``: also ``<name>_seg.dcm`` and, with ``preview``, ``<name>_preview.dcm``)."""
         return cls(
             folder / f"{name}_seg.nii.gz",
             folder / f"{name}_probabilities.nii.gz" if probabilities else None,
             folder / f"{name}_preview.png" if preview else None,
+            folder / f"{name}_seg.dcm" if dicom else None,
+            folder / f"{name}_preview.dcm" if dicom and preview else None,
         )
 
 
-@dataclass
-class CaseReport:
-    """What processing one case gave.
-
-    Attributes:
-        case: the case name.
-        inputs: modality -> file read.
-        shape: the case's grid, in voxels.
-        spacing_mm: voxel size per axis.
-        et_label: the label the enhancing tumour was written with (4 or 3).
-        volumes_ml: WT, TC and ET volumes of the result.
-        evaluation: region -> metrics against the reference, or None without one.
-        reference: the reference file, or None.
-        tiles: tiles the network ran on.
-        timings_s: seconds per stage (load, pre-processing, inference, ..., total).
-        outputs: kind (``segmentation``, ``probabilities``, ``preview``) -> file written.
-        warnings: what the user should know about the result.
-        quality: signs of a likely failure (:meth:`model.inference.lesions.Quality.to_dict`).
-    """
-
-    case: str
-    inputs: dict[str, str]
-    shape: tuple[int, int, int]
-    spacing_mm: tuple[float, float, float]
-    et_label: int
-    volumes_ml: dict[str, float]
-    evaluation: dict[str, RegionMetrics] | None = None
-    reference: str | None = None
-    tiles: int = 0
-    timings_s: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, Path] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    quality: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (paths as strings, metrics as plain dicts)."""
-        return {
-            "case": self.case,
-            "inputs": dict(self.inputs),
-            "outputs": {kind: str(p) for kind, p in self.outputs.items()},
-            "shape": list(self.shape),
-            "spacing_mm": list(self.spacing_mm),
-            "et_label": self.et_label,
-            "volumes_ml": dict(self.volumes_ml),
-            "tiles": self.tiles,
-            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
-            "warnings": list(self.warnings),
-            "quality": dict(self.quality),
-            "evaluation": None
-            if self.evaluation is None
-            else {
-                "reference": self.reference,
-                "metrics": {region: m.to_dict() for region, m in self.evaluation.items()},
-            },
-        }
-
-
 def process_case(
-    source: CaseSource | Case,
+    source: CaseSource | Case | DicomStudy,
     predictor: Predictor,
     outputs: CaseOutputs,
     options: SegmentationOptions | None = None,
@@ -120,11 +82,18 @@ def process_case(
     et_label: int = ENHANCING,
     progress: ProgressCallback | None = None,
     check: Callable[[], None] | None = None,
+    inference: InferenceInfo | None = None,
 ) -> CaseReport:
     """Loads, segments, evaluates and writes one case.
 
+    The label map, probabilities and preview are written first; the DICOM outputs of a
+    study come after them, and one that cannot be written is recorded in the report
+    (``failures`` and a warning) instead of raising: the label map and the metrics are
+    the result, and they are kept.
+
     Args:
-        source: what :func:`~model.io.nifti.read.load_case` reads, or a loaded case.
+        source: what :func:`~model.io.nifti.read.load_case` reads, a loaded case, or a
+            DICOM study read with :func:`~model.io.dicom.study.read_dicom_study`.
         predictor: the network(s) and tiling.
         outputs: where the files go.
         options: post-processing and extra outputs.
@@ -135,12 +104,20 @@ def process_case(
         progress: called with (tiles done, tiles in all) during inference.
         check: called between stages and with every progress report; raise from it
             to stop (e.g. a cancelled job).
+        inference: how the predictor makes its results, for the report (and the
+            algorithm named in a DICOM SEG).
 
     Raises:
         InputError: the case or the reference cannot be used.
     """
     started = time.perf_counter()
-    case = source if isinstance(source, Case) else load_case(source, name=name)
+    study = source if isinstance(source, DicomStudy) else None
+    if isinstance(source, DicomStudy):
+        case = source.case
+    elif isinstance(source, Case):
+        case = source
+    else:
+        case = load_case(source, name=name)
     ref_labels = load_labels(reference, like=case) if reference is not None else None
     timings = {"load": time.perf_counter() - started}
     _check(check)
@@ -169,7 +146,16 @@ def process_case(
         seg, case, outputs.segmentation, outputs.probabilities, outputs.preview, et_label
     )
     timings["write"] = time.perf_counter() - tick
+    failures: dict[str, str] = {}
+    if study is not None and outputs.dicom_seg is not None:
+        _check(check)
+        tick = time.perf_counter()
+        dicom_written, failures = _write_dicom(study, seg.labels, outputs, inference)
+        written.update(dicom_written)
+        timings["write_dicom"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
+    warnings = [*(study.warnings if study is not None else []), *seg.warnings]
+    warnings += [f"{failure}; the label map and metrics are kept" for failure in failures.values()]
     return CaseReport(
         case=case.name,
         inputs={m: str(p) for m, p in case.sources.items()},
@@ -182,9 +168,36 @@ def process_case(
         tiles=tiles,
         timings_s=timings,
         outputs=written,
-        warnings=list(seg.warnings),
+        warnings=list(dict.fromkeys(warnings)),
         quality=seg.quality.to_dict(),
+        inference=inference,
+        dicom=None if study is None else study.summary(),
+        failures=failures,
     )
+
+
+def _write_dicom(
+    study: DicomStudy,
+    labels: np.ndarray,
+    outputs: CaseOutputs,
+    inference: InferenceInfo | None,
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The SEG (and, with a preview path, the Secondary Capture) of a study: the files
+    written, and for each that could not be, a sentence saying why."""
+    assert outputs.dicom_seg is not None
+    algorithm = (
+        None
+        if inference is None
+        else AlgorithmInfo(
+            version=software_version(),
+            model_name=inference.model_name,
+            model_sha256=inference.model_sha256,
+        )
+    )
+    written = write_study_outputs(
+        study, labels, outputs.dicom_seg, outputs.dicom_preview, algorithm=algorithm
+    )
+    return written.written, written.failures
 
 
 def _check(check: Callable[[], None] | None) -> None:

@@ -2,7 +2,8 @@
 
 Each case goes through :func:`model.inference.case.process_case`, the path the service's workers
 take too; this module adds what is the command line's own: reading its arguments into
-cases, a progress bar, a one-line summary per case and a ``<case>_metrics.json``.
+cases, a progress bar, a one-line summary per case, and the case's report written as
+``<case>_metrics.json`` (:mod:`model.inference.report`, the shape the API serves).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ import argparse
 import json
 import sys
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, POSTPROCESS_MODES, TILING_NAMES
 from service.cli.common import CommandError, one_line, positive_int
 
 if TYPE_CHECKING:
-    from model.inference.case import CaseReport
     from model.inference.pipeline import SegmentationOptions
+    from model.inference.report import CaseReport, InferenceInfo
     from model.inference.tiling import Predictor
-    from model.io.dicom.seg import AlgorithmInfo
     from model.io.dicom.study import DicomStudy
+    from model.io.volumes import Case
 
 NAME = "segment"
 HELP = "segment cases with a trained model"
@@ -325,68 +325,60 @@ def _segment_one(
     options: SegmentationOptions,
     args: argparse.Namespace,
     out_dir: Path,
-    run_info: Mapping[str, Any],
-    algorithm: AlgorithmInfo | None = None,
+    inference: InferenceInfo,
 ) -> str:
-    """Segments one case, writes its outputs and metrics; returns its one-line summary."""
+    """Segments one case, writes its outputs and report; returns its one-line summary."""
     from model.atomic import atomic_write_text
     from model.inference.case import CaseOutputs, process_case
-    from model.io.dicom.study import read_dicom_study
+    from model.io.dicom.study import DicomStudy, read_dicom_study
     from model.io.nifti.files import find_label_file
     from model.io.nifti.read import load_case
 
-    study = None
+    source: Case | DicomStudy
     if job.dicom:
         if not isinstance(job.source, Path):
             raise CommandError("a DICOM study is one folder or zip file")
-        study = read_dicom_study(
+        source = read_dicom_study(
             job.source, name=job.name, overrides=_series_overrides(args.series)
         )
-        case = study.case
-        for warning in study.warnings:
+        case = source.case
+        for warning in source.warnings:
             print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
         if args.dicom_seg:
-            _check_dicom_outputs(study, args)
+            _check_dicom_outputs(source, args)
     else:
-        case = load_case(job.source, name=job.name)
+        source = case = load_case(job.source, name=job.name)
     reference = find_label_file(job.folder) if args.evaluate and job.folder else None
-    outputs = CaseOutputs.in_folder(out_dir, case.name, args.probabilities, args.preview)
+    outputs = CaseOutputs.in_folder(
+        out_dir, case.name, args.probabilities, args.preview, dicom=job.dicom and args.dicom_seg
+    )
     progress = _TileProgress(case.name)
     try:
         report = process_case(
-            case,
+            source,
             predictor,
             outputs,
             options,
             reference=reference,
             et_label=args.label_convention,
             progress=progress,
+            inference=inference,
         )
     finally:
         progress.close()
+    study_warnings = source.warnings if isinstance(source, DicomStudy) else []
+    failures = set(report.failures.values())
     for warning in report.warnings:
-        print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
-    # The NIfTI outputs are written; the DICOM ones come after them, and one that fails
-    # leaves them (and the metrics) in place.
-    failures: list[str] = []
-    if study is not None and args.dicom_seg:
-        written, failures = _write_dicom(study, report, args, out_dir, algorithm)
-        report.outputs.update(written)
+        said = warning in study_warnings or any(warning.startswith(f) for f in failures)
+        if not said:
+            print(f"omnet segment: {case.name}: warning: {warning}", file=sys.stderr)
     document = report.to_dict()
-    document["warnings"] += failures
-    if study is not None:
-        document["dicom"] = study.summary()
-    evaluation = document.pop("evaluation")
-    document.update(run_info)
-    document["timings_s"] = document.pop("timings_s")
-    if args.evaluate:
-        document["evaluation"] = evaluation  # null: the case has no label map
     atomic_write_text(out_dir / f"{case.name}_metrics.json", json.dumps(document, indent=2) + "\n")
-    if failures:
+    if report.failures:
         print(_summary_line(report, args.evaluate), flush=True)
         raise CommandError(
-            f"{'; '.join(failures)}; the NIfTI outputs and metrics of {case.name} are kept "
-            f"in {out_dir}"
+            f"{'; '.join(report.failures.values())}; the NIfTI outputs and metrics of "
+            f"{case.name} are kept in {out_dir}"
         )
     return _summary_line(report, args.evaluate)
 
@@ -404,29 +396,9 @@ def _check_dicom_outputs(study: DicomStudy, args: argparse.Namespace) -> None:
         )
 
 
-def _write_dicom(
-    study: DicomStudy,
-    report: CaseReport,
-    args: argparse.Namespace,
-    out_dir: Path,
-    algorithm: AlgorithmInfo | None,
-) -> tuple[dict[str, Path], list[str]]:
-    """The SEG (and, with --preview, the Secondary Capture) of a DICOM case: the files
-    written, and a sentence for each that could not be."""
-    from model.io.dicom.outputs import write_study_outputs
-    from model.io.nifti.read import load_labels
-
-    case = study.case
-    labels = load_labels(report.outputs["segmentation"], like=case, et_label=args.label_convention)
-    preview = out_dir / f"{case.name}_preview.dcm" if args.preview else None
-    outputs = write_study_outputs(
-        study, labels, out_dir / f"{case.name}_seg.dcm", preview, algorithm=algorithm
-    )
-    return outputs.written, list(outputs.failures.values())
-
-
 def run(args: argparse.Namespace) -> int:
     from model.inference.pipeline import SegmentationOptions, load_predictor
+    from model.inference.report import InferenceInfo
     from model.inference.tiling import TILINGS
     from model.net.checkpoint import describe_checkpoints
 
@@ -437,27 +409,19 @@ def run(args: argparse.Namespace) -> int:
         checkpoints, args.device, args.batch_size, TILINGS[args.tiling], tta=args.tta
     )
     options = SegmentationOptions.for_postprocess(args.postprocess, args.probabilities)
-    run_info = {
-        "tiling": args.tiling,
-        "tta": args.tta,
-        "device": str(predictor.device),
-        "batch_size": args.batch_size,
-        "postprocess": args.postprocess,
-        "checkpoints": describe_checkpoints(loaded, metadata=False)["checkpoints"],
-    }
-    algorithm = None
-    if args.dicom_seg:
-        from model.io.dicom.seg import AlgorithmInfo, software_version
-
-        model = describe_checkpoints(loaded, metadata=False)
-        algorithm = AlgorithmInfo(
-            version=software_version(), model_name=model["name"], model_sha256=model["sha256"]
-        )
+    inference = InferenceInfo.describe(
+        describe_checkpoints(loaded, metadata=False),
+        tiling=args.tiling,
+        tta=args.tta,
+        device=str(predictor.device),
+        batch_size=args.batch_size,
+        postprocess=args.postprocess,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for job in jobs:
         try:
-            line = _segment_one(job, predictor, options, args, out_dir, run_info, algorithm)
+            line = _segment_one(job, predictor, options, args, out_dir, inference)
         except Exception as exc:
             if len(jobs) == 1 or args.debug:
                 raise

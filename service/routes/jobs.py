@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from model.inference.report import upgrade_report
 from service.config import Settings
 from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore, utcnow
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
@@ -80,15 +81,17 @@ def _eta_s(job: Job) -> float | None:
     return round(max(0.0, elapsed * (1.0 - job.progress) / job.progress), 1)
 
 
+def _report(job: Job) -> dict[str, Any] | None:
+    """The report of a succeeded job in the current shape (see model/inference/report.py)."""
+    document = (job.result or {}).get("metrics")
+    return upgrade_report(document) if document else None
+
+
 def _status_from(
     request: Request, job: Job, queue_position: int | None, deliveries: list[Delivery]
 ) -> JobStatus:
-    metrics = None
-    warnings: list[str] = []
-    if job.result:
-        metrics = {k: v for k, v in job.result.get("metrics", {}).items() if k != "timings_s"}
-        warnings = list((metrics.get("dicom") or {}).get("warnings", []))
-        warnings += list(metrics.get("warnings", []))
+    metrics = _report(job)
+    warnings = list(metrics["warnings"]) if metrics else []
     quality = metrics.get("quality") if metrics else None
     return JobStatus(
         id=job.id,
@@ -410,7 +413,7 @@ def get_probabilities(
 def get_metrics(job_id: str, store: StoreDep, storage: StorageDep, owner: OwnerDep) -> JSONResponse:
     job = _owned(store, job_id, owner)
     _result_file(storage, job, "metrics")
-    return JSONResponse((job.result or {}).get("metrics", {}))
+    return JSONResponse(_report(job) or {})
 
 
 @router.get(

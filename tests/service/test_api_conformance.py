@@ -97,7 +97,7 @@ def test_each_variant_through_the_api(variant, submitted, plain, deployment, api
     assert answer["status"] == 202, answer["body"]
     job_id = answer["body"]["id"]
     status = deployment.wait_state(client, job_id, ("succeeded",), timeout=300)
-    assert status["metrics"]["reference"]["WT"]["dice"] is not None
+    assert status["metrics"]["evaluation"]["metrics"]["WT"]["dice"] is not None
     labels = _labels(client, job_id)
     if variant.expect == "same":
         np.testing.assert_array_equal(labels, plain)
@@ -116,7 +116,7 @@ def test_a_real_case_with_afni_extensions_is_scored(brats_case_dir, deployment, 
     response = client.post("/v1/jobs", files=_upload(paths))
     assert response.status_code == 202, response.text
     status = deployment.wait_state(client, response.json()["id"], ("succeeded",), timeout=600)
-    scores = status["metrics"]["reference"]
+    scores = status["metrics"]["evaluation"]["metrics"]
     assert scores["WT"]["dice"] > 0.7, scores  # the bundled model on a real case
     quality = status["quality"]  # a good result on a real brain: nothing to review
     assert quality["review_recommended"] is False, quality

@@ -200,7 +200,8 @@ def test_metrics_against_the_reference(deployment, api, phantom, submitted, work
     metrics = response.json()
     assert metrics["shape"] == list(phantom.shape)
     assert metrics["label_convention"] == 4
-    reference = metrics["reference"]
+    assert metrics["report_version"] == 1
+    reference = metrics["evaluation"]["metrics"]
     ref = phantom.labels
     regions = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
     for region, values in regions.items():
@@ -210,9 +211,11 @@ def test_metrics_against_the_reference(deployment, api, phantom, submitted, work
         assert reference[region]["dice"] == pytest.approx(expected, abs=1e-9), region
         volume = np.count_nonzero(np.isin(labels, values)) / 1000.0  # 1 mm voxels
         assert metrics["volumes_ml"][region] == pytest.approx(volume, abs=1e-3), region
-    # The status carries the same figures (without timings).
-    assert status["metrics"]["reference"] == reference
-    assert "timings_s" not in status["metrics"] and "timings_s" in metrics
+    # The status carries the same report; files are named, storage paths never shown.
+    assert status["metrics"] == metrics
+    assert metrics["outputs"]["segmentation"] == "segmentation.nii.gz"
+    assert "/" not in metrics["evaluation"]["reference"]
+    assert metrics["inference"]["model_name"] == status["model"]["name"]
 
 
 def test_preview_given_and_probabilities_not_requested(deployment, api, submitted, worker):
@@ -360,7 +363,7 @@ def test_bz2_volumes_are_accepted_and_segmented(deployment, api, phantom, worker
     assert plain.status_code == 202, plain.text
     status = _succeeded(deployment, api, job)
     _succeeded(deployment, api, plain.json()["id"])
-    assert "reference" in status["metrics"]
+    assert status["metrics"]["evaluation"] is not None
     got = np.asarray(_nifti(alice.get(f"/v1/jobs/{job}/segmentation")).dataobj)
     want = np.asarray(_nifti(alice.get(f"/v1/jobs/{plain.json()['id']}/segmentation")).dataobj)
     np.testing.assert_array_equal(got, want)

@@ -115,7 +115,7 @@ def test_runs_once_and_records_results(settings, store, storage, case):
     assert set(job.result["files"]) == {"segmentation", "probabilities", "preview", "metrics"}
     for key in job.result["files"].values():
         assert storage.path(key).is_file(), key
-    assert set(job.result["metrics"]["reference"]) == {"WT", "TC", "ET"}
+    assert set(job.result["metrics"]["evaluation"]["metrics"]) == {"WT", "TC", "ET"}
     # A second delivery of the same message does nothing.
     assert run_job(job_id, settings, store, storage) == RunOutcome.GONE
     assert store.get(job_id).attempts == 1  # type: ignore[union-attr]
@@ -603,9 +603,9 @@ def test_a_dicom_output_that_fails_keeps_the_result(
 def test_moving_progress_is_written_between_heartbeats(monkeypatch):
     """With a 10 s heartbeat, a job whose tiles advance still shows them every couple of
     seconds; a job whose progress stands still is written at the heartbeat only."""
-    from worker import runner
+    from worker import heartbeat
 
-    monkeypatch.setattr(runner, "PROGRESS_S", 0.05)
+    monkeypatch.setattr(heartbeat, "PROGRESS_S", 0.05)
     writes: list[float] = []
 
     class Recorder:
@@ -613,7 +613,7 @@ def test_moving_progress_is_written_between_heartbeats(monkeypatch):
             writes.append(fraction)
             return None  # the job is gone: the beat notes it, the thread keeps going
 
-    hb = runner._Heartbeat(Recorder(), "job", "me", interval=10.0, deadline=1e12)
+    hb = heartbeat.Heartbeat(Recorder(), "job", "me", interval=10.0, deadline=1e12)
     hb.start()
     try:
         for step in range(1, 6):
