@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import sqlalchemy.exc as sa_exc
 
 from model.atomic import atomic_write_text
+from model.defaults import NO_POSTPROCESS
 from model.inference.case import CaseOutputs, process_case
 from model.inference.pipeline import SegmentationOptions, load_predictor
 from model.inference.report import InferenceInfo
@@ -149,7 +150,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         )
     else:
         source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
-    mode = settings.postprocess if opts["postprocess"] else "none"
+    mode = settings.postprocess if opts["postprocess"] else NO_POSTPROCESS
     options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
     dicom = study_path is not None
     outputs = CaseOutputs(

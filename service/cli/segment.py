@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, POSTPROCESS_MODES, TILING_NAMES
+from model.defaults import (
+    DEFAULT_POSTPROCESS,
+    DEFAULT_TILING,
+    NO_POSTPROCESS,
+    POSTPROCESS_MODES,
+    TILING_NAMES,
+    describe_postprocess,
+)
 from service.cli.common import CommandError, one_line, positive_int
 
 if TYPE_CHECKING:
@@ -134,17 +141,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--postprocess",
         choices=POSTPROCESS_MODES,
         default=DEFAULT_POSTPROCESS,
-        help="main-lesion: tumour parts more than 10 mm from the largest removed, then "
-        "small-component removal; paper: small-component removal and K-means edema "
-        "relabelling; guarded: the relabelling only in tumours that hold core; components: "
-        "small-component removal alone; none (default %(default)s)",
+        help=describe_postprocess().replace("`", "").replace("%", "%%") + " (default %(default)s)",
     )
     p.add_argument(
         "--no-postprocess",
         action="store_const",
-        const="none",
+        const=NO_POSTPROCESS,
         dest="postprocess",
-        help="same as --postprocess none",
+        help=f"same as --postprocess {NO_POSTPROCESS}",
     )
     p.add_argument(
         "--tta",
