@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="worker device: auto, cpu, cuda, cuda:N")
     batch_size: int = Field(16, ge=1, description="patches per forward pass in the worker")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads each worker process runs inference on (its OpenMP and MKL "
+        "threads, set before PyTorch loads); unset: `OMP_NUM_THREADS` if set, else PyTorch's "
+        "default, one per core. With several workers on one machine, workers x threads at "
+        "most its cores",
+    )
     tiling: TilingName = Field(
         DEFAULT_TILING,
         description=f"worker tiling: {_one_of(TILING_NAMES, '`')} (see docs/method.md)",

@@ -57,11 +57,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
     p.add_argument("--concurrency", type=int, default=1, help="jobs at a time (one per GPU)")
     p.add_argument("--name", default=None, help="worker name (default: celery@hostname)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for inference (OMNET_THREADS)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.device:
         os.environ["OMNET_DEVICE"] = args.device
+    if args.threads is not None:
+        os.environ["OMNET_THREADS"] = str(args.threads)
     from service.config import get_settings
 
     settings = get_settings()
