@@ -199,11 +199,17 @@ class JobStatus(BaseModel):
     state: JobState
     progress: float = Field(description="0 to 1")
     stage: str | None = None
-    queue_position: int | None = None
+    queue_position: int | None = Field(
+        None, description="queued jobs: 1 + the queued jobs submitted before it (any owner's)"
+    )
     eta_s: float | None = Field(
         None,
-        description="estimated seconds until a running job finishes, from its progress rate "
-        "so far (the tiles done during inference); null before there is a rate",
+        description="estimated seconds until the job finishes. Running: from its progress "
+        "rate so far (the tiles done during inference), null before there is a rate. "
+        "Queued: from the deployment's measured pace: the jobs ahead of it and it itself "
+        "each take the median run time (start to finish) of the latest 50 succeeded jobs, "
+        "one per live worker, the workers freeing as the running jobs finish; null before "
+        "a job has succeeded, or with no live worker",
     )
     created_at: datetime
     started_at: datetime | None = None

@@ -14,12 +14,15 @@ The package's public names are imported from here; its modules:
 - :mod:`~service.db.tables`: the tables; :mod:`~service.db.schema`: the migrations
   (:mod:`~service.db.migrations`) that bring a database to them;
 - :mod:`~service.db.store`: :class:`JobStore`, with the outbox of deliveries
-  (:mod:`~service.db.outbox`).
+  (:mod:`~service.db.outbox`);
+- :mod:`~service.db.rates`: the deployment's measured pace (:class:`Pace`) and the wait
+  it predicts for a queued job.
 """
 
 from __future__ import annotations
 
 from service.db.engine import DATABASE_TIMEOUT_S, FORK_WAIT_S, Deadlines, ForkGate, make_engine
+from service.db.rates import Pace
 from service.db.records import (
     ACTIVE,
     FINISHED,
@@ -50,6 +53,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "NewDelivery",
+    "Pace",
     "SchemaError",
     "create_schema",
     "deliveries",

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from service.db.engine import DATABASE_TIMEOUT_S, ForkGate, make_engine
 from service.db.outbox import DeliveryRecords, insert_delivery
+from service.db.rates import Pace, read_pace
 from service.db.records import ACTIVE, DeliveryStatus, Job, JobState, NewDelivery, utcnow
 from service.db.schema import create_schema
 from service.db.tables import deliveries, jobs, workers
@@ -185,6 +186,12 @@ class JobStore(DeliveryRecords):
         )
         with self._read() as conn:
             return [(f - c).total_seconds() for c, f in conn.execute(query).all()]
+
+    def pace(self, live_within_s: float, stale_after_s: float) -> Pace:
+        """The deployment's measured pace (:func:`service.db.rates.read_pace`): recent run
+        times, running jobs and live workers, in one statement."""
+        with self._read() as conn:
+            return read_pace(conn, live_within_s, stale_after_s)
 
     def claim(
         self, job_id: str, worker: str, stale_after_s: float, max_attempts: int | None = None

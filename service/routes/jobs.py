@@ -15,8 +15,9 @@ from starlette.concurrency import run_in_threadpool
 
 from model.inference.report import upgrade_report
 from service.config import Settings
-from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore, utcnow
-from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep
+from service.db import ACTIVE, FINISHED, Delivery, Job, JobState, JobStore, Pace, utcnow
+from service.db.rates import progress_left_s
+from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep, get_settings
 from service.dicomweb import STORE_EVENT
 from service.errors import ApiError
 from service.queue import send_job
@@ -63,22 +64,24 @@ def _links(request: Request, job: Job) -> JobLinks:
 
 
 def _status(request: Request, store: JobStore, job: Job) -> JobStatus:
-    """The status of ``job``, with its queue position and deliveries read now."""
-    return _status_from(request, job, store.queue_position(job), store.deliveries(job.id))
+    """The status of ``job``, with its queue position, deliveries and (queued) the
+    deployment's pace read now."""
+    pace = _pace(request, store) if job.state == JobState.QUEUED else None
+    return _status_from(request, job, store.queue_position(job), store.deliveries(job.id), pace)
 
 
-#: Progress from which a running job's rate gives a time-left estimate.
-ETA_FROM_PROGRESS = 0.1
+def _pace(request: Request, store: JobStore) -> Pace:
+    """The deployment's measured pace, which the time left of queued jobs comes from."""
+    settings = get_settings(request)
+    return store.pace(3 * settings.worker_heartbeat_s, settings.stale_after_s)
 
 
 def _eta_s(job: Job) -> float | None:
     """Seconds a running job has left at its rate so far (elapsed x left / done)."""
     if job.state != JobState.RUNNING or job.started_at is None:
         return None
-    if not ETA_FROM_PROGRESS <= job.progress < 1.0:
-        return None
-    elapsed = (utcnow() - job.started_at).total_seconds()
-    return round(max(0.0, elapsed * (1.0 - job.progress) / job.progress), 1)
+    left = progress_left_s((utcnow() - job.started_at).total_seconds(), job.progress)
+    return None if left is None else round(left, 1)
 
 
 def _report(job: Job) -> dict[str, Any] | None:
@@ -88,9 +91,16 @@ def _report(job: Job) -> dict[str, Any] | None:
 
 
 def _status_from(
-    request: Request, job: Job, queue_position: int | None, deliveries: list[Delivery]
+    request: Request,
+    job: Job,
+    queue_position: int | None,
+    deliveries: list[Delivery],
+    pace: Pace | None = None,
 ) -> JobStatus:
     metrics = _report(job)
+    eta_s = _eta_s(job)
+    if job.state == JobState.QUEUED and queue_position is not None and pace is not None:
+        eta_s = pace.eta_s(queue_position)
     warnings = list(metrics["warnings"]) if metrics else []
     quality = metrics.get("quality") if metrics else None
     return JobStatus(
@@ -99,7 +109,7 @@ def _status_from(
         progress=round(job.progress, 4),
         stage=job.stage,
         queue_position=queue_position,
-        eta_s=_eta_s(job),
+        eta_s=eta_s,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -286,7 +296,10 @@ def list_jobs(
     jobs, total = store.list_jobs(owner, limit, offset)
     positions = store.queue_positions(jobs)
     deliveries = store.deliveries_of([j.id for j in jobs])
-    items = [_status_from(request, j, positions.get(j.id), deliveries.get(j.id, [])) for j in jobs]
+    pace = _pace(request, store) if jobs else None
+    items = [
+        _status_from(request, j, positions.get(j.id), deliveries.get(j.id, []), pace) for j in jobs
+    ]
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 

@@ -153,7 +153,7 @@ def test_a_page_of_jobs_takes_a_fixed_number_of_statements(client):
         assert page.status_code == 200, page.text
         assert len(page.json()["items"]) == limit
         counts[limit] = statements.count
-    assert counts[1] == counts[10] == counts[100] <= 4, counts
+    assert counts[1] == counts[10] == counts[100] <= 5, counts
 
     # The page says what each job's own status says.
     items = {item["id"]: item for item in client.get("/v1/jobs?limit=100").json()["items"]}

@@ -110,7 +110,8 @@ function jobRow(job) {
   if (job.state === "queued" && job.queue_position !== null) {
     detail = `position ${job.queue_position} in the queue`;
   }
-  if (job.state === "running" && job.eta_s !== null && job.eta_s !== undefined) {
+  const hasEta = job.eta_s !== null && job.eta_s !== undefined;
+  if ((job.state === "queued" || job.state === "running") && hasEta) {
     detail += ` (about ${Math.max(1, Math.round(job.eta_s))} s left)`;
   }
   if (job.error) detail = job.error.message;
