@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -386,3 +387,44 @@ def test_keys_with_a_common_prefix_and_no_owner_are_separate_tenants(
     assert b.delete(f"/v1/jobs/{job}").status_code == 404
     assert a.get(f"/v1/jobs/{job}/segmentation").status_code == 200
     assert job in {j["id"] for j in a.get("/v1/jobs").json()["items"]}
+
+
+def _key_tree(value):
+    """The keys of a JSON document, nested; values reduced to None."""
+    if isinstance(value, dict):
+        return {key: _key_tree(item) for key, item in value.items()}
+    return None
+
+
+def test_the_command_line_and_the_api_report_the_same_shape(
+    deployment, api, phantom, submitted, worker, tiny_checkpoint, tmp_path
+):
+    """One case, once through ``omnet segment`` and once as a job: one report shape,
+    key for key (paths differ: the API names files, the command line gives paths)."""
+    from service.cli import main
+
+    status = _succeeded(deployment, api, submitted.basic)  # the same case, with its reference
+    served = api.client("alice").get(f"/v1/jobs/{submitted.basic}/metrics").json()
+
+    folder = tmp_path / "case"
+    folder.mkdir()
+    for field, content in phantom.data.items():
+        name = "seg" if field == "reference" else field
+        (folder / f"case_{name}.nii.gz").write_bytes(content)
+    out = tmp_path / "out"
+    made = served["inference"]  # the same settings as the service's
+    args = ["segment", str(folder), "--evaluate", "--preview", "--out", str(out)]
+    args += ["--tiling", made["tiling"], "--postprocess", made["postprocess"]]
+    args += ["--batch-size", str(made["batch_size"])] + (["--tta"] if made["tta"] else [])
+    assert main([*args, "--checkpoint", str(tiny_checkpoint)]) == 0
+    written = json.loads((out / "case_metrics.json").read_text())
+
+    assert _key_tree(written) == _key_tree(served) == _key_tree(status["metrics"])
+    assert written["report_version"] == served["report_version"] == 1
+    assert written["volumes_ml"] == pytest.approx(served["volumes_ml"])
+    regions = written["evaluation"]["metrics"]
+    assert {r: m["dice"] for r, m in regions.items()} == pytest.approx(
+        {r: m["dice"] for r, m in served["evaluation"]["metrics"].items()}
+    )
+    assert written["outputs"]["segmentation"] == str(out / "case_seg.nii.gz")
+    assert served["outputs"]["segmentation"] == "segmentation.nii.gz"

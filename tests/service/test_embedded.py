@@ -8,7 +8,6 @@ worker is a child process of ``omnet serve``, which starts it again when it dies
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import signal
 import socket
@@ -260,45 +259,3 @@ def test_start_up_logs_say_where_and_stay_quiet(deployment, api):
     assert "loaded ['" in log  # the worker says which model it loaded, and on what device
     for noise in ("SecurityWarning", "No hostname was supplied", "-------------- [queues]"):
         assert noise not in log, noise
-
-
-def _key_tree(value):
-    """The keys of a JSON document, nested; values reduced to None."""
-    if isinstance(value, dict):
-        return {key: _key_tree(item) for key, item in value.items()}
-    return None
-
-
-def test_the_command_line_and_the_api_report_the_same_shape(
-    deployment, api, phantom, tiny_checkpoint, tmp_path
-):
-    """One case, once through ``omnet segment`` and once as a job: one report shape,
-    key for key (paths differ: the API names files, the command line gives paths)."""
-    from service.cli import main
-
-    folder = tmp_path / "case"
-    folder.mkdir()
-    for field, content in phantom.data.items():
-        name = "seg" if field == "reference" else field
-        (folder / f"case_{name}.nii.gz").write_bytes(content)
-    out = tmp_path / "out"
-    args = ["segment", str(folder), "--evaluate", "--preview", "--out", str(out)]
-    assert main([*args, "--checkpoint", str(tiny_checkpoint)]) == 0
-    written = json.loads((out / "case_metrics.json").read_text())
-
-    client = api.client("carol")
-    response = client.post("/v1/jobs", files=phantom.files(with_reference=True))
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
-    status = deployment.wait_state(client, job_id, ("succeeded",), timeout=120)
-    served = client.get(f"/v1/jobs/{job_id}/metrics").json()
-
-    assert _key_tree(written) == _key_tree(served) == _key_tree(status["metrics"])
-    assert written["report_version"] == served["report_version"] == 1
-    assert written["volumes_ml"] == pytest.approx(served["volumes_ml"])
-    regions = written["evaluation"]["metrics"]
-    assert {r: m["dice"] for r, m in regions.items()} == pytest.approx(
-        {r: m["dice"] for r, m in served["evaluation"]["metrics"].items()}
-    )
-    assert written["outputs"]["segmentation"] == str(out / "case_seg.nii.gz")
-    assert served["outputs"]["segmentation"] == "segmentation.nii.gz"
