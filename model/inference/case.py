@@ -11,10 +11,12 @@ results table).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,12 +24,12 @@ from model.evaluation.metrics import evaluate_case, region_volumes_ml
 from model.inference.pipeline import SegmentationOptions, segment_case, write_segmentation
 from model.inference.report import CaseReport, InferenceInfo
 from model.inference.tiling import Predictor, ProgressCallback
-from model.io.dicom.outputs import write_study_outputs
-from model.io.dicom.seg import AlgorithmInfo, software_version
-from model.io.dicom.study import DicomStudy
 from model.io.nifti.read import load_case, load_labels
 from model.io.volumes import Case
 from model.labels import ENHANCING
+
+if TYPE_CHECKING:
+    from model.io.dicom.study import DicomStudy
 
 #: What :func:`model.io.nifti.read.load_case` reads: a case folder, a 4-D file, or the four
 #: modality files by name.
@@ -111,13 +113,13 @@ def process_case(
         InputError: the case or the reference cannot be used.
     """
     started = time.perf_counter()
-    study = source if isinstance(source, DicomStudy) else None
-    if isinstance(source, DicomStudy):
-        case = source.case
+    study = _as_study(source)
+    if study is not None:
+        case = study.case
     elif isinstance(source, Case):
         case = source
     else:
-        case = load_case(source, name=name)
+        case = load_case(source, name=name)  # type: ignore[arg-type]
     ref_labels = load_labels(reference, like=case) if reference is not None else None
     timings = {"load": time.perf_counter() - started}
     _check(check)
@@ -176,6 +178,13 @@ def process_case(
     )
 
 
+def _as_study(source: object) -> DicomStudy | None:
+    """``source`` if it is a DICOM study. A NIfTI case never loads the DICOM modules
+    (pydicom, highdicom: 0.2 s of start-up): a study exists only where they are loaded."""
+    module = sys.modules.get("model.io.dicom.study")
+    return source if module is not None and isinstance(source, module.DicomStudy) else None
+
+
 def _write_dicom(
     study: DicomStudy,
     labels: np.ndarray,
@@ -184,6 +193,9 @@ def _write_dicom(
 ) -> tuple[dict[str, Path], dict[str, str]]:
     """The SEG (and, with a preview path, the Secondary Capture) of a study: the files
     written, and for each that could not be, a sentence saying why."""
+    from model.io.dicom.outputs import write_study_outputs
+    from model.io.dicom.seg import AlgorithmInfo, software_version
+
     assert outputs.dicom_seg is not None
     algorithm = (
         None
