@@ -139,6 +139,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
     opts = job.options
     study_path = dicom_study_path(job, settings, storage, hb)
     source: Any
+    started = time.perf_counter()
     if study_path is not None:
         hb.progress.stage = "converting"
         source = read_dicom_study(
@@ -150,6 +151,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         )
     else:
         source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
+    read_s = time.perf_counter() - started  # a study's conversion; NIfTI is read below
     mode = settings.postprocess if opts["postprocess"] else NO_POSTPROCESS
     options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
     dicom = study_path is not None
@@ -186,6 +188,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         progress=progress,
         check=hb.check,
         inference=inference,
+        read_s=read_s,
     )
     hb.progress.stage, hb.progress.fraction = "writing", 0.92
     for failure in report.failures.values():

@@ -85,6 +85,7 @@ def process_case(
     progress: ProgressCallback | None = None,
     check: Callable[[], None] | None = None,
     inference: InferenceInfo | None = None,
+    read_s: float = 0.0,
 ) -> CaseReport:
     """Loads, segments, evaluates and writes one case.
 
@@ -108,11 +109,13 @@ def process_case(
             to stop (e.g. a cancelled job).
         inference: how the predictor makes its results, for the report (and the
             algorithm named in a DICOM SEG).
+        read_s: seconds the caller spent reading a loaded case or study (``source``),
+            counted in the report's ``load`` and ``total``.
 
     Raises:
         InputError: the case or the reference cannot be used.
     """
-    started = time.perf_counter()
+    started = time.perf_counter() - read_s
     study = _as_study(source)
     if study is not None:
         case = study.case

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,7 @@ def _segment_one(
     from model.io.nifti.read import load_case
 
     source: Case | DicomStudy
+    started = time.perf_counter()
     if job.dicom:
         if not isinstance(job.source, Path):
             raise CommandError("a DICOM study is one folder or zip file")
@@ -352,6 +354,7 @@ def _segment_one(
             _check_dicom_outputs(source, args)
     else:
         source = case = load_case(job.source, name=job.name)
+    read_s = time.perf_counter() - started
     reference = find_label_file(job.folder) if args.evaluate and job.folder else None
     outputs = CaseOutputs.in_folder(
         out_dir, case.name, args.probabilities, args.preview, dicom=job.dicom and args.dicom_seg
@@ -367,6 +370,7 @@ def _segment_one(
             et_label=args.label_convention,
             progress=progress,
             inference=inference,
+            read_s=read_s,
         )
     finally:
         progress.close()
