@@ -117,12 +117,7 @@ def process_case(
     """
     started = time.perf_counter() - read_s
     study = _as_study(source)
-    if study is not None:
-        case = study.case
-    elif isinstance(source, Case):
-        case = source
-    else:
-        case = load_case(source, name=name)  # type: ignore[arg-type]
+    case = _case_of(source, study, name)
     ref_labels = load_labels(reference, like=case) if reference is not None else None
     timings = {"load": time.perf_counter() - started}
     _check(check)
@@ -155,8 +150,7 @@ def process_case(
     if study is not None and outputs.dicom_seg is not None:
         _check(check)
         tick = time.perf_counter()
-        dicom_written, failures = _write_dicom(study, seg.labels, outputs, inference)
-        written.update(dicom_written)
+        failures = _write_dicom(study, seg.labels, outputs, inference, written)
         timings["write_dicom"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
     warnings = [*(study.warnings if study is not None else []), *seg.warnings]
@@ -181,6 +175,16 @@ def process_case(
     )
 
 
+def _case_of(
+    source: CaseSource | Case | DicomStudy, study: DicomStudy | None, name: str | None
+) -> Case:
+    if study is not None:
+        return study.case
+    if isinstance(source, Case):
+        return source
+    return load_case(source, name=name)  # type: ignore[arg-type]
+
+
 def _as_study(source: object) -> DicomStudy | None:
     """``source`` if it is a DICOM study. A NIfTI case never loads the DICOM modules
     (pydicom, highdicom: 0.2 s of start-up): a study exists only where they are loaded."""
@@ -193,9 +197,11 @@ def _write_dicom(
     labels: np.ndarray,
     outputs: CaseOutputs,
     inference: InferenceInfo | None,
-) -> tuple[dict[str, Path], dict[str, str]]:
-    """The SEG (and, with a preview path, the Secondary Capture) of a study: the files
-    written, and for each that could not be, a sentence saying why."""
+    written: dict[str, Path],
+) -> dict[str, str]:
+    """Writes the SEG (and, with a preview path, the Secondary Capture) of a study,
+    adding the files to ``written``; returns, for each that could not be written, a
+    sentence saying why."""
     from model.io.dicom.outputs import write_study_outputs
     from model.io.dicom.seg import AlgorithmInfo, software_version
 
@@ -209,10 +215,11 @@ def _write_dicom(
             model_sha256=inference.model_sha256,
         )
     )
-    written = write_study_outputs(
+    result = write_study_outputs(
         study, labels, outputs.dicom_seg, outputs.dicom_preview, algorithm=algorithm
     )
-    return written.written, written.failures
+    written.update(result.written)
+    return result.failures
 
 
 def _check(check: Callable[[], None] | None) -> None:
