@@ -165,6 +165,9 @@ class Predictor:
         batch_size: patches per forward pass.
         layout: the tiling (:data:`WIDE_TILING`, the default, or :data:`PAPER_TILING`...).
         mixed_precision: float16 autocast; defaults to on for CUDA, off for the CPU.
+        channels_last: run the network on channels-last (NDHWC) tensors; defaults to on
+            for the CPU, where oneDNN's 3-D convolutions run faster on that layout (the
+            same probabilities to float rounding), off for CUDA.
         tta: test-time augmentation: every patch also goes through the network mirrored
             along each combination of axes (:data:`TTA_FLIPS`, 8 passes), each output is
             mirrored back and the probabilities are averaged. Not in the paper.
@@ -178,6 +181,7 @@ class Predictor:
         layout: TileLayout = WIDE_TILING,
         mixed_precision: bool | None = None,
         tta: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         if not models:
             raise ValueError("models must hold at least one network")
@@ -191,6 +195,9 @@ class Predictor:
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        if self.channels_last:
+            self.models = [m.to(memory_format=torch.channels_last_3d) for m in self.models]
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
@@ -209,6 +216,8 @@ class Predictor:
         ):
             for flip in self.flips:
                 x = to_network(patches.flip(flip) if flip else patches)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
                 for model in self.models:
                     with torch.autocast(self.device.type, enabled=self.mixed_precision):
                         outputs = model(x)

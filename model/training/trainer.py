@@ -237,7 +237,11 @@ class Trainer:
         (``groups``), the mean of the group means (``dice_by_group``: every
         institution counts the same, whatever its number of cases) and per-case figures.
         """
-        predictor = Predictor([self.model], self.device, layout=TILINGS[self.config.val_tiling])
+        # The model in training keeps its memory layout (channels_last=False): validating
+        # must not change the tensors the optimiser steps.
+        predictor = Predictor(
+            [self.model], self.device, layout=TILINGS[self.config.val_tiling], channels_last=False
+        )
         options = SegmentationOptions(remove_small=False, relabel_edema=False)
         per_case = {}
         for case, reference in self.validation:

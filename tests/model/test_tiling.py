@@ -341,6 +341,21 @@ def test_real_network_is_deterministic_and_batch_independent():
     assert not model.training  # the predictor runs the network in eval mode
 
 
+def test_channels_last_is_the_cpu_default_and_changes_nothing_but_rounding():
+    torch.manual_seed(1)
+    model = build_model(ArchConfig(width=4))
+    images = _images((25, 18, 5), seed=4)
+    fast = Predictor([model], device="cpu", batch_size=2)
+    assert fast.channels_last
+    weight = next(p for p in model.parameters() if p.ndim == 5)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d)
+    channels_last = fast.predict(images)
+    plain = Predictor([model], device="cpu", batch_size=2, channels_last=False).predict(images)
+    for a, b in zip(channels_last, plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert not np.all(a[0] == 1.0)
+
+
 # --------------------------------------------------------------------------- test-time augmentation
 
 
