@@ -197,7 +197,9 @@ class Predictor:
         )
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
         if self.channels_last:
-            self.models = [m.to(memory_format=torch.channels_last_3d) for m in self.models]
+            channels_last_3d = torch.channels_last_3d
+            # Module.to takes memory_format at run time; its type stubs do not say so.
+            self.models = [m.to(memory_format=channels_last_3d) for m in self.models]  # type: ignore[call-overload]
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
