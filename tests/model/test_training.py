@@ -328,6 +328,35 @@ def test_resume_continues_exactly_where_it_stopped(cases, tmp_path):
     assert not all(torch.equal(fresh[k], a[k]) for k in a)
 
 
+def test_cpu_training_runs_channels_last_and_resumes_a_plain_layout_state(cases, tmp_path):
+    """The layout is speed only: a state saved in the plain layout resumes with its
+    momentum buffers laid out like their parameters, and training goes on from it."""
+    config = _config(stage_epochs=(1, 1, 1))
+    plain = Trainer(config, _sampler(cases), tmp_path / "run")
+    assert plain.channels_last
+    weights = [p for p in plain.model.parameters() if p.ndim == 5]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+    # A state written by a run whose tensors were in the plain layout.
+    plain.channels_last = False
+    plain.model.to(memory_format=torch.contiguous_format)
+    _fit_steps(plain, 2)
+    plain.save_state()
+    resumed = Trainer(config, _sampler(cases), tmp_path / "run")
+    resumed.load_state()
+    checked = 0
+    for name, param in resumed.model.named_parameters():
+        if "momentum_buffer" not in resumed.optimizer.state[param]:
+            continue  # a task not trained yet
+        checked += 1
+        buffer = resumed.optimizer.state[param]["momentum_buffer"]
+        assert buffer.stride() == param.stride(), name
+        saved = plain.optimizer.state[dict(plain.model.named_parameters())[name]]
+        assert torch.equal(buffer, saved["momentum_buffer"]), name
+    assert checked > 0
+    resumed.fit()
+    assert resumed.state.global_step == 6
+
+
 def test_resume_refuses_another_configuration(cases, tmp_path):
     trainer = Trainer(_config(), _sampler(cases), tmp_path)
     trainer.save_state()
