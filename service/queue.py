@@ -11,8 +11,12 @@ storage folder) with results in SQLite.
 Delivery guarantees (docs/delivery-guarantees.md states the bounds):
 
 * late acknowledgement (a job is acknowledged when it ends, not when it starts), one
-  job prefetched per worker, and a job whose pool process dies is rejected back to the
-  queue;
+  job prefetched per worker, and a job whose pool process dies is sent again at
+  :data:`RESENT_PRIORITY` (see :mod:`service.recovery`);
+* a job is sent at :data:`JOB_PRIORITY`, and sent again (its worker died, or its message
+  was lost) at :data:`RESENT_PRIORITY`, which every transport serves first: Redis through
+  kombu's priority lists, the embedded mode through :class:`FolderTransport`; so a job
+  that lost its worker is not queued behind the jobs submitted after it;
 * a message a worker holds is a lease: Redis hands it out again when it has not been
   renewed for ``visibility_timeout_s``, and every live worker renews the leases of the
   messages it holds at each heartbeat (:meth:`BrokerLedger.renew`), so a long job keeps
@@ -34,13 +38,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import redis
 from celery import Celery
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from service.config import Settings
 
@@ -50,6 +58,11 @@ TASK_SEGMENT = "omnet.segment"
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"
 #: Kombu's priority sub-queues (``<queue>\x06\x16<n>``) besides the queue itself.
 _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{n}" for n in (3, 6, 9)))
+#: Message priorities: a job sent again (its worker died, or its message was lost) and a
+#: new job. Kombu's Redis transport keeps one list per step of its ``priority_steps``
+#: (0, 3, 6, 9; the step 0 list is the queue itself) and its consumers pop the lower step
+#: first, over all their queues; :class:`FolderTransport` does the same in its folder.
+RESENT_PRIORITY, JOB_PRIORITY = 0, 3
 
 
 def broker_folder(settings: Settings) -> Path:
@@ -81,6 +94,7 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
         backend = settings.result_backend or (
             f"db+sqlite:///{(settings.storage_dir / 'celery-results.sqlite').resolve()}"
         )
+        transport: str | None = f"{__name__}:FolderTransport"  # taken over the URL's scheme
     else:
         broker = settings.broker_url or ""
         transport_options = {
@@ -93,6 +107,7 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
             transport_options["socket_timeout"] = settings.broker_timeout_s
             transport_options["socket_connect_timeout"] = settings.broker_timeout_s
         backend = settings.result_backend or broker
+        transport = None
     app = Celery("omnet", broker=broker, backend=backend, include=list(include))
     app.conf.update(
         task_acks_late=True,
@@ -102,6 +117,7 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        broker_transport=transport,
         broker_transport_options=transport_options,
         result_backend_transport_options=transport_options if not settings.embedded else {},
         result_expires=max(1, int(settings.retention_hours * 3600)),
@@ -116,10 +132,52 @@ def make_celery(settings: Settings, include: Sequence[str] = (), client: bool = 
     return app
 
 
-def send_job(celery: Celery, job_id: str, queue: str, retry: bool = True) -> None:
+def send_job(
+    celery: Celery, job_id: str, queue: str, retry: bool = True, resent: bool = False
+) -> None:
     """Queues job ``job_id`` on ``queue`` (its task id is the job id). ``retry=False``
-    fails at once, instead of retrying, when the broker does not answer."""
-    celery.send_task(TASK_SEGMENT, args=[job_id], queue=queue, task_id=job_id, retry=retry)
+    fails at once, instead of retrying, when the broker does not answer. ``resent``: the
+    job was sent before and lost its worker or its message; it goes before every new job
+    (:data:`RESENT_PRIORITY`)."""
+    celery.send_task(
+        TASK_SEGMENT,
+        args=[job_id],
+        queue=queue,
+        task_id=job_id,
+        retry=retry,
+        priority=RESENT_PRIORITY if resent else JOB_PRIORITY,
+    )
+
+
+class FolderChannel(filesystem.Channel):
+    """Kombu's filesystem channel, with :data:`RESENT_PRIORITY` messages served first.
+
+    Its consumer takes the first message file of a queue in the sorted order of the names,
+    which begin with the sending time in milliseconds (a digit from 1 to 9), so a message
+    is served after every one sent before it. A message at :data:`RESENT_PRIORITY` (or
+    at no priority) is named ``0_<time>_<uuid>.<queue>.msg`` instead, which sorts before
+    all of those; it is written under a name no consumer takes, then renamed, so a
+    consumer never reads it half-written.
+    """
+
+    # Kombu names the message ``message`` in its base channel, ``payload`` here.
+    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if self._get_message_priority(message) > RESENT_PRIORITY:
+            super()._put(queue, message, **kwargs)
+            return
+        stamp = time.monotonic_ns() // 1_000_000
+        name = f"0_{stamp:015d}_{uuid.uuid4()}.{queue}.msg"
+        folder = Path(self.data_folder_out)
+        part = folder / f".{name}.part"
+        part.write_bytes(dumps(message).encode())
+        os.replace(part, folder / name)
+
+
+class FolderTransport(filesystem.Transport):
+    """The embedded mode's transport: kombu's filesystem transport with
+    :class:`FolderChannel`."""
+
+    Channel = FolderChannel
 
 
 class Ledger(Protocol):

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +36,7 @@ from service.config import Settings
 from service.db import Job, JobState, JobStore
 from service.dicom_uploads import job_destinations, series_overrides, series_rules
 from service.dicomweb import DicomWebError, store_deliveries
+from service.recovery import fail_exhausted, worker_name
 from service.storage import Storage
 from service.webhooks import completion_event
 from worker.dicom_source import dicom_study_path
@@ -92,10 +91,6 @@ def _persist(call: Callable[[], T], job_id: str, what: str, patience_s: float) -
             )
             time.sleep(wait_s)
             wait_s = min(wait_s * 2, DATABASE_MAX_WAIT_S)
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 _lock = threading.Lock()
@@ -277,48 +272,10 @@ def _lost(job_id: str, store: JobStore, storage: Storage) -> RunOutcome:
     return RunOutcome.TAKEN_OVER
 
 
-#: Error code of a job whose workers stopped while running it ``max_attempts`` times.
-WORKER_LOST = "worker_lost"
-
-
-def worker_lost_message(attempts: int) -> str:
-    """What a job that failed with :data:`WORKER_LOST` after ``attempts`` starts says."""
-    times = "once (attempt 1)" if attempts == 1 else f"{attempts} times (attempts 1-{attempts})"
-    return (
-        f"the worker running this job stopped {times}; the case may need more memory or "
-        "time than the worker has (killed for memory, or past a hard time limit). Ask the "
-        "operator to check the workers' logs and memory; it was not started again "
-        "(OMNET_MAX_ATTEMPTS)"
-    )
-
-
-def fail_exhausted(job: Job, settings: Settings, store: JobStore, storage: Storage) -> bool:
-    """Fails ``job`` with :data:`WORKER_LOST` (and its webhook event) if a worker could
-    claim it but it was started ``settings.max_attempts`` times already; True if it did.
-    Its partial outputs go, its inputs stay until the record expires."""
-    if job.attempts < settings.max_attempts:
-        return False
-    message = worker_lost_message(job.attempts)
-    event = completion_event(job, JobState.FAILED, error=(WORKER_LOST, message))
-    failed = store.fail_exhausted(
-        job.id,
-        settings.stale_after_s,
-        settings.max_attempts,
-        timedelta(hours=settings.retention_hours),
-        WORKER_LOST,
-        message,
-        event,
-    )
-    if failed:
-        logger.error("job %s: %s", job.id, message)
-        shutil.rmtree(storage.outputs_dir(job.id), ignore_errors=True)
-    return failed
-
-
 def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) -> RunOutcome:
     """Runs job ``job_id`` if this worker can claim it, and says what happened. A job
     whose workers stopped while running it ``max_attempts`` times is not started again:
-    it fails with :data:`WORKER_LOST`."""
+    it fails with :data:`~service.recovery.WORKER_LOST`."""
     me = worker_name()
     job = _persist(
         lambda: store.claim(job_id, me, settings.stale_after_s, settings.max_attempts),

@@ -15,9 +15,10 @@ from typing import Any
 
 from celery import Task, current_app, shared_task, signals
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 
 from model.net.checkpoint import describe_checkpoints
-from service.db import utcnow
+from service.db import FINISHED, utcnow
 from service.deliveries import run_deliveries
 from service.queue import (
     TASK_SEGMENT,
@@ -27,20 +28,72 @@ from service.queue import (
     broker_folder,
     send_job,
 )
+from service.recovery import fail_exhausted, release_lost
 from worker.context import WorkerContext, context
-from worker.runner import (
-    default_checkpoints,
-    fail_exhausted,
-    get_predictor,
-    run_job,
-    worker_name,
-)
+from worker.runner import default_checkpoints, get_predictor, run_job, worker_name
 
 logger = get_task_logger(__name__)
 
 
+class SegmentRequest(Request):
+    """A segmentation message in a worker's main process.
+
+    When the pool process running it dies, Celery rejects the message back to its queue
+    (``reject_on_worker_lost``), and kombu's Redis transport puts a rejected message at
+    the end that is served last: behind the whole backlog. Instead, the job is released
+    (:func:`service.recovery.release_lost`: queued again and sent at
+    :data:`~service.queue.RESENT_PRIORITY`, or failed with ``worker_lost`` at its last
+    attempt) and the message acknowledged. When that fails (the job database or the
+    broker does not answer), the message is rejected as Celery would; the
+    reconciliation then sends the job again once its heartbeat is stale.
+    """
+
+    def reject(self, requeue: bool = False) -> None:
+        if requeue and not self.acknowledged and _send_again(self):
+            self.acknowledge()
+            return
+        super().reject(requeue=requeue)
+
+
+def _send_again(request: Request) -> bool:
+    """Releases and sends again the job of ``request``, whose pool process died; False
+    if that could not be done."""
+    ctx = context(request.app)
+    job_id = str(request.id)
+    try:
+        if request.worker_pid and release_lost(
+            ctx.settings,
+            ctx.store,
+            ctx.storage,
+            request.app,
+            worker_name(request.worker_pid),
+            job_id,
+        ):
+            return True
+        # The process died before it claimed the job (or the job is no longer its):
+        # the message still goes before the ones sent after it.
+        job = ctx.store.get(job_id)
+        if job is not None and job.state not in FINISHED:
+            queue = job.queue or request.delivery_info.get("routing_key") or _queue_name(ctx)
+            send_job(request.app, job_id, queue, retry=False, resent=True)
+        return True
+    except Exception:
+        logger.warning(
+            "job %s: could not send it again after its pool process died; its message goes "
+            "back to the queue",
+            job_id,
+            exc_info=True,
+        )
+        return False
+
+
 @shared_task(
-    name=TASK_SEGMENT, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
+    name=TASK_SEGMENT,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=None,
+    Request=SegmentRequest,
 )
 def segment(self: Task, job_id: str) -> str:
     """Segments job ``job_id`` (its files are in storage; only the id travels)."""
@@ -127,12 +180,12 @@ def _held(ctx: WorkerContext, ledger: Ledger) -> set[str]:
 
 
 def reconcile(ctx: WorkerContext, ledger: Ledger, period_s: float) -> list[str]:
-    """Sends again every job whose record is queued (for longer than the stale interval),
-    or running under a worker silent for that long, and that has no message left in the
-    broker (Redis, or the embedded mode's folder); one whose workers stopped while running
-    it ``max_attempts`` times fails instead (:func:`worker.runner.fail_exhausted`). One
-    worker at a time does it (a lock for ``period_s``); duplicates would be harmless anyway
-    (the claim). Returns the ids sent."""
+    """Sends again, ahead of the jobs sent as new, every job whose record is queued (for
+    longer than the stale interval), or running under a worker silent for that long, and
+    that has no message left in the broker (Redis, or the embedded mode's folder); one
+    whose workers stopped while running it ``max_attempts`` times fails instead
+    (:func:`service.recovery.fail_exhausted`). One worker at a time does it (a lock for
+    ``period_s``); duplicates would be harmless anyway (the claim). Returns the ids sent."""
     settings = ctx.settings
     if not ledger.try_lock(f"{settings.queue_prefix}.reconcile", period_s):
         return []
@@ -146,7 +199,7 @@ def reconcile(ctx: WorkerContext, ledger: Ledger, period_s: float) -> list[str]:
         if fail_exhausted(job, settings, ctx.store, ctx.storage):
             continue
         if job.id not in held:
-            send_job(current_app, job.id, job.queue or _queue_name(ctx))
+            send_job(current_app, job.id, job.queue or _queue_name(ctx), resent=True)
             sent.append(job.id)
             logger.warning("job %s (%s) had no message left; sent it again", job.id, job.state)
     return sent
@@ -184,7 +237,7 @@ def _ready(sender: Any = None, **_kwargs: Any) -> None:
         for job in ctx.store.orphans(settings.stale_after_s):
             if fail_exhausted(job, settings, ctx.store, ctx.storage) or job.id in held:
                 continue
-            send_job(current_app, job.id, job.queue or _queue_name(ctx))
+            send_job(current_app, job.id, job.queue or _queue_name(ctx), resent=True)
             logger.info("re-sent job %s (%s)", job.id, job.state)
 
 

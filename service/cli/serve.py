@@ -5,7 +5,9 @@ API runs (a crash, the OOM killer, a ``kill``), it is started again after a shor
 back-off, so that submitted jobs do not wait for a restart of the whole service. A
 worker that keeps dying (:data:`MAX_WORKER_EXITS` exits within
 :data:`WORKER_EXIT_WINDOW_S`) stops the API too, and ``omnet serve`` exits with one line
-saying so, rather than answering 202 to jobs that nothing will run.
+saying so, rather than answering 202 to jobs that nothing will run. The jobs the dead
+worker was running are queued again at once and sent ahead of the queue
+(:func:`service.recovery.release_lost`), before the new worker starts.
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ class WorkerSupervisor:
 
     A thread waits on the worker. After an exit it waits a back-off (1, 2, 4, 8 s as
     exits accumulate) and starts a new worker, unless :meth:`stop` was called or
-    ``stopping()`` says the service is shutting down. After :data:`MAX_WORKER_EXITS`
-    exits within :data:`WORKER_EXIT_WINDOW_S` it gives up: :attr:`failure` says why and
-    ``give_up()`` is called (it stops the API).
+    ``stopping()`` says the service is shutting down. Every such exit is first reported
+    to ``exited(pid)`` (an exception there is logged and ignored). After
+    :data:`MAX_WORKER_EXITS` exits within :data:`WORKER_EXIT_WINDOW_S` it gives up:
+    :attr:`failure` says why and ``give_up()`` is called (it stops the API).
     """
 
     def __init__(
@@ -84,11 +87,13 @@ class WorkerSupervisor:
         env: dict[str, str],
         stopping: Callable[[], bool],
         give_up: Callable[[], None],
+        exited: Callable[[int], object] | None = None,
     ) -> None:
         self._cmd = cmd
         self._env = env
         self._stopping = stopping
         self._give_up = give_up
+        self._exited = exited
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -122,6 +127,11 @@ class WorkerSupervisor:
             died = time.monotonic()
             if self._over(SHUTDOWN_GRACE_S):
                 return
+            if self._exited is not None:
+                try:
+                    self._exited(process.pid)
+                except Exception:
+                    logger.warning("after the embedded worker's exit", exc_info=True)
             exits.append(died)
             while exits[0] < died - WORKER_EXIT_WINDOW_S:
                 exits.popleft()
@@ -189,13 +199,20 @@ def run(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.config import get_settings
+    from service.recovery import release_lost, worker_name
 
     settings = get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     print(_where(args.host, args.port, settings), file=sys.stderr)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info")
-    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+
+    def _worker_died(pid: int) -> list[str]:
+        """The jobs of the dead worker go back to the queue, ahead of it, at once (its
+        message is gone from the embedded mode's folder, or held by Redis until its
+        lease expires)."""
+        state = app.state
+        return release_lost(settings, state.store, state.storage, state.celery, worker_name(pid))
 
     def _stop_api() -> None:
         server.should_exit = True  # uvicorn's main loop checks it every 0.1 s
@@ -206,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
         # The worker picks its queue itself: the API process never imports torch.
         cmd = [sys.executable, "-m", "service.cli", "worker", "--pool", "solo"]
         cmd += ["--name", "omnet-embedded@%h"]
-        supervisor = WorkerSupervisor(cmd, env, lambda: server.should_exit, _stop_api)
+        supervisor = WorkerSupervisor(
+            cmd, env, lambda: server.should_exit, _stop_api, exited=_worker_died
+        )
         mode = (
             "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
         )

@@ -255,6 +255,30 @@ class JobStore(DeliveryRecords):
                 insert_delivery(conn, event, now)
         return res.rowcount == 1
 
+    def release(self, worker: str, job_id: str | None = None) -> list[Job]:
+        """Queues again the jobs running under ``worker`` (only ``job_id`` when given), a
+        process known to be dead, so that a worker may claim them now rather than once
+        their heartbeat is stale. Their attempts stay counted; ``worker`` and
+        ``started_at`` keep naming the last attempt. Returns the jobs released, as they
+        are now."""
+        held = sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.worker == worker)
+        if job_id is not None:
+            held = sa.and_(held, jobs.c.id == job_id)
+        with self._tx() as conn:
+            ids = [row.id for row in conn.execute(sa.select(jobs.c.id).where(held))]
+            released = [
+                i
+                for i in ids
+                if conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == i, held)
+                    .values(state=JobState.QUEUED, progress=0.0, stage=None)
+                ).rowcount
+                == 1
+            ]
+            rows = conn.execute(sa.select(jobs).where(jobs.c.id.in_(released))).all()
+        return [Job.from_row(r) for r in rows]
+
     def heartbeat(self, job_id: str, worker: str, progress: float, stage: str) -> Job | None:
         """Records progress of a job that ``worker`` runs; returns the record as it is now
         (None if it was deleted), so that the worker can see whether it still holds it."""

@@ -191,11 +191,10 @@ def _kill_mid_job(s: Stack, serve: Proc, job_id: str, attempt: int) -> tuple[str
 def test_a_job_whose_worker_is_killed_resumes_then_fails_with_worker_lost(
     tmp_path, tiny_checkpoint, phantom
 ):
-    """SIGKILL the embedded worker mid-job. Its replacement starts before the job's
-    heartbeat is stale, so the start-up re-send leaves the job alone; the periodic
-    reconciliation sends it again once it is stale, and the job resumes within the bound.
-    Killed again at its last attempt (OMNET_MAX_ATTEMPTS=2), it fails with worker_lost
-    within the same bound."""
+    """SIGKILL the embedded worker mid-job. ``omnet serve`` sees it die and queues the job
+    again before starting a replacement (which starts before the job's heartbeat would be
+    stale), and the job resumes within the bound. Killed again at its last attempt
+    (OMNET_MAX_ATTEMPTS=2), it fails with worker_lost within the same bound."""
     env = base_env(
         tiny_checkpoint,
         OMNET_WORKER_HEARTBEAT_S=str(KILLED_HEARTBEAT_S),
