@@ -199,12 +199,13 @@ def _spread_row(spread: dict[str, dict[str, Any]]) -> str:
 
 def crossval_models(runs: Path, checkpoint: str) -> dict[str, str]:
     """Case name -> the checkpoint of the fold model that never trained on it (folds
-    of ``model/splits/cv5_fold*_val.txt`` whose run holds ``checkpoint``)."""
+    of ``model/splits/cv5_fold*_val.txt`` whose run finished, marked by its ``done``
+    file, and holds ``checkpoint``; a fold still training is left out)."""
     out = {}
     for fold_file in sorted(SPLITS_DIR.glob("cv5_fold*_val.txt")):
         fold = fold_file.name.split("_")[1]  # 'fold3'
         path = runs / fold / checkpoint
-        if path.is_file():
+        if path.is_file() and (runs / fold / "done").is_file():
             out.update({name: str(path) for name in read_split(fold_file)})
     return out
 

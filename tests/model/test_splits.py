@@ -108,3 +108,24 @@ def test_cross_validation_folds_cover_every_case_once_stratified_by_institution(
     sys.modules["crossval"] = crossval
     spec.loader.exec_module(crossval)
     assert crossval.deal_folds(names) == [sorted(f) for f in folds]
+
+
+def test_out_of_fold_scoring_uses_finished_folds_only(tmp_path):
+    """bench/accuracy.py --crossval: a case is scored by its fold's model only once that
+    fold's run has finished; a fold still training (its last.pt moving) is left out."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_bench", script)
+    assert spec is not None and spec.loader is not None
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_bench"] = accuracy
+    spec.loader.exec_module(accuracy)
+    for fold in ("fold0", "fold1"):
+        (tmp_path / fold).mkdir()
+        (tmp_path / fold / "last.pt").write_bytes(b"")
+    (tmp_path / "fold0" / "done").write_text("finished\n")
+    models = accuracy.crossval_models(tmp_path, "last.pt")
+    assert set(models) == set(read_split(SPLITS_DIR / "cv5_fold0_val.txt"))
+    assert set(models.values()) == {str(tmp_path / "fold0" / "last.pt")}
