@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -33,7 +34,7 @@ from model.io.dicom.study import read_dicom_study
 from model.io.volumes import MODALITIES, InputError
 from model.net.checkpoint import Checkpoint, describe_checkpoints
 from service.config import Settings
-from service.db import Job, JobState, JobStore
+from service.db import Job, JobState, JobStore, utcnow
 from service.dicom_uploads import job_destinations, series_overrides, series_rules
 from service.dicomweb import DicomWebError, store_deliveries
 from service.recovery import fail_exhausted, worker_name
@@ -272,6 +273,19 @@ def _lost(job_id: str, store: JobStore, storage: Storage) -> RunOutcome:
     return RunOutcome.TAKEN_OVER
 
 
+#: When this process started (a pool child: when it was forked), in the job store's
+#: clock: a claim under this process's name made before it is an earlier process's.
+_process_started_at = utcnow()
+
+
+def _restart_clock() -> None:
+    global _process_started_at
+    _process_started_at = utcnow()
+
+
+os.register_at_fork(after_in_child=_restart_clock)
+
+
 def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) -> RunOutcome:
     """Runs job ``job_id`` if this worker can claim it, and says what happened. A job
     whose workers stopped while running it ``max_attempts`` times is not started again:
@@ -291,6 +305,12 @@ def run_job(job_id: str, settings: Settings, store: JobStore, storage: Storage) 
             return RunOutcome.GONE
         if current.worker != me:
             return RunOutcome.BUSY
+        if current.started_at is not None and current.started_at < _process_started_at:
+            # Claimed under this name before this process started: an earlier process
+            # with the same host name and pid (a restarted container) died running it.
+            # Released and claimed again, so that this start counts as an attempt.
+            store.release(me, job_id)
+            return run_job(job_id, settings, store, storage)
         # This process's own claim (it runs one job at a time): a commit that went through
         # while its answer was lost, or an earlier run here that ended without a record.
         job = current

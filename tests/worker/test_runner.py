@@ -554,6 +554,29 @@ def test_a_claim_whose_answer_was_lost_is_still_this_workers(settings, store, st
     assert store.get(job_id).state == JobState.SUCCEEDED  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("max_attempts", [3, 1])
+def test_a_claim_by_an_earlier_process_of_the_same_name_counts_an_attempt(
+    settings, store, storage, case, monkeypatch, max_attempts
+):
+    """A restarted container keeps its host name and pid: the job its earlier process
+    claimed looks like this process's own. This start counts as an attempt, so a case
+    that kills its worker at every start still ends with worker_lost."""
+    job_id = _submit(store, storage, case, preview=False)
+    assert store.claim(job_id, worker_name(), settings.stale_after_s) is not None
+    later = store.get(job_id).started_at + timedelta(seconds=1)  # type: ignore[union-attr]
+    monkeypatch.setattr(runner, "_process_started_at", later)  # this process started after
+    settings.max_attempts = max_attempts
+    outcome = run_job(job_id, settings, store, storage)
+    job = store.get(job_id)
+    assert job is not None
+    if max_attempts == 1:
+        assert outcome == RunOutcome.FAILED
+        assert (job.state, job.error_code, job.attempts) == (JobState.FAILED, "worker_lost", 1)
+    else:
+        assert outcome == RunOutcome.SUCCEEDED
+        assert (job.state, job.attempts) == (JobState.SUCCEEDED, 2)
+
+
 def _submit_dicom(store: JobStore, storage: Storage, folder: Path) -> str:
     """A job whose input is a DICOM study folder (as an upload of .dcm parts is stored)."""
     job_id = str(uuid.uuid4())
