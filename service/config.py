@@ -9,9 +9,11 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -28,6 +30,7 @@ from model.defaults import (
     describe_postprocess,
 )
 from service.db import DATABASE_TIMEOUT_S
+from service.redact import masked_url
 
 #: Heartbeats a running job's worker has, at least, before the job counts as stale.
 STALE_HEARTBEATS = 3
@@ -37,6 +40,10 @@ STALE_HEARTBEATS = 3
 SERVICE_POSTPROCESS_MODES: tuple[PostprocessMode, ...] = tuple(
     mode for mode in POSTPROCESS_MODES if mode != NO_POSTPROCESS
 )
+
+
+#: Settings that hold URLs, with a password in some deployments.
+URL_FIELDS = ("broker_url", "result_backend", "database_url")
 
 
 def _one_of(names: tuple[str, ...], mark: str = "'") -> str:
@@ -76,7 +83,9 @@ class Settings(BaseSettings):
         "then answers 503 `database_unavailable`, and a server cancels a statement, or "
         "ends a transaction left idle, this long",
     )
-    api_keys: str = Field("", description="comma-separated API keys, each 'key' or 'key:owner'")
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated API keys, each 'key' or 'key:owner'"
+    )
     open_mode: bool = Field(False, description="accept requests without an API key")
     max_upload_mb: float = Field(1024.0, gt=0, description="largest request body")
     upload_idle_timeout_s: float = Field(
@@ -222,6 +231,14 @@ class Settings(BaseSettings):
         4096.0, gt=0, description="largest DICOM study (uncompressed), uploaded or retrieved"
     )
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str(): the secrets are SecretStr, and the URLs, which may hold a
+        # password, are shown with it hidden.
+        for name, value in super().__repr_args__():
+            if name in URL_FIELDS and isinstance(value, str):
+                value = masked_url(value)
+            yield name, value
+
     @model_validator(mode="after")
     def _stale_after_heartbeats(self) -> Settings:
         # A live worker records a job's progress every heartbeat; a job is taken over when
@@ -299,7 +316,7 @@ class Settings(BaseSettings):
         """API key -> owner name; a key given without ``:owner`` is its own owner, named
         by :func:`key_owner` (a digest of the whole key, never a prefix of it)."""
         out: dict[str, str] = {}
-        for item in self.api_keys.split(","):
+        for item in self.api_keys.get_secret_value().split(","):
             item = item.strip()
             if not item:
                 continue

@@ -194,6 +194,17 @@ def _where(host: str, port: int, settings: Settings) -> str:
     )
 
 
+def _mode(settings: Settings) -> str:
+    """The line saying where jobs are queued (the broker's password hidden) and stored."""
+    from service.redact import masked_url
+
+    if settings.embedded:
+        mode = "embedded (no broker server)"
+    else:
+        mode = f"broker {masked_url(settings.broker_url or '')}"
+    return f"omnet serve: {mode}, storage {settings.storage_dir}"
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -226,10 +237,7 @@ def run(args: argparse.Namespace) -> int:
         supervisor = WorkerSupervisor(
             cmd, env, lambda: server.should_exit, _stop_api, exited=_worker_died
         )
-        mode = (
-            "embedded (no broker server)" if settings.embedded else f"broker {settings.broker_url}"
-        )
-        print(f"omnet serve: {mode}, storage {settings.storage_dir}", file=sys.stderr)
+        print(_mode(settings), file=sys.stderr)
         supervisor.start()
 
     def _terminate(signum: int, _frame: object) -> None:
