@@ -60,6 +60,41 @@ def edge_depth_mm(brain: np.ndarray, spacing: tuple[float, float, float]) -> np.
     return np.asarray(depth[1:-1, 1:-1, 1:-1], dtype=np.float32)
 
 
+def near_edge(
+    brain: np.ndarray, spacing: tuple[float, float, float], where: np.ndarray, within_mm: float
+) -> np.ndarray:
+    """Whether each voxel of ``where`` lies within ``within_mm`` of the brain's edge
+    (``edge_depth_mm(brain, spacing) <= within_mm`` there; False elsewhere).
+
+    The distances are computed only in the bounding box of ``where`` grown by the
+    distance: an outside voxel nearer than that lies in it, so the answer is the one of
+    the whole grid, whose distance transform took most of the post-processing's time.
+    """
+    out = np.zeros(brain.shape, dtype=bool)
+    where = np.asarray(where, dtype=bool)
+    found = ndimage.find_objects(where.astype(np.uint8))
+    if not found or found[0] is None:
+        return out
+    grow = [math.ceil(within_mm / v) + 1 for v in spacing]
+    box = tuple(
+        slice(max(0, int(side.start) - g), min(n, int(side.stop) + g))
+        for side, g, n in zip(found[0], grow, brain.shape, strict=True)
+    )
+    # The grid's own border counts as outside, as in edge_depth_mm; a side of the box
+    # inside the grid does not: whatever lies beyond it is farther than within_mm.
+    pad = [
+        (int(side.start == 0), int(side.stop == n))
+        for side, n in zip(box, brain.shape, strict=True)
+    ]
+    crop = np.pad(np.asarray(brain[box], dtype=bool), pad, constant_values=False)
+    if crop.all():  # no outside voxel within reach
+        return out
+    depth = ndimage.distance_transform_edt(crop, sampling=spacing)
+    depth = depth[tuple(slice(lo, depth.shape[i] - hi) for i, (lo, hi) in enumerate(pad))]
+    out[box] = (depth <= within_mm) & where[box]
+    return out
+
+
 @dataclass(frozen=True)
 class Components:
     """The whole tumour's connected components and what is known of each.
@@ -114,8 +149,8 @@ def components(
     voxels = np.bincount(flat, minlength=n + 1)
     shell = np.zeros(n + 1, dtype=np.float64)
     if brain is not None and n:
-        near_edge = edge_depth_mm(brain, spacing) <= SHELL_MM
-        in_band = np.bincount(flat, weights=near_edge.ravel(), minlength=n + 1)
+        band = near_edge(brain, spacing, ids != 0, SHELL_MM)
+        in_band = np.bincount(flat, weights=band.ravel(), minlength=n + 1)
         shell = in_band / np.maximum(voxels, 1)
     if core_probability is not None:
         confident = np.asarray(core_probability) >= CONFIDENT_CORE

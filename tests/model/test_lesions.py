@@ -121,3 +121,29 @@ def test_quality_flags_implausible_volumes_removals_and_brain_masks(brain):
     assert quality.measures["removed_fraction"] == pytest.approx(0.5)
     not_stripped = np.ones(SHAPE, bool)  # the whole head: no skull stripping
     assert "brain_mask" in assess(labels, (1.5, 1.5, 1.5), not_stripped).flags
+
+
+def test_near_edge_on_the_tumours_box_equals_the_whole_grids_distances():
+    """near_edge computes distances only around the voxels asked about; on random
+    brains (touching the grid's border or not, filling it or not), spacings and voxel
+    sets it gives what the whole-grid edge_depth_mm gives."""
+    from model.inference.lesions import SHELL_MM, near_edge
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        shape = tuple(int(v) for v in rng.integers(12, 40, 3))
+        grid = np.ogrid[: shape[0], : shape[1], : shape[2]]
+        centre = np.array(shape) / 2
+        radius = rng.uniform(4, min(shape) / 1.4)
+        brain = sum(((g - c) * w) ** 2 for g, c, w in zip(grid, centre, (1, 1, 1.3), strict=True))
+        brain = brain < radius**2
+        if trial % 5 == 0:
+            brain = np.ones(shape, bool)
+        where = rng.random(shape) < 0.02
+        if trial % 3 == 0:
+            where = np.zeros(shape, bool)
+            where[tuple(int(rng.integers(0, s)) for s in shape)] = True
+        spacing = tuple(float(v) for v in rng.uniform(0.5, 2.5, 3))
+        expected = (edge_depth_mm(brain, spacing) <= SHELL_MM) & where
+        np.testing.assert_array_equal(near_edge(brain, spacing, where, SHELL_MM), expected)
+    assert not near_edge(brain, spacing, np.zeros(shape, bool), SHELL_MM).any()
