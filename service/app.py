@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import sqlalchemy as sa
 from fastapi import FastAPI
 
 from service import errors
@@ -33,12 +34,26 @@ def purge_expired(store: JobStore, storage: Storage) -> int:
     return removed
 
 
+def _purge(store: JobStore, storage: Storage, interval_s: float) -> None:
+    """:func:`purge_expired`, whose failure is logged (the next round tries again): a
+    job database that does not answer in one line, anything else with its traceback."""
+    try:
+        purge_expired(store, storage)
+    except (sa.exc.OperationalError, sa.exc.TimeoutError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"]
+        logger.warning(
+            "purging expired jobs failed, the job database did not answer (%s); trying "
+            "again in %.0f s",
+            cause[0],
+            interval_s,
+        )
+    except Exception:
+        logger.warning("purging expired jobs failed", exc_info=True)
+
+
 def _cleaner(interval_s: float, store: JobStore, storage: Storage, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
-        try:
-            purge_expired(store, storage)
-        except Exception:
-            logger.warning("purging expired jobs failed", exc_info=True)
+        _purge(store, storage, interval_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             daemon=True,
         )
         thread.start()
-        purge_expired(store, storage)
+        # The database answered create_app's schema check; should it stop answering
+        # now, the API starts all the same and answers 503 until it is back.
+        _purge(store, storage, settings.cleanup_interval_s)
         yield
         stop.set()
 

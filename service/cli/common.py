@@ -64,3 +64,34 @@ def one_line(exc: BaseException) -> str:
         return f"invalid {exc.title}: " + "; ".join(problems)
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe_database(url: str) -> str:
+    """A job database in words, without its password: ``PostgreSQL at db:5432, database
+    omnet``, ``SQLite file /srv/omnet/jobs.sqlite``."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return f"SQLite file {parsed.database}" if parsed.database else "SQLite in memory"
+    kind = {"postgresql": "PostgreSQL"}.get(backend, backend)
+    where = f"{parsed.host or 'localhost'}{f':{parsed.port}' if parsed.port else ''}"
+    return f"{kind} at {where}, database {parsed.database}"
+
+
+def database_problem(url: str, timeout_s: float, exc: BaseException, waited_s: float) -> str:
+    """One line saying that the job database at ``url`` could not be used at start-up,
+    after ``waited_s`` seconds, and what to check; ``exc`` is the driver's error."""
+    what = f"the job database ({describe_database(url)})"
+    if waited_s >= 0.9 * timeout_s:
+        return (
+            f"{what} did not answer within {timeout_s:g} s (OMNET_DATABASE_TIMEOUT_S): check "
+            "that its server is running and answers from this machine (a firewall, proxy or "
+            "connection pooler in between may hold the connection), and OMNET_DATABASE_URL"
+        )
+    cause = getattr(exc, "orig", None) or exc
+    return (
+        f"{what} cannot be used: {one_line(cause)}; check OMNET_DATABASE_URL (host, port, "
+        "user, password, database) and that its server is running and reachable from here"
+    )

@@ -25,9 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.cli.common import CommandError
+from service.cli.common import CommandError, database_problem
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from service.config import Settings
 
 NAME = "serve"
@@ -205,6 +207,21 @@ def _mode(settings: Settings) -> str:
     return f"omnet serve: {mode}, storage {settings.storage_dir}"
 
 
+def _open(settings: Settings, create_app: Callable[[Settings], FastAPI]) -> FastAPI:
+    """The API application; a job database that cannot be used (it refuses, or does not
+    answer within ``OMNET_DATABASE_TIMEOUT_S``) is one line saying what to check."""
+    import sqlalchemy as sa
+
+    started = time.monotonic()
+    try:
+        return create_app(settings)
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        waited_s = time.monotonic() - started
+        raise CommandError(
+            database_problem(settings.database, settings.database_timeout_s, exc, waited_s)
+        ) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -215,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     print(_where(args.host, args.port, settings), file=sys.stderr)
-    app = create_app(settings)
+    app = _open(settings, create_app)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
     def _worker_died(pid: int) -> list[str]:

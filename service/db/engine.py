@@ -68,8 +68,12 @@ def make_engine(url: str, timeout_s: float = DATABASE_TIMEOUT_S) -> Engine:
     )
     deadlines = Deadlines(timeout_s)
 
-    @sa.event.listens_for(engine, "connect")
-    def _fresh(_dbapi_conn: Any, record: Any) -> None:
+    # First of the connect listeners: SQLAlchemy's own, which follow, send the first
+    # statements of a new connection (the dialect's checks), and a server that accepted
+    # the connection may never answer them. Checking the connection out arms it afresh.
+    @sa.event.listens_for(engine, "connect", insert=True)
+    def _fresh(dbapi_conn: Any, record: Any) -> None:
+        deadlines.arm(dbapi_conn)
         record.info["fresh"] = True
 
     @sa.event.listens_for(engine, "checkout")

@@ -6,11 +6,16 @@ First in process (no broker is reached: the requests fail before queueing), the 
 file taken away and a folder put in its place, so each new connection fails with
 SQLite's own "unable to open database file". Then a real API process on PostgreSQL
 behind a proxy that stops forwarding: the server accepts connections but never answers.
+Last, ``omnet serve`` started against such a database: it exits with one line saying
+what to check, or, when the database stopped answering after the start-up check, runs
+and answers 503.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +31,15 @@ from service.app import create_app
 from service.config import Settings
 from service.db import JobStore
 from tests.conftest import postgres_database
-from tests.service.support import PausableProxy, Phantom, Stack, base_env, wait_until
+from tests.service.support import (
+    OMNET,
+    PausableProxy,
+    Phantom,
+    Stack,
+    base_env,
+    free_port,
+    wait_until,
+)
 from tests.service.support import stack as make_stack
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -196,3 +209,111 @@ def test_a_submission_whose_commit_gets_no_answer_is_never_created_later(
     assert _jobs_in(url) == 0
     files = s.storage / "jobs"
     assert not files.exists() or not any(files.iterdir()), list(files.iterdir())
+
+
+# ------------------------------------------------- omnet serve started against it
+#: Where the proxy stops forwarding: at once (the server accepts the connection and
+#: never answers), at the first statement on a new connection (SQLAlchemy's checks of
+#: the server, before the pool hands the connection out), and at the API's first
+#: purge of expired jobs (after the schema check passed).
+HOLD_AT = {
+    "connect": None,
+    "first-statement": b"pg_catalog.version()",
+    "first-purge": b"jobs.expires_at <",
+}
+
+
+@pytest.fixture
+def paused_database(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """A PostgreSQL database behind a :class:`PausableProxy` that stops forwarding as
+    ``HOLD_AT[request.param]`` says; yields the URL through the proxy and the param."""
+    with postgres_database() as url:
+        direct = sa.engine.make_url(url)
+        proxy = PausableProxy((direct.host or "127.0.0.1", direct.port or 5432))
+        marker = HOLD_AT[request.param]
+        if marker is None:
+            proxy.pause()
+        else:
+            proxy.pause_on(marker)
+        try:
+            via = direct.set(host="127.0.0.1", port=proxy.port)
+            yield via.render_as_string(hide_password=False), request.param
+        finally:
+            proxy.close()
+
+
+def _serve(tmp_path: Path, database_url: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNET_")}
+    env.update(
+        OMNET_STORAGE_DIR=str(tmp_path / "storage"),
+        OMNET_DATABASE_URL=database_url,
+        OMNET_DATABASE_TIMEOUT_S="1",
+        OMNET_OPEN_MODE="true",
+    )
+    cmd = [*OMNET, "serve", "--no-worker", "--port", str(free_port())]
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("paused_database", ["connect", "first-statement"], indirect=True)
+def test_omnet_serve_on_a_database_that_never_answers_exits_with_one_line(
+    tmp_path: Path, paused_database: tuple[str, str]
+):
+    url, _where = paused_database
+    serve = _serve(tmp_path, url)
+    try:
+        _, stderr = serve.communicate(timeout=STARTUP_S + BOUND_S)
+    finally:
+        serve.kill()
+    assert serve.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    port = sa.engine.make_url(url).port
+    assert last.startswith(
+        f"omnet serve: error: the job database (PostgreSQL at 127.0.0.1:{port}, database "
+    ), stderr
+    assert "did not answer within 1 s (OMNET_DATABASE_TIMEOUT_S)" in last, last
+    assert "OMNET_DATABASE_URL" in last, last
+
+
+@pytest.mark.parametrize("paused_database", ["first-purge"], indirect=True)
+def test_omnet_serve_starts_when_the_database_stops_answering_after_its_check(
+    tmp_path: Path, paused_database: tuple[str, str]
+):
+    """The schema check passed: the API runs, says in one line that its first purge of
+    expired jobs failed, and answers 503 until the database is back."""
+    url, _where = paused_database
+    serve = _serve(tmp_path, url)
+    try:
+        base = f"http://127.0.0.1:{serve.args[-1]}"
+
+        def up() -> bool:
+            assert serve.poll() is None, serve.communicate()[1]
+            try:
+                return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, STARTUP_S + BOUND_S, "omnet serve to answer")
+        _assert_database_unavailable(httpx.get(f"{base}/v1/jobs", timeout=BOUND_S + SLACK_S))
+    finally:
+        serve.terminate()
+        _, stderr = serve.communicate(timeout=30)
+    assert "Traceback" not in stderr, stderr
+    assert "purging expired jobs failed, the job database did not answer" in stderr, stderr
+
+
+def test_omnet_serve_on_a_database_that_refuses_exits_with_one_line(tmp_path: Path):
+    port = free_port()  # nothing listens there
+    serve = _serve(tmp_path, f"postgresql+psycopg://omnet:db-secret@127.0.0.1:{port}/omnet")
+    try:
+        _, stderr = serve.communicate(timeout=STARTUP_S + BOUND_S)
+    finally:
+        serve.kill()
+    assert serve.returncode == 1, stderr
+    assert "Traceback" not in stderr and "db-secret" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"omnet serve: error: the job database (PostgreSQL at 127.0.0.1:{port}, database "
+        "omnet) cannot be used: "
+    ), last
+    assert "check OMNET_DATABASE_URL" in last, last
