@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, error handling, upload limits, metrics, clean-up."""
+"""The FastAPI application: routes, error handling, upload limits, metrics, clean-up
+(expired jobs, and staging folders of uploads an API process left when it died)."""
 
 from __future__ import annotations
 
@@ -51,9 +52,45 @@ def _purge(store: JobStore, storage: Storage, interval_s: float) -> None:
         logger.warning("purging expired jobs failed", exc_info=True)
 
 
-def _cleaner(interval_s: float, store: JobStore, storage: Storage, stop: threading.Event) -> None:
+#: The least time a staging folder stays unchanged before it counts as left behind.
+STAGING_FLOOR_S = 3600.0
+
+
+def staging_max_age_s(settings: Settings) -> float:
+    """How long a staging folder may stay unchanged before :func:`sweep_staging` removes
+    it: twice ``OMNET_JOB_TIME_LIMIT_S``, at least an hour.
+
+    An upload is staged only once its whole body has arrived (until then the parts wait
+    in the request's own temporary files, which go with the process); it is then copied
+    in and checked, which reads each volume once: far less time than a worker takes to
+    segment the case, so well within a job's time limit.
+    """
+    return max(2 * settings.job_time_limit_s, STAGING_FLOOR_S)
+
+
+def sweep_staging(storage: Storage, max_age_s: float) -> int:
+    """Removes the staging folders of uploads that an API process stopped checking (it
+    was killed mid-upload); logs, never raises."""
+    try:
+        removed = storage.sweep_staging(max_age_s)
+    except OSError:
+        logger.warning("sweeping the staging folder failed", exc_info=True)
+        return 0
+    if removed:
+        logger.info(
+            "removed %d staging folders left by an API process that stopped mid-upload "
+            "(unchanged for over %.0f s)",
+            len(removed),
+            max_age_s,
+        )
+    return len(removed)
+
+
+def _cleaner(settings: Settings, store: JobStore, storage: Storage, stop: threading.Event) -> None:
+    interval_s = settings.cleanup_interval_s
     while not stop.wait(interval_s):
         _purge(store, storage, interval_s)
+        sweep_staging(storage, staging_max_age_s(settings))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -72,13 +109,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop = threading.Event()
         thread = threading.Thread(
             target=_cleaner,
-            args=(settings.cleanup_interval_s, store, storage, stop),
+            args=(settings, store, storage, stop),
             daemon=True,
         )
         thread.start()
         # The database answered create_app's schema check; should it stop answering
         # now, the API starts all the same and answers 503 until it is back.
         _purge(store, storage, settings.cleanup_interval_s)
+        sweep_staging(storage, staging_max_age_s(settings))
         yield
         stop.set()
 

@@ -99,7 +99,13 @@ class Settings(BaseSettings):
         "is also refused as soon as it decompresses to more than its header declares)",
     )
     retention_hours: float = Field(72.0, gt=0, description="results are deleted after this")
-    cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired jobs are purged")
+    cleanup_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="how often expired jobs are purged, and staging folders of uploads left "
+        "by an API process that died (unchanged for 2 x `OMNET_JOB_TIME_LIMIT_S`, at least "
+        "an hour) removed",
+    )
     checkpoint: str = Field(
         "",
         description="checkpoint file, or several separated by commas (an ensemble); "

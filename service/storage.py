@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+from contextlib import suppress
 from pathlib import Path
 
 OUTPUT_FILES = {
@@ -56,6 +58,27 @@ class Storage:
         base.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=base))
 
+    def sweep_staging(self, max_age_s: float, now: float | None = None) -> list[Path]:
+        """Removes the staging folders that nothing in has changed for ``max_age_s``
+        seconds: uploads an API process was checking when it died (a live one adopts or
+        removes its folder). A folder's age is that of the newest file or folder in it,
+        so one an upload is still being copied into is kept. Returns those removed."""
+        base = self.root / "staging"
+        now = time.time() if now is None else now
+        removed = []
+        for entry in base.iterdir() if base.is_dir() else ():
+            try:
+                changed = _last_change(entry)
+            except OSError:  # removed meanwhile (adopted, or by another API process)
+                continue
+            if now - changed > max_age_s:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
+
     def adopt(self, staging: Path, job_id: str) -> None:
         """Moves a checked upload folder into the job's inputs."""
         dest = self.inputs_dir(job_id)
@@ -71,3 +94,14 @@ class Storage:
                 return True
         except OSError:
             return False
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a folder, of everything in it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                with suppress(OSError):  # removed meanwhile
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    return newest
