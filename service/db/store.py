@@ -15,6 +15,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+
+# Imported whole before any thread builds a statement. SQLAlchemy resolves a value of a
+# type it has no mapping for (JobState, a StrEnum) through an inspection hook that
+# sqlalchemy.orm registers while it is being imported, so a thread comparing a column
+# with one, while another thread imports sqlalchemy.orm (Celery's database result
+# backend does, as the API sends its first job in embedded mode), fails on the
+# half-imported module.
+import sqlalchemy.orm
 from sqlalchemy.engine import Connection
 
 from service.db.engine import DATABASE_TIMEOUT_S, ForkGate, make_engine
