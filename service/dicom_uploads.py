@@ -14,6 +14,7 @@ on the source (QIDO-RS); its series are mapped by the worker once retrieved.
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -105,9 +106,11 @@ def job_destinations(
     return {n: configured[n] for n in wanted if n in configured}
 
 
-def _copy(src: UploadFile, dest: Path, field: str, max_bytes: int, total: int) -> int:
-    """Copies an upload to ``dest``; returns the running total of bytes stored."""
+def _copy(src: UploadFile, dest: Path, field: str, max_bytes: int, total: int) -> tuple[int, str]:
+    """Copies an upload to ``dest``; returns the running total of bytes stored and the
+    upload's SHA-256, taken as it is copied."""
     size = 0
+    digest = hashlib.sha256()
     with open(dest, "wb") as out:
         while chunk := src.file.read(CHUNK):
             size += len(chunk)
@@ -117,10 +120,11 @@ def _copy(src: UploadFile, dest: Path, field: str, max_bytes: int, total: int) -
                     "upload_too_large",
                     f"the DICOM study is larger than {max_bytes / 2**20:.0f} MB",
                 )
+            digest.update(chunk)
             out.write(chunk)
     if size == 0:
         raise ApiError(400, "empty_file", f"a '{field}' part is an empty file")
-    return total + size
+    return total + size, digest.hexdigest()
 
 
 def store_dicom(
@@ -130,13 +134,16 @@ def store_dicom(
     max_bytes: int,
     overrides: Mapping[str, str],
     rules: Sequence[SeriesRule] = DEFAULT_RULES,
+    digests: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Stores an uploaded study (a zip, or ``.dcm`` parts into one folder) in
     ``staging`` and checks its headers; returns ``{"study": zip}`` or ``{"dicom":
-    folder}``."""
+    folder}``. ``digests`` gets the SHA-256 of the zip, or of the parts' SHA-256s in
+    sorted order (the same parts in any order are the same study)."""
+    digests = {} if digests is None else digests
     if study is not None:
         path = staging / "study.zip"
-        _copy(study, path, "study", max_bytes, 0)
+        digests["study"] = _copy(study, path, "study", max_bytes, 0)[1]
         if not zipfile.is_zipfile(path):
             raise ApiError(
                 400,
@@ -149,8 +156,11 @@ def store_dicom(
         path = staging / "dicom"
         path.mkdir()
         total = 0
+        each = []
         for n, part in enumerate(parts):
-            total = _copy(part, path / f"{n:05d}.dcm", "dicom", max_bytes, total)
+            total, sha256 = _copy(part, path / f"{n:05d}.dcm", "dicom", max_bytes, total)
+            each.append(sha256)
+        digests["dicom"] = hashlib.sha256("\n".join(sorted(each)).encode()).hexdigest()
         stored = {"dicom": path}
     try:
         layout = check_dicom_study(path, rules=rules, overrides=overrides, max_bytes=max_bytes)

@@ -2,7 +2,9 @@
 
 Each file of a submission is checked as it is stored (:func:`store_upload`): its name,
 its compressed stream (gzip or bzip2, decompressed in a stream against a size ceiling,
-so that a decompression bomb stops early) and the volume size its header declares.
+so that a decompression bomb stops early) and the volume size its header declares; its
+SHA-256 is taken as it is copied (for the submission's fingerprint,
+:mod:`service.idempotency`).
 :func:`store_case` then reads the volumes of a case together with the command line's
 rules (:func:`model.io.nifti.check.check_case`, which reads the voxels in slabs). The
 form around the files is read by :mod:`service.uploads`; DICOM studies are checked by
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +88,12 @@ def check_filename(field: str, filename: str | None) -> str:
     return name
 
 
-def _copy_limited(src: BinaryIO, dest: Path, field: str, max_bytes: int) -> bytes:
-    """Copies ``src`` to ``dest``; returns the first bytes (for format checks)."""
+def _copy_limited(src: BinaryIO, dest: Path, field: str, max_bytes: int) -> tuple[bytes, str]:
+    """Copies ``src`` to ``dest``; returns the first bytes (for format checks) and the
+    SHA-256 of the whole, taken as it is copied."""
     head = b""
     total = 0
+    digest = hashlib.sha256()
     with open(dest, "wb") as out:
         while chunk := src.read(CHUNK):
             if not head:
@@ -96,10 +101,11 @@ def _copy_limited(src: BinaryIO, dest: Path, field: str, max_bytes: int) -> byte
             total += len(chunk)
             if total > max_bytes:
                 raise ApiError(413, "upload_too_large", f"field '{field}' is larger than the limit")
+            digest.update(chunk)
             out.write(chunk)
     if total == 0:
         raise ApiError(400, "empty_file", f"field '{field}' is an empty file; send the volume")
-    return head
+    return head, digest.hexdigest()
 
 
 def _too_large(field: str, what: str, limit: int) -> ApiError:
@@ -181,14 +187,22 @@ def _check_header(stream: BinaryIO, field: str, max_volume: int) -> HeaderInfo:
 
 
 def store_upload(
-    field: str, filename: str | None, src: BinaryIO, folder: Path, max_volume: int
+    field: str,
+    filename: str | None,
+    src: BinaryIO,
+    folder: Path,
+    max_volume: int,
+    digests: dict[str, str] | None = None,
 ) -> Path:
     """Stores one uploaded volume as ``folder/<field>.nii[.gz|.bz2]`` after the cheap
-    checks (name, compression, header, sizes)."""
+    checks (name, compression, header, sizes); ``digests[field]`` gets the SHA-256 of
+    the file as sent."""
     name = check_filename(field, filename)
     kind = next((c for c in COMPRESSIONS if name.lower().endswith(c.ending)), None)
     dest = folder / f"{field}{kind.ending if kind else '.nii'}"
-    head = _copy_limited(src, dest, field, max_volume * 4)
+    head, sha256 = _copy_limited(src, dest, field, max_volume * 4)
+    if digests is not None:
+        digests[field] = sha256
     if kind is None:
         with open(dest, "rb") as fh:
             _check_header(fh, field, max_volume)
@@ -204,11 +218,17 @@ def store_upload(
     return dest
 
 
-def store_case(files: dict[str, UploadFile], staging: Path, max_volume: int) -> dict[str, Path]:
+def store_case(
+    files: dict[str, UploadFile],
+    staging: Path,
+    max_volume: int,
+    digests: dict[str, str] | None = None,
+) -> dict[str, Path]:
     """Stores each upload in ``staging`` after its cheap checks, then reads and checks the
-    volumes together; returns the stored files by field name."""
+    volumes together; returns the stored files by field name (``digests`` gets their
+    SHA-256s by field name)."""
     paths = {
-        name: store_upload(name, upload.filename, upload.file, staging, max_volume)
+        name: store_upload(name, upload.filename, upload.file, staging, max_volume, digests)
         for name, upload in files.items()
     }
     try:  # the command line's rules, the voxels read in slabs (never a whole volume)

@@ -42,6 +42,7 @@ from service.dicom_uploads import (
     store_dicom,
 )
 from service.errors import ApiError, error_body
+from service.idempotency import submission_sha256
 from service.nifti_uploads import store_case
 from service.schemas import JobOptions
 from service.storage import Storage
@@ -386,6 +387,8 @@ class Submission:
     job_id: str
     inputs: dict[str, str]  # storage keys by field name
     options: JobOptions
+    #: The submission's fingerprint (:func:`service.idempotency.submission_sha256`).
+    sha256: str
 
 
 async def receive_case(
@@ -410,8 +413,9 @@ async def receive_case(
             assert options.study_uid is not None
             await run_in_threadpool(check_study_on_source, settings, options.study_uid, overrides)
             job_id = str(uuid.uuid4())
-            return Submission(job_id, {}, options)
+            return Submission(job_id, {}, options, submission_sha256(options.model_dump(), {}))
         staging = storage.staging_dir()
+        digests: dict[str, str] = {}  # taken as the files are copied into staging
         try:
             if kind == InputKind.DICOM:
                 paths = await run_in_threadpool(
@@ -422,10 +426,13 @@ async def receive_case(
                     int(settings.max_study_mb * 2**20),
                     overrides,
                     series_rules(settings),
+                    digests,
                 )
             else:
                 max_volume = int(settings.max_volume_mb * 2**20)
-                paths = await run_in_threadpool(store_case, fields.files, staging, max_volume)
+                paths = await run_in_threadpool(
+                    store_case, fields.files, staging, max_volume, digests
+                )
             job_id = str(uuid.uuid4())
             storage.adopt(staging, job_id)
         except BaseException:
@@ -434,4 +441,4 @@ async def receive_case(
     finally:
         await form.close()
     inputs = {name: storage.key(storage.inputs_dir(job_id) / p.name) for name, p in paths.items()}
-    return Submission(job_id, inputs, options)
+    return Submission(job_id, inputs, options, submission_sha256(options.model_dump(), digests))

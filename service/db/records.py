@@ -68,6 +68,9 @@ class Job:
     error_code: str | None = None
     error_message: str | None = None
     result: dict[str, Any] | None = None
+    #: The fingerprint of the submission (see :mod:`service.idempotency`); None for jobs
+    #: created before it was recorded.
+    submission_sha256: str | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row) -> Job:

@@ -90,9 +90,11 @@ class JobStore(DeliveryRecords):
         queue: str,
         idempotency_key: str | None = None,
         job_id: str | None = None,
+        submission_sha256: str | None = None,
     ) -> tuple[Job, bool]:
-        """Inserts a queued job; with an idempotency key already used by ``owner``, returns
-        that job instead. Returns (job, created)."""
+        """Inserts a queued job, with the fingerprint of the submission that made it;
+        with an idempotency key already used by ``owner``, returns that job instead.
+        Returns (job, created)."""
         job_id = job_id or str(uuid.uuid4())
         now = utcnow()
         try:
@@ -109,6 +111,7 @@ class JobStore(DeliveryRecords):
                         queue=queue,
                         created_at=now,
                         attempts=0,
+                        submission_sha256=submission_sha256,
                     )
                 )
         except sa.exc.IntegrityError:

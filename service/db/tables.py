@@ -36,6 +36,9 @@ jobs = sa.Table(
     sa.Column("error_code", sa.String(64), nullable=True),
     sa.Column("error_message", sa.Text, nullable=True),
     sa.Column("result", sa.Text, nullable=True),
+    # SHA-256 of the options and input files submitted (NULL: a job created before it
+    # was recorded); tells a retry with the same Idempotency-Key from another submission.
+    sa.Column("submission_sha256", sa.String(64), nullable=True),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_owner_idempotency"),
 )
 

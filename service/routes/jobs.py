@@ -20,6 +20,7 @@ from service.db.rates import progress_left_s
 from service.deps import CeleryDep, OwnerDep, SettingsDep, StorageDep, StoreDep, get_settings
 from service.dicomweb import STORE_EVENT
 from service.errors import ApiError
+from service.idempotency import answer_retry
 from service.queue import send_job
 from service.schemas import (
     ErrorBody,
@@ -35,7 +36,7 @@ from service.schemas import (
     submission_form,
 )
 from service.storage import Storage
-from service.uploads import FILE_FIELDS, OPTION_FIELDS, receive_case
+from service.uploads import FILE_FIELDS, OPTION_FIELDS, Submission, receive_case
 from service.webhooks import CallbackRules, completion_event
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -158,14 +159,15 @@ def _record(
     store: JobStore,
     owner: str,
     options: dict[str, Any],
-    inputs: dict[str, str],
+    upload: Submission,
     idempotency_key: str | None,
-    job_id: str,
 ) -> tuple[Job, bool, str, int | None]:
-    """Records a submission's job (or finds the one a concurrent retry with the same key
-    made): the job, whether it is new, its queue and its queue position."""
+    """Records a submission's job (or finds the one a concurrent submission with the same
+    key made): the job, whether it is new, its queue and its queue position."""
     queue = _queue(settings, store)
-    job, created = store.create(owner, options, inputs, queue, idempotency_key, job_id=job_id)
+    job, created = store.create(
+        owner, options, upload.inputs, queue, idempotency_key, upload.job_id, upload.sha256
+    )
     return job, created, queue, store.queue_position(job)
 
 
@@ -179,7 +181,8 @@ def _record(
         "multipart/form-data with files t1, t1ce, t2, flair (.nii, .nii.gz or .nii.bz2; or one "
         "4D 'image'), an optional 'reference' label map, and option fields: "
         + ", ".join(OPTION_FIELDS)
-        + ". An Idempotency-Key header makes a retried POST return the same job."
+        + ". An Idempotency-Key header makes a retried POST return the same job; the same "
+        "key with other files or options is refused (422 idempotency_key_reused)."
     ),
     # The handler reads the form itself (to check it as it streams in), so the schema
     # of the request body is given here.
@@ -200,27 +203,31 @@ async def create_job(
     # failing over) never holds up the event loop and the other requests on it.
     if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
         raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1 to 200 characters")
+    known = None
     if idempotency_key:
-        existing = await run_in_threadpool(_existing, store, owner, idempotency_key)
-        if existing is not None:
-            return _created(request, response, *existing)
+        known = await run_in_threadpool(_existing, store, owner, idempotency_key)
+        if known is not None and known[0].submission_sha256 is None:
+            return _created(request, response, *known)  # no fingerprint to compare with
     upload = await receive_case(
         request, storage, settings, CallbackRules.for_owner(settings, owner)
     )
+    if known is not None:  # a retry gets its job if it is the same submission
+        storage.delete_job(upload.job_id)
+        return _created(request, response, answer_retry(known[0], upload.sha256), known[1])
     options = upload.options.model_dump()
     if upload.options.callback_url:
         # Not an option the client sets: the URL its events link to (the one answered now).
         options["status_url"] = str(request.url_for("get_job", job_id=upload.job_id))
     try:
         job, created, queue, position = await run_in_threadpool(
-            _record, settings, store, owner, options, upload.inputs, idempotency_key, upload.job_id
+            _record, settings, store, owner, options, upload, idempotency_key
         )
     except BaseException:
         storage.delete_job(upload.job_id)  # no record: nothing would ever remove its files
         raise
-    if not created:  # a concurrent retry with the same key won the race
+    if not created:  # a concurrent submission with the same key was recorded first
         storage.delete_job(upload.job_id)
-        return _created(request, response, job, position)
+        return _created(request, response, answer_retry(job, upload.sha256), position)
     await _send(celery, store, storage, job, queue, settings.broker_timeout_s)
     return _created(request, response, job, position)
 

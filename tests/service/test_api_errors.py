@@ -552,6 +552,29 @@ def test_control_a_good_upload_is_queued(api, phantom, deployment, redis_url, qu
     }
 
 
+def test_an_idempotency_key_reused_for_another_submission_is_refused(
+    api, phantom, deployment, redis_url, queue
+):
+    """The key's first submission is queued; the same key with other options, or other
+    files, is answered 422 and queues and stores nothing; the first body again gets
+    the first job."""
+    client = api.client("alice", **{"Idempotency-Key": f"reused-{time.monotonic_ns()}"})
+    first = client.post("/v1/jobs", files=phantom.files(), data={"preview": "false"})
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    before = _queued(deployment, api, redis_url, queue)
+    other_files = phantom.files(with_reference=True)
+    for files, data in ((phantom.files(), {"preview": "true"}), (other_files, {"preview": "0"})):
+        response = client.post("/v1/jobs", files=files, data=data)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "idempotency_key_reused", error
+        assert job_id in error["message"] and "new Idempotency-Key" in error["message"]
+    again = client.post("/v1/jobs", files=phantom.files(), data={"preview": "no"})
+    assert again.status_code == 202 and again.json()["id"] == job_id, again.text
+    assert _queued(deployment, api, redis_url, queue) == before
+
+
 def test_no_request_was_answered_500(api, phantom):
     """The API's own count of answers: no 5xx, also for requests whose answer no test
     client saw; and its bad requests were counted under their 4xx status."""

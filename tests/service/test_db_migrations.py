@@ -148,6 +148,36 @@ def test_a_database_of_the_earlier_code_keeps_its_rows(engine, database_url):
         store.engine.dispose()
 
 
+def test_jobs_of_revision_0002_have_no_submission_fingerprint_and_keep_it_both_ways(
+    engine, database_url
+):
+    """0003 adds jobs.submission_sha256: the jobs already there get none (NULL), a new
+    job records its own, and going back to 0002 drops the column and keeps the rows."""
+    _earlier_database(engine)
+    with engine.begin() as conn:
+        command.stamp(db_schema.alembic_config(conn), db_schema.BASELINE)
+        command.upgrade(db_schema.alembic_config(conn), "0002_deliveries_table")
+    assert "submission_sha256" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    assert migrate(engine).before == "0002_deliveries_table"
+    store = JobStore(database_url)
+    try:
+        old = store.get("job-1")
+        assert old is not None and old.submission_sha256 is None
+        assert old.idempotency_key == "key-1" and old.result == {"volumes_ml": {"wt": 1.5}}
+        new, created = store.create("alice", {}, {}, "omnet.cpu", "key-2", None, "ab" * 32)
+        assert created and store.get(new.id) == new and new.submission_sha256 == "ab" * 32
+    finally:
+        store.engine.dispose()
+    with engine.begin() as conn:
+        command.downgrade(db_schema.alembic_config(conn), "0002_deliveries_table")
+    assert "submission_sha256" not in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, idempotency_key FROM jobs ORDER BY id")).all()
+    assert sorted(tuple(r) for r in rows) == sorted([("job-1", "key-1"), (new.id, "key-2")])
+    migrate(engine)
+    assert _differences(engine) == []
+
+
 def test_a_database_of_the_earlier_code_missing_a_table_gets_it(engine):
     """The earlier code created the tables one by one; a start cut short left some out,
     and the next start created them."""
