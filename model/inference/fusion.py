@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from model.inference.tiling import TaskProbabilities
-from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, TaskClass
+from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, EnhancingClass, TaskClass
 
 DILATION_VOXELS = 5
 
@@ -69,7 +69,7 @@ def fuse(
     labels = np.zeros(task2.shape, dtype=np.uint8)
     labels[region & (task2 == TaskClass.EDEMA)] = EDEMA
     core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
-    enhancing = probs.enhancing[1] > 0.5
+    enhancing = probs.enhancing[EnhancingClass.ENHANCING] > 0.5
     labels[core & enhancing] = ENHANCING
     labels[core & ~enhancing] = NCR_NET
     return labels
@@ -90,7 +90,7 @@ def fused_probabilities(
     region = dilate(coarse_tumour(probs), dilation)
     if brain is not None:
         region &= np.asarray(brain, dtype=bool)
-    p2, p_et = probs.tumour, probs.enhancing[1]
+    p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]
     core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
     out = np.zeros((4, *p2.shape[1:]), dtype=np.float32)
     out[0] = np.where(region, p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL], 1.0)

@@ -508,6 +508,9 @@ def _exchange(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_database_blink_at_the_claim_delays_the_job(settings, store, storage, case, caplog):
+    # The worker's patience with the database (stale_after_s) well beyond the blink, so
+    # that a loaded machine, slow to put the database back, cannot outlast it.
+    settings.stale_after_s = 30.0
     job_id = _submit(store, storage, case, preview=False)
     _Blink(store, after_s=1.5).start()
     started = time.monotonic()
@@ -534,6 +537,7 @@ class _BlinksAtFinish(JobStore):
 def test_a_database_blink_at_the_finish_keeps_the_result(
     settings, database_url, storage, case, caplog
 ):
+    settings.stale_after_s = 30.0  # patience well beyond the blink, as above
     store = _BlinksAtFinish(database_url)
     job_id = _submit(store, storage, case, preview=False)
     assert run_job(job_id, settings, store, storage) == RunOutcome.SUCCEEDED
