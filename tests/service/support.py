@@ -577,3 +577,24 @@ class PausableProxy:
         except OSError:
             with suppress(OSError):
                 dst.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def open_app(storage: Path, database_url: str) -> Iterator[Any]:
+    """An in-process API in open mode (no keys) on ``database_url``, as a TestClient;
+    its job store's connections are closed at the end."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(storage_dir=storage, open_mode=True, database_url=database_url))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+    app.state.store.engine.dispose()
+
+
+def store_of(client: Any) -> JobStore:
+    """The job store of an :func:`open_app` client."""
+    store: JobStore = client.app.state.store
+    return store

@@ -22,13 +22,11 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.datastructures import UploadFile
 
-from service.app import create_app
-from service.config import Settings
 from service.db import JobStore
 from service.dicom_uploads import store_dicom
 from service.errors import ApiError
 from service.routes import jobs as jobs_routes
-from tests.service.support import Phantom, base_env
+from tests.service.support import Phantom, base_env, open_app, store_of
 from tests.service.support import stack as make_stack
 
 KEY = {"Idempotency-Key": "case-0001"}
@@ -39,16 +37,12 @@ OPTIONS_B = {"probabilities": "true"}
 
 @pytest.fixture
 def client(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    settings = Settings(storage_dir=tmp_path / "storage", open_mode=True, database_url=database_url)
-    app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with open_app(tmp_path / "storage", database_url) as client:
         yield client
-    app.state.store.engine.dispose()
 
 
 def _store(client: TestClient) -> JobStore:
-    store: JobStore = client.app.state.store  # type: ignore[attr-defined]
-    return store
+    return store_of(client)
 
 
 def _post(client: Any, phantom: Phantom, options: dict[str, str], **files: Any) -> Any:

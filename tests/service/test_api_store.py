@@ -18,9 +18,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.config import Settings
 from service.db import JobState, JobStore, NewDelivery
+from tests.service.support import open_app, store_of
 
 #: Largest value of the 64-bit signed integers that SQLite and PostgreSQL hold.
 MAX_BIGINT = 2**63 - 1
@@ -28,16 +27,12 @@ MAX_BIGINT = 2**63 - 1
 
 @pytest.fixture
 def client(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    settings = Settings(storage_dir=tmp_path / "storage", open_mode=True, database_url=database_url)
-    app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with open_app(tmp_path / "storage", database_url) as client:
         yield client
-    app.state.store.engine.dispose()
 
 
 def _store(client: TestClient) -> JobStore:
-    store: JobStore = client.app.state.store  # type: ignore[attr-defined]
-    return store
+    return store_of(client)
 
 
 def _error(response: Any, status: int, code: str) -> str:

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.config import Settings
 from service.db import JobState, JobStore, Pace, jobs, utcnow, workers
 from service.db.rates import RECENT_RUNS
+from tests.service.support import open_app, store_of
 
 RETENTION = timedelta(hours=1)
 
@@ -140,16 +139,12 @@ def test_the_pace_reads_recent_runs_live_jobs_and_live_workers(store):
 # --------------------------------------------------------------------------- the routes
 @pytest.fixture
 def client(tmp_path: Path, database_url: str) -> Iterator[TestClient]:
-    settings = Settings(storage_dir=tmp_path / "storage", open_mode=True, database_url=database_url)
-    app = create_app(settings)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with open_app(tmp_path / "storage", database_url) as client:
         yield client
-    app.state.store.engine.dispose()
 
 
 def _store(client: TestClient) -> JobStore:
-    store: JobStore = client.app.state.store  # type: ignore[attr-defined]
-    return store
+    return store_of(client)
 
 
 def _queued(store: JobStore, n: int) -> list[str]:
