@@ -64,6 +64,7 @@ class SharedPredictor:
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.device = predictor.device
+        self.normalisation = predictor.normalisation
         self._key: str | None = None
         self._probs: TaskProbabilities | None = None
 

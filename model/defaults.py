@@ -48,6 +48,17 @@ TILING_NAMES: tuple[TilingName, ...] = get_args(TilingName)
 DEFAULT_TILING: TilingName = "wide"
 
 
+#: Intensity normalisation of each modality inside the brain (see
+#: :func:`model.inference.preprocess.normalise`): the paper's z-score; z-score after
+#: clipping to the 0.5th-99.5th percentiles; or piecewise-linear histogram
+#: standardisation of the percentile landmarks onto a standard-normal scale. A model is
+#: trained with one and its checkpoint names it, so that inference uses the same.
+Normalisation = Literal["zscore", "clipped", "landmarks"]
+NORMALISATIONS: tuple[Normalisation, ...] = get_args(Normalisation)
+#: The paper's normalisation; checkpoints that do not name one were trained with it.
+DEFAULT_NORMALISATION: Normalisation = "zscore"
+
+
 def describe_postprocess(modes: tuple[PostprocessMode, ...] = POSTPROCESS_MODES) -> str:
     """``modes`` and what each does, as one line of prose (Markdown: names in backticks)."""
     return "; ".join(f"`{mode}` ({POSTPROCESS_MEANINGS[mode]})" for mode in modes)

@@ -2,7 +2,8 @@
 
 Stages (each timed): reorient to the closest canonical (RAS) orientation, so that the
 network always sees axial slices along its depth axis whatever the file's orientation;
-pre-process (brain mask, z-score inside it, crop to the brain); overlap-tile inference
+pre-process (brain mask, normalisation inside it as the model was trained, crop to
+the brain); overlap-tile inference
 of the three tasks; fusion; post-processing; paste back onto the grid and undo the
 reorientation. Geometry never changes: the result has the input's shape, and writing
 it with :func:`model.io.nifti.write.save_labels` keeps the input's affine and header.
@@ -142,7 +143,7 @@ def segment_images(
     start = time.perf_counter()
 
     canonical = to_canonical(images, affine)
-    prep = preprocess(canonical)
+    prep = preprocess(canonical, normalisation=predictor.normalisation)
     timings["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -246,7 +247,8 @@ def load_predictor(
     Raises:
         CheckpointError: a file cannot be used.
         ValueError: a checkpoint holds a single ``mc`` network, which predicts one task
-            only (use an ``mc_cascade`` checkpoint for the MC baseline).
+            only (use an ``mc_cascade`` checkpoint for the MC baseline); or the checkpoints
+            of an ensemble were trained on differently normalised inputs.
     """
     loaded = [load_checkpoint(path) for path in checkpoints]
     for ckpt in loaded:
@@ -255,7 +257,19 @@ def load_predictor(
                 f"checkpoint {ckpt.name} holds one single-task 'mc' network; whole-case "
                 "segmentation needs all three tasks (an OM-Net or 'mc_cascade' checkpoint)"
             )
-    predictor = Predictor([c.model for c in loaded], device, batch_size, layout, tta=tta)
+    if len({c.config.normalisation for c in loaded}) > 1:
+        named = ", ".join(f"{c.path or c.name}: {c.config.normalisation}" for c in loaded)
+        raise ValueError(
+            f"an ensemble's models must share one input normalisation; these differ ({named})"
+        )
+    predictor = Predictor(
+        [c.model for c in loaded],
+        device,
+        batch_size,
+        layout,
+        tta=tta,
+        normalisation=loaded[0].config.normalisation,
+    )
     return predictor, loaded
 
 

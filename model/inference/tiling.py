@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
+from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS
 from model.labels import NUM_TASK_CLASSES, TaskClass
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,9 @@ class Predictor:
         tta: test-time augmentation: every patch also goes through the network mirrored
             along each combination of axes (:data:`TTA_FLIPS`, 8 passes), each output is
             mirrored back and the probabilities are averaged. Not in the paper.
+        normalisation: the intensity normalisation the models were trained with (their
+            checkpoints' ``normalisation``); whole-case segmentation normalises its input
+            this way before :meth:`predict`.
     """
 
     def __init__(
@@ -182,9 +186,15 @@ class Predictor:
         mixed_precision: bool | None = None,
         tta: bool = False,
         channels_last: bool | None = None,
+        normalisation: str = DEFAULT_NORMALISATION,
     ) -> None:
         if not models:
             raise ValueError("models must hold at least one network")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}; got {normalisation!r}"
+            )
+        self.normalisation = normalisation
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         self.device = resolve_device(device)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
+from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS
 from model.labels import CORE_CLASSES, NUM_TASK_CLASSES, TUMOUR_CLASSES
 from model.net.blocks import Backbone, TaskHead
 from model.net.cga import CrossTaskGuidedAttention
@@ -54,6 +55,9 @@ class ArchConfig:
         width: channels of the first level (32 in the paper); levels use w, 2w, 4w, 8w.
         dropout: dropout probability after the bottom level in training.
         num_classes: classes of a single ``mc`` network (ignored by other variants).
+        normalisation: the input intensity normalisation the network was trained with
+            (one of :data:`model.defaults.NORMALISATIONS`); inference normalises the same
+            way. Checkpoints written before it existed hold the paper's z-score.
     """
 
     variant: str = "omnet_cga"
@@ -61,6 +65,7 @@ class ArchConfig:
     width: int = 32
     dropout: float = 0.5
     num_classes: int = 5
+    normalisation: str = DEFAULT_NORMALISATION
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -75,6 +80,11 @@ class ArchConfig:
             raise ValueError(f"dropout must lie in [0, 1); got {self.dropout!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2; got {self.num_classes!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}; "
+                f"got {self.normalisation!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from model.defaults import DEFAULT_TILING
+from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING
 from model.inference.tiling import TILINGS
 from model.net.network import ArchConfig
 
@@ -44,6 +44,7 @@ class TrainConfig:
     task1_tumour_fraction: float = 0.0
     augment: bool = False
     augment_preset: str = "default"  # "site": AugmentConfig.site_shift()
+    normalisation: str = DEFAULT_NORMALISATION
     init_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +82,7 @@ class TrainConfig:
             )
         if self.variant == "mc":
             raise ValueError("variant 'mc' is one network; train the MC baseline as 'mc_cascade'")
-        ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
+        self.arch  # noqa: B018 - checks the architecture and the normalisation
 
     @property
     def epochs(self) -> int:
@@ -89,7 +90,12 @@ class TrainConfig:
 
     @property
     def arch(self) -> ArchConfig:
-        return ArchConfig(variant=self.variant, width=self.width, dropout=self.dropout)
+        return ArchConfig(
+            variant=self.variant,
+            width=self.width,
+            dropout=self.dropout,
+            normalisation=self.normalisation,
+        )
 
     def active_tasks(self, epoch: int) -> tuple[bool, bool, bool]:
         """Tasks trained in ``epoch`` (0-based)."""

@@ -1,8 +1,9 @@
 """Training data: a cache of normalised cases and the paper's patch sampler.
 
-Cache. Each case is read once, reoriented to RAS (as at inference), z-scored inside its
-brain mask, cropped to the brain and zero-padded by half a patch on every side, then
-stored as ``.npy`` files that training memory-maps::
+Cache. Each case is read once, reoriented to RAS (as at inference), normalised inside
+its brain mask (the run's normalisation, the paper's z-score by default), cropped to
+the brain and zero-padded by half a patch on every side, then stored as ``.npy`` files
+that training memory-maps::
 
     <cache>/<case>/images.npy    float16 (4, X, Y, Z)   normalised modalities
     <cache>/<case>/target.npy    uint8   (X, Y, Z)      5-class target of tasks 1-2
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from model.defaults import DEFAULT_NORMALISATION
 from model.inference.fusion import dilate
 from model.inference.pipeline import to_canonical
 from model.inference.preprocess import preprocess
@@ -142,8 +144,9 @@ def _voxel_list(mask: np.ndarray) -> np.ndarray:
     return np.argwhere(mask).astype(np.int16)
 
 
-def cache_case(case_dir: Path, out: Path) -> Path:
-    """Normalises one BraTS case folder (images + labels) into ``out/<case>/``.
+def cache_case(case_dir: Path, out: Path, normalisation: str = DEFAULT_NORMALISATION) -> Path:
+    """Normalises one BraTS case folder (images + labels) into ``out/<case>/``
+    (``normalisation``: one of :data:`model.defaults.NORMALISATIONS`).
 
     Raises:
         InputError: the case cannot be read, or has no label file (``not_found``).
@@ -159,7 +162,7 @@ def cache_case(case_dir: Path, out: Path) -> Path:
     labels = load_labels(label_file, like=case)
     images = to_canonical(case.images, case.affine)
     labels = to_canonical(labels, case.affine)
-    prep = preprocess(images)
+    prep = preprocess(images, normalisation=normalisation)
     target = labels_to_task_target(labels[prep.bbox], prep.mask).astype(np.uint8)
     pad = [(h, h) for h in HALF]
     images_p = np.pad(prep.images, [(0, 0), *pad]).astype(np.float16)
@@ -174,6 +177,7 @@ def cache_case(case_dir: Path, out: Path) -> Path:
         "version": CACHE_VERSION,
         "name": case.name,
         "source": str(case_dir),
+        "normalisation": normalisation,
         "shape": list(target_p.shape),
         "spacing": list(case.spacing),
         "voxels": {
@@ -184,8 +188,9 @@ def cache_case(case_dir: Path, out: Path) -> Path:
     return dest
 
 
-def _is_cached(folder: Path, source: Path) -> bool:
-    """A complete cache entry of this version, made from this very case folder."""
+def _is_cached(folder: Path, source: Path, normalisation: str) -> bool:
+    """A complete cache entry of this version, made from this very case folder with this
+    normalisation (entries that name none were z-scored)."""
     meta = folder / "meta.json"
     if not meta.is_file():
         return False
@@ -193,21 +198,27 @@ def _is_cached(folder: Path, source: Path) -> bool:
         info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("version") == CACHE_VERSION and info.get("source") == str(source)
+    return (
+        info.get("version") == CACHE_VERSION
+        and info.get("source") == str(source)
+        and info.get("normalisation", "zscore") == normalisation
+    )
 
 
 def build_cache(
     case_dirs: Sequence[Path],
     cache_dir: str | Path,
     progress: Callable[[int, int, str], None] | None = None,
+    normalisation: str = DEFAULT_NORMALISATION,
 ) -> list[CachedCase]:
-    """Caches every case not cached yet and opens them all (memory-mapped)."""
+    """Caches every case not cached yet (or cached with another normalisation) and opens
+    them all (memory-mapped)."""
     cache = Path(cache_dir)
     cases = []
     for i, case_dir in enumerate(case_dirs):
         folder = cache / Path(case_dir).name
-        if not _is_cached(folder, Path(case_dir)):
-            cache_case(Path(case_dir), cache)
+        if not _is_cached(folder, Path(case_dir), normalisation):
+            cache_case(Path(case_dir), cache, normalisation)
         cases.append(CachedCase.open(folder))
         if progress is not None:
             progress(i + 1, len(case_dirs), folder.name)

@@ -144,8 +144,10 @@ class Trainer:
         source = load_checkpoint(path)
         if source.config != self.config.arch:
             raise ValueError(
-                f"init checkpoint {path} is {source.config.variant} width {source.config.width}; "
-                f"this run trains {self.config.variant} width {self.config.width}"
+                f"init checkpoint {path} is {source.config.variant} width {source.config.width} "
+                f"on {source.config.normalisation} inputs; this run trains "
+                f"{self.config.variant} width {self.config.width} on "
+                f"{self.config.normalisation} inputs"
             )
         self.model.load_state_dict(source.model.state_dict())
 
@@ -261,6 +263,7 @@ class Trainer:
             self.device,
             layout=TILINGS[self.config.val_tiling],
             channels_last=self.channels_last,  # the layout the model trains in: no change
+            normalisation=self.config.normalisation,
         )
         options = SegmentationOptions(remove_small=False, relabel_edema=False)
         per_case = {}

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.defaults import DEFAULT_TILING, TILING_NAMES
+from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, NORMALISATIONS, TILING_NAMES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,6 +83,16 @@ def configure(p: argparse.ArgumentParser) -> None:
         "intensity, gamma, noise, blur; 'site': that plus bias fields, low resolution and "
         "wider intensity ranges, imitating other scanners",
     )
+    p.add_argument(
+        "--normalisation",
+        default=DEFAULT_NORMALISATION,
+        choices=NORMALISATIONS,
+        metavar="NAME",
+        help=f"intensity normalisation in the brain: {', '.join(NORMALISATIONS)} (default "
+        "%(default)s, the paper's; 'clipped': z-score after clipping to the 0.5th-99.5th "
+        "percentiles; 'landmarks': histogram standardisation); the checkpoints name it and "
+        "inference follows it",
+    )
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     p.add_argument(
         "--device",
@@ -119,6 +129,7 @@ def _new_run(args: argparse.Namespace) -> dict:
         task1_tumour_fraction=args.task1_tumour_fraction,
         augment=args.augment is not None,
         augment_preset=args.augment or "default",
+        normalisation=args.normalisation,
         init_checkpoint=str(args.init.resolve()) if args.init else None,
     )
     cases = list(find_cases_in(args.data).values())
@@ -174,6 +185,7 @@ def _training_cases(run_info: dict[str, Any], case_dirs: dict[str, Path]) -> lis
             [case_dirs[n] for n in names],
             run_info["cache"],
             progress=lambda done, total, name: bar.update(1),
+            normalisation=run_info["config"].get("normalisation", DEFAULT_NORMALISATION),
         )
 
 

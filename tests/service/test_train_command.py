@@ -204,3 +204,24 @@ def test_augment_flag_chooses_the_augmentation_set():
     assert TrainConfig.from_dict(site.to_dict()) == site  # a resumed run keeps it
     with pytest.raises(ValueError, match="augment_preset"):
         TrainConfig(augment_preset="strong")
+
+
+def test_normalisation_flag_reaches_the_cache_and_the_checkpoints(data, tmp_path, capsys):
+    out = tmp_path / "landmarks"
+    tiny = [*SMALL, "--epochs", "1", "0", "0", "--steps-per-epoch", "1"]
+    assert (
+        main(
+            ["train", "--data", str(data), "--out", str(out), *tiny, "--normalisation", "landmarks"]
+        )
+        == 0
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["normalisation"] == "landmarks"
+    metas = [json.loads(p.read_text()) for p in Path(run["cache"]).glob("*/meta.json")]
+    assert metas and {m["normalisation"] for m in metas} == {"landmarks"}
+    assert load_checkpoint(out / "last.pt").config.normalisation == "landmarks"
+    bad = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--normalisation", "z"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(bad)
+    assert exit_info.value.code == 2
+    assert "argument --normalisation: invalid choice: 'z'" in capsys.readouterr().err
