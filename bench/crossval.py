@@ -3,6 +3,8 @@
     python bench/crossval.py folds                 # writes model/splits/cv5_fold*_val.txt
     python bench/crossval.py train [--runs bench/cv-runs] [--folds 0 1] [--max-minutes 150]
     python bench/crossval.py status [--runs bench/cv-runs]
+    python bench/crossval.py train --study sites --variant base landmarks ...
+    python bench/crossval.py status --study sites
 
 ``folds`` deals the 34 cases of ``../shared/data/brats2018`` and ``brats-extra`` into
 five folds: the cases of each institution group (the site in the case name) are shuffled
@@ -23,6 +25,16 @@ one machine resumes on another; the patch cache is rebuilt where it is missing
 Out-of-fold evaluation of inference settings runs through
 ``bench/accuracy.py --crossval RUNS`` (every case scored by the model that did not train
 on it).
+
+``--study sites`` measures recipe variants against site shift (:data:`VARIANTS`: the
+recipe as it is, scanner-imitating augmentation, and the two normalisation variants):
+each variant trains once on the CBICA cases and is scored on every case of the other
+institutions (``model/splits/sites_val.txt``, written by ``folds``), none of which
+trained any of them or chose anything: ``bench/accuracy.py --split
+model/splits/sites_val.txt --model base=bench/site-runs/base/last.pt --model ...``.
+The variants differ from :data:`RECIPE` in one option each, and train with the same
+seed, steps and cases. ``--variant`` applies to the cross-validation too (runs in
+``bench/cv-runs-<variant>``), for a variant worth five more runs.
 """
 
 from __future__ import annotations
@@ -66,9 +78,30 @@ RECIPE = (
     "--checkpoint-every", "50",
 )  # fmt: skip
 
+#: Recipe variants against site shift: the options each adds to :data:`RECIPE` (a later
+#: option wins over the recipe's own).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "site-augment": ("--augment", "site"),
+    "clipped": ("--normalisation", "clipped"),
+    "landmarks": ("--normalisation", "landmarks"),
+}
+#: The institution group the site study trains on; every other group is held out.
+SITE_TRAIN_GROUP = "CBICA"
+SITE_RUNS = ROOT / "bench" / "site-runs"
+
 
 def fold_file(fold: int) -> Path:
     return SPLITS_DIR / f"cv{FOLDS}_fold{fold}_val.txt"
+
+
+SITES_FILE = SPLITS_DIR / "sites_val.txt"
+
+
+def site_split(case_names: list[str]) -> list[str]:
+    """The cases the site study holds out: every institution group but
+    :data:`SITE_TRAIN_GROUP`."""
+    return sorted(n for n in case_names if institution_group(n) != SITE_TRAIN_GROUP)
 
 
 def deal_folds(case_names: list[str], folds: int = FOLDS, seed: int = SEED) -> list[list[str]]:
@@ -109,6 +142,15 @@ def cmd_folds(_: argparse.Namespace) -> int:
         )
         fold_file(k).write_text(header + "".join(f"{n}\n" for n in fold))
         print(f"fold {k}: {len(fold)} cases, groups {groups}")
+    held_out = site_split(names)
+    groups = sorted({institution_group(n) for n in held_out})
+    SITES_FILE.write_text(
+        f"# Site study (held out): the {len(held_out)} of the {len(names)} cases of\n"
+        f"# ../shared/data/{{{','.join(DATA_SETS)}}} from institutions other than "
+        f"{SITE_TRAIN_GROUP}: made by\n# `python bench/crossval.py folds`. Groups: "
+        f"{', '.join(groups)}.\n" + "".join(f"{n}\n" for n in held_out)
+    )
+    print(f"sites: {len(held_out)} held-out cases, groups {groups}")
     return 0
 
 
@@ -128,16 +170,37 @@ def fold_state(run_dir: Path) -> dict:
     return info
 
 
+def _normalisation(options: tuple[str, ...]) -> str:
+    return (
+        options[options.index("--normalisation") + 1] if "--normalisation" in options else "zscore"
+    )
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, Path, Path, int, tuple[str, ...]]]:
+    """(label, run folder, held-out split, seed, options beyond the recipe) of every
+    run the command names, in order."""
+    out = []
+    for variant in args.variant:
+        extra = VARIANTS[variant]
+        if args.study == "sites":
+            out.append((f"sites {variant}", args.runs / variant, SITES_FILE, 0, extra))
+            continue
+        runs = (
+            args.runs if variant == "base" else args.runs.with_name(f"{args.runs.name}-{variant}")
+        )
+        for k in args.folds:
+            label = f"fold {k}" if variant == "base" else f"{variant} fold {k}"
+            out.append((label, runs / f"fold{k}", fold_file(k), k, extra))
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     folders = data_folders()
-    runs: Path = args.runs
-    runs.mkdir(parents=True, exist_ok=True)
-    cache: Path = args.cache
-    for k in args.folds:
-        run_dir = runs / f"fold{k}"
+    for label, run_dir, split, seed, extra in planned_runs(args):
         if (run_dir / "done").exists():
-            print(f"fold {k}: finished", file=sys.stderr)
+            print(f"{label}: finished", file=sys.stderr)
             continue
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
         base = [sys.executable, "-m", "service.cli", "train"]
         if (run_dir / "state.pt").exists():
             command = [*base, "--resume", str(run_dir)]
@@ -145,14 +208,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             if run_dir.exists():  # stopped before its first save: start again
                 for f in run_dir.iterdir():
                     f.unlink()
+            # One cache per normalisation: runs of different ones never rebuild each
+            # other's entries.
+            norm = _normalisation(extra)
+            cache = (
+                args.cache
+                if norm == "zscore"
+                else args.cache.with_name(f"{args.cache.name}-{norm}")
+            )
             command = [
                 *base,
                 "--data", *map(str, folders),
                 "--out", str(run_dir),
                 "--cache", str(cache),
-                "--val-split", str(fold_file(k)),
-                "--seed", str(k),
+                "--val-split", str(split),
+                "--seed", str(seed),
                 *RECIPE,
+                *extra,
             ]  # fmt: skip
         if args.max_minutes:
             command += ["--max-minutes", str(args.max_minutes)]
@@ -173,26 +245,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    for k in range(FOLDS):
-        run_dir = args.runs / f"fold{k}"
-        print(json.dumps({"fold": k, **fold_state(run_dir)}))
+    for label, run_dir, _split, _seed, _extra in planned_runs(args):
+        print(json.dumps({"run_label": label, **fold_state(run_dir)}))
     return 0
 
 
-def main() -> int:
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--study",
+        choices=("cv", "sites"),
+        default="cv",
+        help="cv: the five folds; sites: train on CBICA, hold out every other institution",
+    )
+    p.add_argument("--runs", type=Path, help="default: bench/cv-runs, or bench/site-runs")
+    p.add_argument("--folds", type=int, nargs="+", default=list(range(FOLDS)))
+    p.add_argument(
+        "--variant", nargs="+", choices=list(VARIANTS), default=["base"], help="recipe variants"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("folds", help="write the fold files")
+    sub.add_parser("folds", help="write the fold files and the site study's split")
     train = sub.add_parser("train", help="train (or resume) the fold models")
-    train.add_argument("--runs", type=Path, default=RUNS)
+    _run_options(train)
     train.add_argument("--cache", type=Path, default=ROOT / "runs" / "cv" / "cache")
-    train.add_argument("--folds", type=int, nargs="+", default=list(range(FOLDS)))
     train.add_argument("--max-minutes", type=float, help="stop each run (resumably) after this")
-    status = sub.add_parser("status", help="progress of the fold runs")
-    status.add_argument("--runs", type=Path, default=RUNS)
-    args = parser.parse_args()
+    status = sub.add_parser("status", help="progress of the runs")
+    _run_options(status)
+    args = parser.parse_args(argv)
+    if args.command != "folds" and args.runs is None:
+        args.runs = SITE_RUNS if args.study == "sites" else RUNS
     return {"folds": cmd_folds, "train": cmd_train, "status": cmd_status}[args.command](args)
 
 

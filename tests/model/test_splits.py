@@ -129,3 +129,47 @@ def test_out_of_fold_scoring_uses_finished_folds_only(tmp_path):
     models = accuracy.crossval_models(tmp_path, "last.pt")
     assert set(models) == set(read_split(SPLITS_DIR / "cv5_fold0_val.txt"))
     assert set(models.values()) == {str(tmp_path / "fold0" / "last.pt")}
+
+
+def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_path):
+    """model/splits/sites_val.txt (bench/crossval.py folds) holds every case of the 34
+    whose institution is not CBICA; each recipe variant adds one option to the recipe,
+    trains on the same seed, and a normalisation variant gets a cache of its own."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
+    spec = importlib.util.spec_from_file_location("crossval_sites", script)
+    assert spec is not None and spec.loader is not None
+    crossval = importlib.util.module_from_spec(spec)
+    sys.modules["crossval_sites"] = crossval
+    spec.loader.exec_module(crossval)
+
+    names = [n for k in range(5) for n in read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt")]
+    held_out = read_split(SPLITS_DIR / "sites_val.txt")
+    assert held_out == crossval.site_split(names)
+    assert len(held_out) == 10
+    assert {institution_group(n) for n in held_out} == {
+        "2013", "BraTS2021", "TCIA01", "TCIA02", "TCIA10"
+    }  # fmt: skip
+    assert all(institution_group(n) == "CBICA" for n in set(names) - set(held_out))
+
+    def plan(*argv):
+        parser_args = ["status", *argv, "--runs", str(tmp_path / "runs")]
+        seen = []
+        crossval.cmd_status = lambda args: seen.extend(crossval.planned_runs(args)) or 0
+        crossval.main(parser_args)
+        return seen
+
+    sites = plan("--study", "sites", "--variant", "base", "landmarks")
+    assert [(r[0], r[1].name, r[2].name, r[3], r[4]) for r in sites] == [
+        ("sites base", "base", "sites_val.txt", 0, ()),
+        ("sites landmarks", "landmarks", "sites_val.txt", 0, ("--normalisation", "landmarks")),
+    ]
+    cv = plan("--variant", "site-augment", "--folds", "2")
+    assert [(r[0], str(r[1].relative_to(tmp_path)), r[2].name, r[3]) for r in cv] == [
+        ("site-augment fold 2", "runs-site-augment/fold2", "cv5_fold2_val.txt", 2)
+    ]
+    assert cv[0][4] == ("--augment", "site")
+    assert crossval._normalisation(("--normalisation", "clipped")) == "clipped"
+    assert crossval._normalisation(crossval.RECIPE) == "zscore"
