@@ -15,8 +15,9 @@ paper's post-processing), ``guard`` (post-processing with the guarded edema
 relabelling), ``rm`` (small-component removal only, no edema relabelling), ``lesion``
 (small-component removal and the tumour parts more than 10 mm from the main lesion
 removed: ``--postprocess main-lesion``), ``largest`` (the same with the earlier main
-lesion, the largest component, and no component spared), ``tta`` (flip averaging).
-Prints Dice and HD95
+lesion, the largest component, and no component spared), ``tta`` (flip averaging),
+``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
+default is the predictor's own for the device). Prints Dice and HD95
 (WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
 over groups (each institution weighs the same) and the CPU seconds per case relative to
 the first model and setting, measured in this run.
@@ -87,15 +88,17 @@ class Setting:
     tiling: str
     options: SegmentationOptions
     tta: bool
+    mixed_precision: bool | None = None
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        known = {"pp", "guard", "rm", "lesion", "largest", "tta"}
+        known = {"pp", "guard", "rm", "lesion", "largest", "tta", "fp32", "mixed"}
         unknown = set(levers) - known
         if tiling not in TILINGS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta]"
+                "[+fp32|+mixed]"
             )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
@@ -105,7 +108,8 @@ class Setting:
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
             main_lesion_guard="largest" not in levers,
         )
-        return cls(text, tiling, options, "tta" in levers)
+        precision = True if "mixed" in levers else False if "fp32" in levers else None
+        return cls(text, tiling, options, "tta" in levers, precision)
 
 
 def _mean(values: list[float | None]) -> float:
@@ -256,14 +260,18 @@ def main() -> None:
     if missing:
         raise SystemExit(f"cases not found under {args.data}: {missing}")
 
-    shared: dict[tuple[str, str, bool], SharedPredictor] = {}
+    shared: dict[tuple[str, str, bool, bool | None], SharedPredictor] = {}
 
     def predictor(model_name: str, setting: Setting, case_name: str) -> SharedPredictor:
         paths = models[model_name][case_name]
-        key = (paths, setting.tiling, setting.tta)
+        key = (paths, setting.tiling, setting.tta, setting.mixed_precision)
         if key not in shared:
             loaded = load_predictor(
-                paths.split("+"), args.device, layout=TILINGS[setting.tiling], tta=setting.tta
+                paths.split("+"),
+                args.device,
+                layout=TILINGS[setting.tiling],
+                tta=setting.tta,
+                mixed_precision=setting.mixed_precision,
             )
             shared[key] = SharedPredictor(loaded[0])
         return shared[key]

@@ -240,9 +240,11 @@ def load_predictor(
     batch_size: int = 16,
     layout: TileLayout = WIDE_TILING,
     tta: bool = False,
+    mixed_precision: bool | None = None,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`
-    (``tta``: mirrored test-time augmentation, see :class:`~model.inference.tiling.Predictor`).
+    (``tta``: mirrored test-time augmentation; ``mixed_precision``: autocast, see
+    :class:`~model.inference.tiling.Predictor`).
 
     Raises:
         CheckpointError: a file cannot be used.
@@ -268,6 +270,7 @@ def load_predictor(
         batch_size,
         layout,
         tta=tta,
+        mixed_precision=mixed_precision,
         normalisation=loaded[0].config.normalisation,
     )
     return predictor, loaded
