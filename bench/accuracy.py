@@ -17,7 +17,7 @@ relabelling), ``rm`` (small-component removal only, no edema relabelling), ``les
 removed: ``--postprocess main-lesion``), ``largest`` (the same with the earlier main
 lesion, the largest component, and no component spared), ``tta`` (flip averaging),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
-default is the predictor's own for the device). Prints Dice and HD95
+default is the product's ``auto`` precision). Prints Dice and HD95
 (WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
 over groups (each institution weighs the same) and the CPU seconds per case relative to
 the first model and setting, measured in this run.
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from model.defaults import MAIN_LESION_GAP_MM
+from model.defaults import DEFAULT_PRECISION, MAIN_LESION_GAP_MM
 from model.inference.case import CaseOutputs, process_case
 from model.inference.pipeline import SegmentationOptions, load_predictor
 from model.inference.tiling import TILINGS, Predictor, TaskProbabilities
@@ -66,6 +66,7 @@ class SharedPredictor:
         self.predictor = predictor
         self.device = predictor.device
         self.normalisation = predictor.normalisation
+        self.precision = predictor.precision
         self._key: str | None = None
         self._probs: TaskProbabilities | None = None
 
@@ -88,7 +89,7 @@ class Setting:
     tiling: str
     options: SegmentationOptions
     tta: bool
-    mixed_precision: bool | None = None
+    precision: str = DEFAULT_PRECISION
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -108,7 +109,7 @@ class Setting:
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
             main_lesion_guard="largest" not in levers,
         )
-        precision = True if "mixed" in levers else False if "fp32" in levers else None
+        precision = "mixed" if "mixed" in levers else "float32" if "fp32" in levers else "auto"
         return cls(text, tiling, options, "tta" in levers, precision)
 
 
@@ -260,18 +261,18 @@ def main() -> None:
     if missing:
         raise SystemExit(f"cases not found under {args.data}: {missing}")
 
-    shared: dict[tuple[str, str, bool, bool | None], SharedPredictor] = {}
+    shared: dict[tuple[str, str, bool, str], SharedPredictor] = {}
 
     def predictor(model_name: str, setting: Setting, case_name: str) -> SharedPredictor:
         paths = models[model_name][case_name]
-        key = (paths, setting.tiling, setting.tta, setting.mixed_precision)
+        key = (paths, setting.tiling, setting.tta, setting.precision)
         if key not in shared:
             loaded = load_predictor(
                 paths.split("+"),
                 args.device,
                 layout=TILINGS[setting.tiling],
                 tta=setting.tta,
-                mixed_precision=setting.mixed_precision,
+                precision=setting.precision,
             )
             shared[key] = SharedPredictor(loaded[0])
         return shared[key]

@@ -21,11 +21,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.defaults import (
     DEFAULT_POSTPROCESS,
+    DEFAULT_PRECISION,
     DEFAULT_TILING,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
+    PRECISIONS,
     TILING_NAMES,
     PostprocessMode,
+    Precision,
     TilingName,
     describe_postprocess,
 )
@@ -131,6 +134,12 @@ class Settings(BaseSettings):
         f"API's default): {describe_postprocess(SERVICE_POSTPROCESS_MODES)}",
     )
     tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
+    precision: Precision = Field(
+        DEFAULT_PRECISION,
+        description=f"the network's arithmetic: {_one_of(PRECISIONS, '`')}; `auto` computes in "
+        "bfloat16 on CPUs with AVX512-BF16 or AMX and float16 on CUDA, float32 elsewhere "
+        "(the report's `inference.precision` says which)",
+    )
     job_time_limit_s: float = Field(3600.0, gt=0, description="a job running longer fails")
     visibility_timeout_s: float = Field(
         60.0,

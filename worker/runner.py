@@ -122,6 +122,7 @@ def get_predictor(settings: Settings) -> tuple[Predictor, list[Checkpoint]]:
                 batch_size=settings.batch_size,
                 layout=TILINGS[settings.tiling],
                 tta=settings.tta,
+                precision=settings.precision,
             )
             logger.info("loaded %s on %s", [c.name for c in _loaded[1]], _loaded[0].device)
         return _loaded
@@ -164,6 +165,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         tiling=settings.tiling,
         tta=settings.tta,
         device=str(predictor.device),
+        precision=predictor.precision,
         batch_size=predictor.batch_size,
         postprocess=mode,
     )

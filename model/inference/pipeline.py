@@ -20,7 +20,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from model.defaults import MAIN_LESION_GAP_MM, NO_POSTPROCESS, POSTPROCESS_MODES
+from model.defaults import (
+    DEFAULT_PRECISION,
+    MAIN_LESION_GAP_MM,
+    NO_POSTPROCESS,
+    POSTPROCESS_MODES,
+)
 from model.inference.fusion import DILATION_VOXELS, fuse, fused_probabilities
 from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
@@ -31,6 +36,8 @@ from model.inference.tiling import (
     ProgressCallback,
     TaskProbabilities,
     TileLayout,
+    resolve_device,
+    resolve_precision,
 )
 from model.io.nifti.write import save_labels, save_probabilities
 from model.io.volumes import MODALITIES, Case
@@ -240,11 +247,11 @@ def load_predictor(
     batch_size: int = 16,
     layout: TileLayout = WIDE_TILING,
     tta: bool = False,
-    mixed_precision: bool | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`
-    (``tta``: mirrored test-time augmentation; ``mixed_precision``: autocast, see
-    :class:`~model.inference.tiling.Predictor`).
+    (``tta``: mirrored test-time augmentation; ``precision``: one of
+    :data:`model.defaults.PRECISIONS`, see :func:`~model.inference.tiling.resolve_precision`).
 
     Raises:
         CheckpointError: a file cannot be used.
@@ -264,13 +271,14 @@ def load_predictor(
         raise ValueError(
             f"an ensemble's models must share one input normalisation; these differ ({named})"
         )
+    resolved = resolve_device(device)
     predictor = Predictor(
         [c.model for c in loaded],
-        device,
+        resolved,
         batch_size,
         layout,
         tta=tta,
-        mixed_precision=mixed_precision,
+        mixed_precision=resolve_precision(precision, resolved),
         normalisation=loaded[0].config.normalisation,
     )
     return predictor, loaded

@@ -59,7 +59,8 @@ class CheckpointRef(TypedDict):
 class InferenceDict(TypedDict):
     """How the result was made: the model (``name`` and ``sha256`` of the checkpoint, or
     of the ensemble joined by ``+``), tiling, mirrored test-time augmentation, device,
-    tiles per batch and post-processing mode."""
+    the network's arithmetic (``float32``, ``bfloat16`` or ``float16``), tiles per batch
+    and post-processing mode."""
 
     model_name: str
     model_sha256: str
@@ -67,6 +68,7 @@ class InferenceDict(TypedDict):
     tiling: str
     tta: bool
     device: str
+    precision: str
     batch_size: int
     postprocess: str
 
@@ -138,6 +140,7 @@ class InferenceInfo:
     tiling: str
     tta: bool
     device: str
+    precision: str
     batch_size: int
     postprocess: str
 
@@ -149,6 +152,7 @@ class InferenceInfo:
         tiling: str,
         tta: bool,
         device: str,
+        precision: str,
         batch_size: int,
         postprocess: str,
     ) -> InferenceInfo:
@@ -161,7 +165,9 @@ class InferenceInfo:
             for c in model["checkpoints"]
         )
         name, sha256 = model["name"], model["sha256"]
-        return cls(name, sha256, checkpoints, tiling, tta, device, batch_size, postprocess)
+        return cls(
+            name, sha256, checkpoints, tiling, tta, device, precision, batch_size, postprocess
+        )
 
     def to_dict(self) -> InferenceDict:
         return InferenceDict(
@@ -171,6 +177,7 @@ class InferenceInfo:
             tiling=self.tiling,
             tta=self.tta,
             device=self.device,
+            precision=self.precision,
             batch_size=self.batch_size,
             postprocess=self.postprocess,
         )
@@ -256,7 +263,13 @@ def upgrade_report(document: Mapping[str, Any]) -> dict[str, Any]:
     warnings only under ``dicom``); keys it lacks are null or empty.
     """
     if document.get("report_version") == REPORT_VERSION:
-        return dict(document)
+        upgraded = dict(document)
+        inference = upgraded.get("inference")
+        if inference is not None and "precision" not in inference:
+            # Stored before the key existed: the predictor autocast on CUDA only.
+            cuda = str(inference.get("device", "")).startswith("cuda")
+            upgraded["inference"] = {**inference, "precision": "float16" if cuda else "float32"}
+        return upgraded
     dicom = document.get("dicom")
     warnings = list((dicom or {}).get("warnings", [])) + list(document.get("warnings", []))
     reference = document.get("reference")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS
+from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS, PRECISIONS
 from model.labels import NUM_TASK_CLASSES, TaskClass
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,32 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def native_half_precision(device: torch.device) -> bool:
+    """Whether ``device`` computes in half width natively: CUDA (float16), or a CPU with
+    AVX512-BF16 or AMX tiles (bfloat16; elsewhere oneDNN emulates it, slower than
+    float32)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """Whether a predictor on ``device`` autocasts, for a precision of
+    :data:`model.defaults.PRECISIONS`.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        return native_half_precision(device)
+    return precision == "mixed"
+
+
 #: Test-time augmentation: every combination of mirroring the patch's three spatial axes
 #: (of a (B, C, X, Y, Z) batch), the identity first, as nnU-Net mirrors 3-D inputs.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
@@ -165,7 +191,9 @@ class Predictor:
         device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
         batch_size: patches per forward pass.
         layout: the tiling (:data:`WIDE_TILING`, the default, or :data:`PAPER_TILING`...).
-        mixed_precision: float16 autocast; defaults to on for CUDA, off for the CPU.
+        mixed_precision: autocast (float16 on CUDA, bfloat16 on the CPU); defaults to on
+            for CUDA, off for the CPU (the product's choice is made by
+            :func:`resolve_precision`).
         channels_last: run the network on channels-last (NDHWC) tensors; defaults to on
             for the CPU, where oneDNN's 3-D convolutions run faster on that layout (the
             same probabilities to float rounding), off for CUDA.
@@ -210,6 +238,13 @@ class Predictor:
             channels_last_3d = torch.channels_last_3d
             # Module.to takes memory_format at run time; its type stubs do not say so.
             self.models = [m.to(memory_format=channels_last_3d) for m in self.models]  # type: ignore[call-overload]
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the network's pass: float32, float16 or bfloat16."""
+        if not self.mixed_precision:
+            return "float32"
+        return "float16" if self.device.type == "cuda" else "bfloat16"
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray | torch.Tensor) -> list[torch.Tensor]:

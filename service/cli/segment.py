@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 from model.defaults import (
     DEFAULT_POSTPROCESS,
+    DEFAULT_PRECISION,
     DEFAULT_TILING,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
+    PRECISIONS,
     TILING_NAMES,
     describe_postprocess,
 )
@@ -155,6 +157,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--tta",
         action="store_true",
         help="test-time augmentation: average over the 8 mirrorings of each patch (8x time)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="the network's arithmetic: auto (default: bfloat16 on CPUs with AVX512-BF16 or "
+        "AMX, float16 on CUDA, float32 elsewhere), float32, or mixed (always half width)",
     )
     p.add_argument(
         "--probabilities", action="store_true", help="also write the class probabilities"
@@ -414,7 +423,12 @@ def run(args: argparse.Namespace) -> int:
     jobs = _segment_inputs(args, out_dir)
     checkpoints = args.checkpoint or [default_checkpoint()]
     predictor, loaded = load_predictor(
-        checkpoints, args.device, args.batch_size, TILINGS[args.tiling], tta=args.tta
+        checkpoints,
+        args.device,
+        args.batch_size,
+        TILINGS[args.tiling],
+        tta=args.tta,
+        precision=args.precision,
     )
     options = SegmentationOptions.for_postprocess(args.postprocess, args.probabilities)
     inference = InferenceInfo.describe(
@@ -422,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
         tiling=args.tiling,
         tta=args.tta,
         device=str(predictor.device),
+        precision=predictor.precision,
         batch_size=args.batch_size,
         postprocess=args.postprocess,
     )

@@ -272,7 +272,7 @@ def test_segment_case_round_trip_through_files(tmp_path, predictor):
 def test_load_predictor_from_checkpoint(tmp_path, model, config):
     path = save_checkpoint(tmp_path / "tiny.pt", model, config)
     loaded_predictor, loaded = load_predictor(
-        [path], device="cpu", batch_size=3, layout=FAST_TILING
+        [path], device="cpu", batch_size=3, layout=FAST_TILING, precision="float32"
     )
     assert [c.config for c in loaded] == [config]
     assert loaded_predictor.layout == FAST_TILING and loaded_predictor.batch_size == 3

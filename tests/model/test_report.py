@@ -44,7 +44,13 @@ def _report(**changes) -> CaseReport:
         warnings=["w"],
         quality={"review_recommended": False, "flags": [], "measures": {"rim": 0.0}, "notes": []},
         inference=InferenceInfo.describe(
-            MODEL, tiling="wide", tta=False, device="cpu", batch_size=16, postprocess="main-lesion"
+            MODEL,
+            tiling="wide",
+            tta=False,
+            device="cpu",
+            precision="float32",
+            batch_size=16,
+            postprocess="main-lesion",
         ),
     )
     fields.update(changes)
