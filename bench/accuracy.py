@@ -1,6 +1,8 @@
 """Accuracy of models on held-out cases, per institution group, through the real pipeline.
 
     python bench/accuracy.py --crossval bench/cv-runs --setting wide+lesion wide+largest wide+rm
+    python bench/accuracy.py --crossval bench/cv-runs --folds 1 --setting ... --json f1.json
+    python bench/accuracy.py --combine f0.json f1.json [--json all.json]
     python bench/accuracy.py \
         --model previous=model/weights/omnet_cga.pt --model new=runs/x/best.pt \
         [--model ensemble=a.pt+b.pt] \
@@ -203,13 +205,16 @@ def _spread_row(spread: dict[str, dict[str, Any]]) -> str:
     return f"  {'':<12}       median {median}   worst {worst}   95% CI {ci}"
 
 
-def crossval_models(runs: Path, checkpoint: str) -> dict[str, str]:
+def crossval_models(runs: Path, checkpoint: str, only: list[int] | None = None) -> dict[str, str]:
     """Case name -> the checkpoint of the fold model that never trained on it (folds
     of ``model/splits/cv5_fold*_val.txt`` whose run finished, marked by its ``done``
-    file, and holds ``checkpoint``; a fold still training is left out)."""
+    file, and holds ``checkpoint``; a fold still training is left out; ``only``: these
+    fold numbers alone)."""
     out = {}
     for fold_file in sorted(SPLITS_DIR.glob("cv5_fold*_val.txt")):
         fold = fold_file.name.split("_")[1]  # 'fold3'
+        if only is not None and int(fold.removeprefix("fold")) not in only:
+            continue
         path = runs / fold / checkpoint
         if path.is_file() and (runs / fold / "done").is_file():
             out.update({name: str(path) for name in read_split(fold_file)})
@@ -227,6 +232,17 @@ def main() -> None:
         "(bench/crossval.py train) that never trained on it (model name 'oof')",
     )
     parser.add_argument("--crossval-checkpoint", default="last.pt")
+    parser.add_argument(
+        "--folds", nargs="+", type=int, help="with --crossval: these folds only (e.g. 1)"
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print the merged tables of earlier --json documents (one per fold, say); "
+        "nothing is run",
+    )
     data_dir = resolve_data_dir(os.environ.get("OMNET_DATA_DIR"))
     parser.add_argument(
         "--data",
@@ -239,11 +255,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.combine:
+        document = combine(args.combine)
+        if args.json:
+            args.json.write_text(json.dumps(document, indent=1, default=float))
+        return
 
     # model name -> case name -> checkpoint path(s) ('+'-joined)
     folders = find_cases_in(args.data)
     if args.crossval:
-        oof = crossval_models(args.crossval, args.crossval_checkpoint)
+        oof = crossval_models(args.crossval, args.crossval_checkpoint, args.folds)
         if not oof:
             raise SystemExit(f"no fold run under {args.crossval} holds {args.crossval_checkpoint}")
         names = sorted(oof)
@@ -307,33 +328,91 @@ def main() -> None:
                     flush=True,
                 )
 
-    base = next(iter(seconds.values()))
-    document: dict[str, Any] = {"cases": names, "models": models, "results": {}}
+    results = {
+        f"{m}/{s}": {
+            "per_case": per_case[(m, s)],
+            "flags": flags[(m, s)],
+            "cpu_seconds": seconds[(m, s)],
+        }
+        for m, s in keys
+    }
+    document = report(results, fold_of(names) if args.crossval else {})
+    document["models"] = models
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1, default=float))
+
+
+def fold_of(names: list[str]) -> dict[str, str]:
+    """Case name -> its cross-validation fold ('fold3'), for the names in a fold file."""
+    out = {}
+    for fold_file in sorted(SPLITS_DIR.glob("cv5_fold*_val.txt")):
+        fold = fold_file.name.split("_")[1]
+        out.update({n: fold for n in read_split(fold_file) if n in names})
+    return out
+
+
+def report(results: dict[str, dict[str, Any]], folds: dict[str, str]) -> dict[str, Any]:
+    """Prints the table of each result (``model/setting`` -> per-case scores, flags and
+    CPU seconds): a row per fold (when ``folds`` names them) and per institution group,
+    the mean, median, worst case and interval, the group mean and the quality flag's
+    catch; returns them as a document (what ``--json`` writes, what ``--combine`` reads)."""
+    first = next(iter(results.values()))
+    base = first["cpu_seconds"] / max(len(first["per_case"]), 1)
+    document: dict[str, Any] = {"cases": sorted(first["per_case"]), "folds": folds, "results": {}}
     print()
-    for key, cases in per_case.items():
+    for key, result in results.items():
+        cases = result["per_case"]
         summary = summarise(cases)
-        cpu = seconds[key] / len(names)
-        print(f"{key[0]} / {key[1]}: {cpu:.1f} CPU s per case ({seconds[key] / base:.2f} x)")
+        cpu = result["cpu_seconds"] / len(cases)
+        print(f"{key.replace('/', ' / ')}: {cpu:.1f} CPU s per case ({cpu / base:.2f} x)")
+        for fold in sorted(set(folds.values())):
+            members = [n for n in cases if folds.get(n) == fold]
+            print(_row(fold, summarise({n: cases[n] for n in members})["mean"], len(members)))
         for group, scores in summary["groups"].items():
             count = sum(institution_group(n) == group for n in cases)
             print(_row(group, scores, count))
         print(_row("mean", summary["mean"], len(cases)))
         print(_spread_row(summary["spread"]))
         print(_row("group mean", summary["group_mean"], len(summary["groups"])))
-        table = flag_table(cases, flags[key])
+        table = flag_table(cases, result["flags"])
         print(
             f"  quality flag: {table['failures_flagged']} of {table['failures']} cases below "
             f"WT {table['threshold']} flagged, {table['others_flagged']} of {table['others']} "
             "others flagged"
         )
-        document["results"][f"{key[0]}/{key[1]}"] = {
+        document["results"][key] = {
             **summary,
             "quality_flag": table,
             "cpu_seconds_per_case": cpu,
+            "cpu_seconds": result["cpu_seconds"],
             "per_case": cases,
+            "flags": result["flags"],
         }
-    if args.json:
-        args.json.write_text(json.dumps(document, indent=1, default=float))
+    return document
+
+
+def combine(paths: list[Path]) -> dict[str, Any]:
+    """The results of several ``--json`` documents (of disjoint cases: one per fold, say)
+    merged per model and setting: per-case scores, flags and CPU seconds added up.
+    A setting missing from a document is left out of the merged table."""
+    documents = [json.loads(p.read_text()) for p in paths]
+    keys = [k for k in documents[0]["results"] if all(k in d["results"] for d in documents)]
+    merged: dict[str, dict[str, Any]] = {}
+    folds: dict[str, str] = {}
+    for document in documents:
+        folds.update(document.get("folds", {}))
+        for key in keys:
+            result = document["results"][key]
+            into = merged.setdefault(key, {"per_case": {}, "flags": {}, "cpu_seconds": 0.0})
+            overlap = set(into["per_case"]) & set(result["per_case"])
+            if overlap:
+                raise SystemExit(f"{key}: cases scored in two documents: {sorted(overlap)}")
+            into["per_case"].update(result["per_case"])
+            into["flags"].update(result.get("flags", result["quality_flag"]["flagged"]))
+            into["cpu_seconds"] += result.get(
+                "cpu_seconds", result["cpu_seconds_per_case"] * len(result["per_case"])
+            )
+    return report(merged, folds)
 
 
 if __name__ == "__main__":

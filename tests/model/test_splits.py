@@ -173,3 +173,50 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
     assert cv[0][4] == ("--augment", "site")
     assert crossval._normalisation(("--normalisation", "clipped")) == "clipped"
     assert crossval._normalisation(crossval.RECIPE) == "zscore"
+
+
+def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
+    """bench/accuracy.py --folds K scores one fold; --combine merges the per-fold
+    documents into one table (every case once, CPU seconds added up, a row per fold)."""
+    import importlib.util
+    import json
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_combine", script)
+    assert spec is not None and spec.loader is not None
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_combine"] = accuracy
+    spec.loader.exec_module(accuracy)
+    for fold in ("fold0", "fold1"):
+        (tmp_path / fold).mkdir()
+        (tmp_path / fold / "last.pt").write_bytes(b"")
+        (tmp_path / fold / "done").write_text("finished\n")
+    only = accuracy.crossval_models(tmp_path, "last.pt", only=[1])
+    assert set(only) == set(read_split(SPLITS_DIR / "cv5_fold1_val.txt"))
+
+    def scores(wt):
+        return {r: {"dice": wt, "hd95": 5.0} for r in ("WT", "TC", "ET")}
+
+    paths = []
+    for k, wt in ((0, 0.9), (1, 0.5)):
+        names = read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt")
+        result = {
+            "per_case": {n: scores(wt) for n in names},
+            "flags": {n: (["rim"] if wt < 0.7 else []) for n in names},
+            "cpu_seconds": 10.0 * len(names),
+        }
+        document = accuracy.report({"oof/wide": result}, accuracy.fold_of(names))
+        paths.append(tmp_path / f"f{k}.json")
+        paths[-1].write_text(json.dumps(document, default=float))
+    capsys.readouterr()
+    merged = accuracy.combine(paths)["results"]["oof/wide"]
+    out = capsys.readouterr().out
+    assert len(merged["per_case"]) == 14
+    assert merged["mean"]["WT"]["dice"] == pytest.approx(0.7)
+    assert merged["cpu_seconds_per_case"] == pytest.approx(10.0)
+    assert merged["quality_flag"]["failures"] == merged["quality_flag"]["failures_flagged"] == 7
+    assert merged["quality_flag"]["others_flagged"] == 0
+    assert "fold0        n=7   Dice 0.900" in out and "fold1        n=7   Dice 0.500" in out
+    with pytest.raises(SystemExit, match="cases scored in two documents"):
+        accuracy.combine([paths[0], paths[0]])
