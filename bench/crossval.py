@@ -35,6 +35,10 @@ model/splits/sites_val.txt --model base=bench/site-runs/base/last.pt --model ...
 The variants differ from :data:`RECIPE` in one option each, and train with the same
 seed, steps and cases. ``--variant`` applies to the cross-validation too (runs in
 ``bench/cv-runs-<variant>``), for a variant worth five more runs.
+
+``--study final --variant NAME`` trains the bundled model's candidate on all 34 cases
+with the recipe the studies chose (``bench/final-runs/NAME``; no case is held out, so it
+is never scored: its expected accuracy is the cross-validation's).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 #: The institution group the site study trains on; every other group is held out.
 SITE_TRAIN_GROUP = "CBICA"
 SITE_RUNS = ROOT / "bench" / "site-runs"
+FINAL_RUNS = ROOT / "bench" / "final-runs"
 
 
 def fold_file(fold: int) -> Path:
@@ -96,6 +101,8 @@ def fold_file(fold: int) -> Path:
 
 
 SITES_FILE = SPLITS_DIR / "sites_val.txt"
+#: The final model's validation split: no case (every one trains it).
+NO_CASES_FILE = SPLITS_DIR / "none_val.txt"
 
 
 def site_split(case_names: list[str]) -> list[str]:
@@ -185,6 +192,9 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, Path, Path, int, t
         if args.study == "sites":
             out.append((f"sites {variant}", args.runs / variant, SITES_FILE, 0, extra))
             continue
+        if args.study == "final":
+            out.append((f"final {variant}", args.runs / variant, NO_CASES_FILE, 0, extra))
+            continue
         runs = (
             args.runs if variant == "base" else args.runs.with_name(f"{args.runs.name}-{variant}")
         )
@@ -253,11 +263,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--study",
-        choices=("cv", "sites"),
+        choices=("cv", "sites", "final"),
         default="cv",
-        help="cv: the five folds; sites: train on CBICA, hold out every other institution",
+        help="cv: the five folds; sites: train on CBICA, hold out every other institution; "
+        "final: train on every case, hold out none",
     )
-    p.add_argument("--runs", type=Path, help="default: bench/cv-runs, or bench/site-runs")
+    p.add_argument(
+        "--runs", type=Path, help="default: bench/cv-runs, bench/site-runs or bench/final-runs"
+    )
     p.add_argument("--folds", type=int, nargs="+", default=list(range(FOLDS)))
     p.add_argument(
         "--variant", nargs="+", choices=list(VARIANTS), default=["base"], help="recipe variants"
@@ -278,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     _run_options(status)
     args = parser.parse_args(argv)
     if args.command != "folds" and args.runs is None:
-        args.runs = SITE_RUNS if args.study == "sites" else RUNS
+        args.runs = {"sites": SITE_RUNS, "final": FINAL_RUNS}.get(args.study, RUNS)
     return {"folds": cmd_folds, "train": cmd_train, "status": cmd_status}[args.command](args)
 
 

@@ -220,3 +220,12 @@ def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
     assert "fold0        n=7   Dice 0.900" in out and "fold1        n=7   Dice 0.500" in out
     with pytest.raises(SystemExit, match="cases scored in two documents"):
         accuracy.combine([paths[0], paths[0]])
+
+
+def test_the_final_run_holds_out_no_case(tmp_path):
+    """bench/crossval.py --study final trains on every case: its validation split
+    (model/splits/none_val.txt) names none, and splitting by it keeps all for training."""
+    assert read_split(SPLITS_DIR / "none_val.txt") == []
+    dirs = [tmp_path / f"Brats18_CBICA_A{i:02d}_1" for i in range(5)]
+    train, val = split_cases(dirs, read_split(SPLITS_DIR / "none_val.txt"))
+    assert train == dirs and val == []
