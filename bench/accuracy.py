@@ -336,7 +336,7 @@ def main() -> None:
         }
         for m, s in keys
     }
-    document = report(results, fold_of(names) if args.crossval else {})
+    document = print_tables(results, fold_of(names) if args.crossval else {})
     document["models"] = models
     if args.json:
         args.json.write_text(json.dumps(document, indent=1, default=float))
@@ -351,7 +351,7 @@ def fold_of(names: list[str]) -> dict[str, str]:
     return out
 
 
-def report(results: dict[str, dict[str, Any]], folds: dict[str, str]) -> dict[str, Any]:
+def print_tables(results: dict[str, dict[str, Any]], folds: dict[str, str]) -> dict[str, Any]:
     """Prints the table of each result (``model/setting`` -> per-case scores, flags and
     CPU seconds): a row per fold (when ``folds`` names them) and per institution group,
     the mean, median, worst case and interval, the group mean and the quality flag's
@@ -412,7 +412,7 @@ def combine(paths: list[Path]) -> dict[str, Any]:
             into["cpu_seconds"] += result.get(
                 "cpu_seconds", result["cpu_seconds_per_case"] * len(result["per_case"])
             )
-    return report(merged, folds)
+    return print_tables(merged, folds)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
             "flags": {n: (["rim"] if wt < 0.7 else []) for n in names},
             "cpu_seconds": 10.0 * len(names),
         }
-        document = accuracy.report({"oof/wide": result}, accuracy.fold_of(names))
+        document = accuracy.print_tables({"oof/wide": result}, accuracy.fold_of(names))
         paths.append(tmp_path / f"f{k}.json")
         paths[-1].write_text(json.dumps(document, default=float))
     capsys.readouterr()
@@ -229,3 +229,44 @@ def test_the_final_run_holds_out_no_case(tmp_path):
     dirs = [tmp_path / f"Brats18_CBICA_A{i:02d}_1" for i in range(5)]
     train, val = split_cases(dirs, read_split(SPLITS_DIR / "none_val.txt"))
     assert train == dirs and val == []
+
+
+def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkeypatch, capsys):
+    """bench/accuracy.py's main on two phantom cases with a tiny random model, two
+    settings sharing one network pass: the JSON it writes holds every case and setting,
+    and --combine reads it back."""
+    import importlib.util
+    import json
+    import sys
+
+    import torch
+
+    from model.net.checkpoint import save_checkpoint
+    from model.net.network import ArchConfig, build_model
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("accuracy_main", script)
+    assert spec is not None and spec.loader is not None
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_main"] = accuracy
+    spec.loader.exec_module(accuracy)
+    names = ["Brats18_CBICA_P01_1", "Brats18_TCIA01_P02_1"]
+    for seed, name in enumerate(names):
+        write_phantom(tmp_path / "data", name=name, shape=(40, 40, 24), seed=seed)
+    (tmp_path / "split.txt").write_text("\n".join(names) + "\n")
+    torch.manual_seed(0)
+    config = ArchConfig(width=2)
+    checkpoint = save_checkpoint(tmp_path / "m.pt", build_model(config), config)
+    out = tmp_path / "out.json"
+    argv = ["accuracy.py", "--model", f"tiny={checkpoint}", "--data", str(tmp_path / "data")]
+    argv += ["--split", str(tmp_path / "split.txt"), "--setting", "fast", "fast+rm"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    accuracy.main()
+    document = json.loads(out.read_text())
+    assert set(document["results"]) == {"tiny/fast", "tiny/fast+rm"}
+    assert all(set(r["per_case"]) == set(names) for r in document["results"].values())
+    assert document["models"]["tiny"] == {n: str(checkpoint) for n in names}
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["accuracy.py", "--combine", str(out)])
+    accuracy.main()
+    assert "tiny / fast+rm" in capsys.readouterr().out
