@@ -301,6 +301,7 @@ def main() -> None:
     keys = [(m, s.name) for m in models for s in settings]
     per_case: dict[tuple[str, str], dict[str, dict[str, dict[str, float | None]]]] = {}
     flags: dict[tuple[str, str], dict[str, list[str]]] = {key: {} for key in keys}
+    measures: dict[tuple[str, str], dict[str, dict[str, float]]] = {key: {} for key in keys}
     seconds: dict[tuple[str, str], float] = {key: 0.0 for key in keys}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -321,6 +322,9 @@ def main() -> None:
                 scores = {r: m.to_dict() for r, m in report.evaluation.items()}
                 per_case.setdefault((model_name, setting_name), {})[name] = scores
                 flags[(model_name, setting_name)][name] = list(report.quality.get("flags", []))
+                measures[(model_name, setting_name)][name] = dict(
+                    report.quality.get("measures", {})
+                )
                 dice = " ".join(f"{r} {scores[r]['dice']:.3f}" for r in REGIONS)
                 flagged = ",".join(flags[(model_name, setting_name)][name]) or "-"
                 print(
@@ -332,6 +336,7 @@ def main() -> None:
         f"{m}/{s}": {
             "per_case": per_case[(m, s)],
             "flags": flags[(m, s)],
+            "quality_measures": measures[(m, s)],
             "cpu_seconds": seconds[(m, s)],
         }
         for m, s in keys
@@ -387,6 +392,7 @@ def print_tables(results: dict[str, dict[str, Any]], folds: dict[str, str]) -> d
             "cpu_seconds": result["cpu_seconds"],
             "per_case": cases,
             "flags": result["flags"],
+            "quality_measures": result.get("quality_measures", {}),
         }
     return document
 
@@ -403,12 +409,15 @@ def combine(paths: list[Path]) -> dict[str, Any]:
         folds.update(document.get("folds", {}))
         for key in keys:
             result = document["results"][key]
-            into = merged.setdefault(key, {"per_case": {}, "flags": {}, "cpu_seconds": 0.0})
+            into = merged.setdefault(
+                key, {"per_case": {}, "flags": {}, "quality_measures": {}, "cpu_seconds": 0.0}
+            )
             overlap = set(into["per_case"]) & set(result["per_case"])
             if overlap:
                 raise SystemExit(f"{key}: cases scored in two documents: {sorted(overlap)}")
             into["per_case"].update(result["per_case"])
             into["flags"].update(result.get("flags", result["quality_flag"]["flagged"]))
+            into["quality_measures"].update(result.get("quality_measures", {}))
             into["cpu_seconds"] += result.get(
                 "cpu_seconds", result["cpu_seconds_per_case"] * len(result["per_case"])
             )

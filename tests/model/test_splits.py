@@ -266,6 +266,8 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     assert set(document["results"]) == {"tiny/fast", "tiny/fast+rm"}
     assert all(set(r["per_case"]) == set(names) for r in document["results"].values())
     assert document["models"]["tiny"] == {n: str(checkpoint) for n in names}
+    measures = document["results"]["tiny/fast"]["quality_measures"]
+    assert set(measures) == set(names) and all("rim_fraction" in m for m in measures.values())
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["accuracy.py", "--combine", str(out)])
     accuracy.main()
