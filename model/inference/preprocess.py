@@ -123,7 +123,8 @@ def _increasing(values: np.ndarray) -> np.ndarray:
 def landmark_standardise(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per-modality histogram standardisation inside ``mask``: the modality's
     :data:`LANDMARK_PERCENTILES` in the brain go to :data:`STANDARD_LANDMARKS`, values
-    in between linearly, values beyond the end landmarks along the end segments' lines.
+    in between linearly, values beyond the end landmarks with the slope of the whole
+    range between them.
     Voxels outside the mask become 0; a modality with no spread in the mask becomes 0.
 
     Returns:
@@ -143,11 +144,13 @@ def landmark_standardise(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
             continue  # no spread between the end landmarks: nothing to standardise
         source = _increasing(source)
         mapped = np.interp(values, source, target)
-        low_slope = (target[1] - target[0]) / (source[1] - source[0])
-        high_slope = (target[-1] - target[-2]) / (source[-1] - source[-2])
+        # Beyond the end landmarks, the slope of the whole 1st-99th percentile range: an
+        # end segment can be steep (a narrow 90th-99th range) and throw the few extreme
+        # voxels far out.
+        slope = (target[-1] - target[0]) / (source[-1] - source[0])
         below, above = values < source[0], values > source[-1]
-        mapped[below] = target[0] + (values[below] - source[0]) * low_slope
-        mapped[above] = target[-1] + (values[above] - source[-1]) * high_slope
+        mapped[below] = target[0] + (values[below] - source[0]) * slope
+        mapped[above] = target[-1] + (values[above] - source[-1]) * slope
         out[c][m] = mapped
     return out
 
