@@ -46,8 +46,14 @@ def _omnet_seconds(
     case_dir: Path, checkpoint: Path, setting: str, out: Path
 ) -> tuple[float, float]:
     tiling, *levers = setting.split("+")
-    modes = {"pp": "paper", "guard": "guarded", "rm": "components", "lesion": "main-lesion"}
-    mode = next((modes[lever] for lever in levers if lever in modes), "none")
+    modes = {
+        "pp": "paper",
+        "guard": "guarded",
+        "rm": "components",
+        "lesion": "main-lesion",
+        "lesion+guard": "main-lesion-relabel",
+    }
+    mode = modes.get("+".join(lever for lever in levers if lever != "tta"), "none")
     options = SegmentationOptions.for_postprocess(mode)
     predictor, _ = load_predictor([checkpoint], "cpu", layout=TILINGS[tiling], tta="tta" in levers)
     case = load_case(case_dir)  # reading the files is left out, as for SegResNet

@@ -70,8 +70,8 @@ class SegmentationOptions:
     """
 
     remove_small: bool = True
-    relabel_edema: bool = False
-    relabel_guard: bool = False
+    relabel_edema: bool = True
+    relabel_guard: bool = True
     main_lesion_gap_mm: float | None = MAIN_LESION_GAP_MM
     main_lesion_guard: bool = True
     probabilities: bool = False
@@ -86,12 +86,13 @@ class SegmentationOptions:
         """
         if mode not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess must be one of {POSTPROCESS_MODES}; got {mode!r}")
-        relabel = mode in ("paper", "guarded")
+        relabel = mode in ("paper", "guarded", "main-lesion-relabel")
+        main_lesion = mode in ("main-lesion", "main-lesion-relabel")
         return cls(
             remove_small=mode != NO_POSTPROCESS,
             relabel_edema=relabel,
-            relabel_guard=mode == "guarded",
-            main_lesion_gap_mm=MAIN_LESION_GAP_MM if mode == "main-lesion" else None,
+            relabel_guard=mode in ("guarded", "main-lesion-relabel"),
+            main_lesion_gap_mm=MAIN_LESION_GAP_MM if main_lesion else None,
             probabilities=probabilities,
         )
 

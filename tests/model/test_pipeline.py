@@ -161,7 +161,10 @@ def test_postprocessing_options_change_only_their_step(phantom):
     raw_crop = raw.labels[prep.bbox]
     for remove_small, relabel_edema in [(True, True), (True, False), (False, True)]:
         options = SegmentationOptions(
-            remove_small=remove_small, relabel_edema=relabel_edema, probabilities=True
+            remove_small=remove_small,
+            relabel_edema=relabel_edema,
+            relabel_guard=False,
+            probabilities=True,
         )
         seg = segment_images(images, affine, predictor, options)
         expected = postprocess(
@@ -320,6 +323,7 @@ def test_postprocess_modes_map_to_options():
     from model.inference.pipeline import POSTPROCESS_MODES, SegmentationOptions
 
     expected = {
+        "main-lesion-relabel": (True, True, True),
         "main-lesion": (True, False, False),
         "paper": (True, True, False),
         "guarded": (True, True, True),
@@ -335,7 +339,8 @@ def test_postprocess_modes_map_to_options():
             guard,
         ), mode
         assert options.probabilities
-        assert (options.main_lesion_gap_mm is not None) == (mode == "main-lesion")
+        main_lesion = mode in ("main-lesion", "main-lesion-relabel")
+        assert (options.main_lesion_gap_mm is not None) == main_lesion
     with pytest.raises(ValueError, match="postprocess"):
         SegmentationOptions.for_postprocess("kmeans")
 
@@ -406,3 +411,10 @@ def test_canonical_spacing_follows_the_reorientation():
     assert canonical_spacing(affine) == (1.0, 2.0, 3.0)
     volume = np.zeros((4, 5, 6))
     assert to_canonical(volume, affine).shape == (5, 6, 4)
+
+
+def test_the_options_defaults_are_the_products_post_processing():
+    from model.defaults import DEFAULT_POSTPROCESS
+    from model.inference.pipeline import SegmentationOptions
+
+    assert SegmentationOptions() == SegmentationOptions.for_postprocess(DEFAULT_POSTPROCESS)
