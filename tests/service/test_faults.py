@@ -28,8 +28,9 @@ from tests.service.support import stack as make_stack
 HEARTBEAT_S, STALE_S = 1.0, 3.0
 BOUND_S = 2 * (HEARTBEAT_S + STALE_S)
 BROKER_TIMEOUT_S = 2.0
-#: A job of several seconds: the paper's overlapping tiles on the test phantom.
-SLOW = {"OMNET_TILING": "paper"}
+#: A job of several seconds: the paper's overlapping tiles on the test phantom, in
+#: float32 (not the faster bfloat16 of a CPU with AMX).
+SLOW = {"OMNET_TILING": "paper", "OMNET_PRECISION": "float32"}
 
 
 def _deployment(tmp_path: Path, redis_url: str, tiny_checkpoint: Path, **env: str) -> Stack:
