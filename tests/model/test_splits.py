@@ -4,6 +4,7 @@ model/training/splits.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,12 +81,23 @@ def test_validation_summary_weighs_groups_equally():
     }
 
 
+def _bench_module(script: Path, name: str) -> Any:
+    """A bench/ script imported as module ``name`` (a fresh copy per name)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_cross_validation_folds_cover_every_case_once_stratified_by_institution():
     """model/splits/cv5_fold*_val.txt (bench/crossval.py folds): the 34 real cases, each
     in one fold; every institution group spread over as many folds as it has cases (up
     to five), fold sizes within one of each other; dealing again gives the same folds."""
-    import importlib.util
-    import sys
 
     folds = [read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt") for k in range(5)]
     names = [n for fold in folds for n in fold]
@@ -102,26 +114,16 @@ def test_cross_validation_folds_cover_every_case_once_stratified_by_institution(
     assert set(names) == multisite  # the same 34 cases as the shipped split
 
     script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
-    spec = importlib.util.spec_from_file_location("crossval", script)
-    assert spec is not None and spec.loader is not None
-    crossval = importlib.util.module_from_spec(spec)
-    sys.modules["crossval"] = crossval
-    spec.loader.exec_module(crossval)
+    crossval = _bench_module(script, "crossval")
     assert crossval.deal_folds(names) == [sorted(f) for f in folds]
 
 
 def test_out_of_fold_scoring_uses_finished_folds_only(tmp_path):
     """bench/accuracy.py --crossval: a case is scored by its fold's model only once that
     fold's run has finished; a fold still training (its last.pt moving) is left out."""
-    import importlib.util
-    import sys
 
     script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy_bench", script)
-    assert spec is not None and spec.loader is not None
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_bench"] = accuracy
-    spec.loader.exec_module(accuracy)
+    accuracy = _bench_module(script, "accuracy_bench")
     for fold in ("fold0", "fold1"):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / "last.pt").write_bytes(b"")
@@ -135,15 +137,9 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
     """model/splits/sites_val.txt (bench/crossval.py folds) holds every case of the 34
     whose institution is not CBICA; each recipe variant adds one option to the recipe,
     trains on the same seed, and a normalisation variant gets a cache of its own."""
-    import importlib.util
-    import sys
 
     script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
-    spec = importlib.util.spec_from_file_location("crossval_sites", script)
-    assert spec is not None and spec.loader is not None
-    crossval = importlib.util.module_from_spec(spec)
-    sys.modules["crossval_sites"] = crossval
-    spec.loader.exec_module(crossval)
+    crossval = _bench_module(script, "crossval_sites")
 
     names = [n for k in range(5) for n in read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt")]
     held_out = read_split(SPLITS_DIR / "sites_val.txt")
@@ -178,16 +174,10 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
 def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
     """bench/accuracy.py --folds K scores one fold; --combine merges the per-fold
     documents into one table (every case once, CPU seconds added up, a row per fold)."""
-    import importlib.util
     import json
-    import sys
 
     script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy_combine", script)
-    assert spec is not None and spec.loader is not None
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_combine"] = accuracy
-    spec.loader.exec_module(accuracy)
+    accuracy = _bench_module(script, "accuracy_combine")
     for fold in ("fold0", "fold1"):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / "last.pt").write_bytes(b"")
@@ -235,7 +225,6 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     """bench/accuracy.py's main on two phantom cases with a tiny random model, two
     settings sharing one network pass: the JSON it writes holds every case and setting,
     and --combine reads it back."""
-    import importlib.util
     import json
     import sys
 
@@ -245,11 +234,7 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     from model.net.network import ArchConfig, build_model
 
     script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    spec = importlib.util.spec_from_file_location("accuracy_main", script)
-    assert spec is not None and spec.loader is not None
-    accuracy = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_main"] = accuracy
-    spec.loader.exec_module(accuracy)
+    accuracy = _bench_module(script, "accuracy_main")
     names = ["Brats18_CBICA_P01_1", "Brats18_TCIA01_P02_1"]
     for seed, name in enumerate(names):
         write_phantom(tmp_path / "data", name=name, shape=(40, 40, 24), seed=seed)
