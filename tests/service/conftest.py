@@ -15,16 +15,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
-from model.io.phantom import write_phantom
 from model.net.checkpoint import save_checkpoint
 from model.net.network import ArchConfig, build_model
 from tests.service import support
-from tests.service.support import MODALITY_FIELDS, Phantom
+from tests.service.support import Phantom, write_phantom_case
 
 REDIS_URL = os.environ.get("OMNET_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SHAPE = (48, 48, 32)
@@ -56,12 +53,7 @@ def checkpoint_sha256(tiny_checkpoint: Path) -> str:
 
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
-    paths = write_phantom(tmp_path_factory.mktemp("phantom"), name="case", shape=SHAPE, seed=3)
-    data = {m: paths[m].read_bytes() for m in MODALITY_FIELDS}
-    data["reference"] = paths["seg"].read_bytes()
-    seg = nib.load(paths["seg"])
-    images = {m: np.asarray(nib.load(paths[m]).dataobj) for m in MODALITY_FIELDS}
-    return Phantom(data, images, np.asarray(seg.dataobj), seg.affine, SHAPE)
+    return write_phantom_case(tmp_path_factory.mktemp("phantom"), "case", SHAPE, seed=3)
 
 
 # --------------------------------------------------------------------------- services

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from model.io.phantom import write_phantom
 from service.db import Job, JobStore
 
 T = TypeVar("T")
@@ -430,6 +431,17 @@ class Phantom:
             if item is not None:
                 out.append((name, (item[0], item[1], GZ)))
         return out
+
+
+def write_phantom_case(out_dir: Path, name: str, shape: tuple[int, int, int], seed: int) -> Phantom:
+    """A phantom case written under ``out_dir`` (:func:`model.io.phantom.write_phantom`),
+    read back as a :class:`Phantom`."""
+    paths = write_phantom(out_dir, name=name, shape=shape, seed=seed)
+    data = {m: paths[m].read_bytes() for m in MODALITY_FIELDS}
+    data["reference"] = paths["seg"].read_bytes()
+    seg = nib.load(paths["seg"])
+    images = {m: np.asarray(nib.load(paths[m]).dataobj) for m in MODALITY_FIELDS}
+    return Phantom(data, images, np.asarray(seg.dataobj), seg.affine, shape)
 
 
 def base_env(checkpoint: Path, **extra: str) -> dict[str, str]:

@@ -31,13 +31,16 @@ from tests.service.support import (
     children_of,
     redis_env,
     wait_until,
+    write_phantom_case,
 )
 from tests.service.support import stack as make_stack
 
 #: Jobs queued behind the one that is killed.
 BACKLOG = 3
 #: A job of several seconds (the paper's overlapping tiles, 8 mirrorings each, in float32
-#: rather than the bfloat16 a CPU with AMX takes by default), so that the kill lands in it.
+#: rather than the bfloat16 a CPU with AMX takes by default, on LONG_SHAPE's grid), so that
+#: the kill lands in it: a worker records its progress at most every PROGRESS_S (2 s), and
+#: on the 48 x 48 x 32 phantom the whole job takes under 2 s on an idle machine.
 SLOW = {
     "OMNET_TILING": "paper",
     "OMNET_TTA": "true",
@@ -47,6 +50,14 @@ SLOW = {
 #: Waits of a loaded 2-core machine: a worker starting (Python, PyTorch, the model), and
 #: all the jobs of a test running one after the other.
 START_S, ALL_JOBS_S = 120.0, 300.0
+#: The killed job's grid: 8 times the phantom's voxels, so its inference spans several
+#: progress records; the backlog jobs use the small phantom.
+LONG_SHAPE = (96, 96, 64)
+
+
+@pytest.fixture(scope="module")
+def long_phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
+    return write_phantom_case(tmp_path_factory.mktemp("long"), "long", LONG_SHAPE, seed=5)
 
 
 def _submit(api: Api, phantom: Phantom) -> str:
@@ -63,12 +74,16 @@ def _running(s: Stack, job_id: str) -> Any:
 
 
 def _kill_with_backlog(
-    s: Stack, api: Api, phantom: Phantom, process_of: Callable[[str], int]
+    s: Stack,
+    api: Api,
+    phantoms: tuple[Phantom, Phantom],
+    process_of: Callable[[str], int],
 ) -> tuple[str, list[str]]:
-    """Submits a job, then BACKLOG more while it runs; SIGKILLs the process running the
-    first one (``process_of(record's worker name)`` gives its pid) once its inference is
-    under way. Returns the killed job and the backlog."""
-    first = _submit(api, phantom)
+    """Submits a job on the long phantom, then BACKLOG more on the small one while it runs;
+    SIGKILLs the process running the first one (``process_of(record's worker name)`` gives
+    its pid) once its inference is under way. Returns the killed job and the backlog."""
+    long, phantom = phantoms
+    first = _submit(api, long)
     wait_until(lambda: _running(s, first), START_S, "the first job to run", s, 0.05)
     backlog = [_submit(api, phantom) for _ in range(BACKLOG)]
     record = wait_until(
@@ -111,7 +126,11 @@ def _pid(worker: str) -> int:
 
 
 def test_a_killed_pool_child_s_job_runs_before_the_backlog(
-    tmp_path: Path, redis_url: str, tiny_checkpoint: Path, phantom: Phantom
+    tmp_path: Path,
+    redis_url: str,
+    tiny_checkpoint: Path,
+    phantom: Phantom,
+    long_phantom: Phantom,
 ) -> None:
     prefix = f"omnet-backlog-{uuid.uuid4().hex[:8]}"
     with make_stack("prefork", tmp_path, redis_env(redis_url, prefix, tiny_checkpoint)) as s:
@@ -124,7 +143,7 @@ def test_a_killed_pool_child_s_job_runs_before_the_backlog(
             assert pid in children_of(worker.pid), "the job should run in a pool child"
             return pid
 
-        first, backlog = _kill_with_backlog(s, api, phantom, child)
+        first, backlog = _kill_with_backlog(s, api, (long_phantom, phantom), child)
         _check_order(s, [worker], first, backlog)
         assert worker.alive()
         assert f"job {first}: its worker" in worker.output()  # sent again by the parent
@@ -132,7 +151,12 @@ def test_a_killed_pool_child_s_job_runs_before_the_backlog(
 
 @pytest.mark.parametrize("broker", ["embedded", "redis"])
 def test_a_killed_serve_worker_s_job_runs_before_the_backlog(
-    tmp_path: Path, redis_url: str, tiny_checkpoint: Path, phantom: Phantom, broker: str
+    tmp_path: Path,
+    redis_url: str,
+    tiny_checkpoint: Path,
+    phantom: Phantom,
+    long_phantom: Phantom,
+    broker: str,
 ) -> None:
     """``omnet serve`` restarts its (solo) worker; the dead worker's job goes first."""
     if broker == "embedded":
@@ -148,7 +172,7 @@ def test_a_killed_serve_worker_s_job_runs_before_the_backlog(
             assert children_of(serve.pid) == [_pid(name)], "serve should run the job's worker"
             return _pid(name)
 
-        first, backlog = _kill_with_backlog(s, api, phantom, worker)
+        first, backlog = _kill_with_backlog(s, api, (long_phantom, phantom), worker)
         _check_order(s, [serve], first, backlog)
         assert serve.alive()
         assert f"job {first}: its worker" in serve.output()  # sent again by serve
