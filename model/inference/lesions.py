@@ -285,16 +285,27 @@ class Quality:
         return "review recommended: " + "; ".join(self.notes)
 
 
+#: Whole-tumour probabilities counted as undecided by ``uncertain_fraction``.
+UNDECIDED = (0.2, 0.8)
+
+
 def assess(
     labels: np.ndarray,
     spacing: tuple[float, ...] | list[float],
     brain: np.ndarray,
     removed_voxels: int = 0,
     core_probability: np.ndarray | None = None,
+    tumour_probability: np.ndarray | None = None,
+    coarse: np.ndarray | None = None,
 ) -> Quality:
     """Signs of a likely failure in a final label map (on the brain mask's grid).
 
     ``removed_voxels`` is what post-processing removed from the network's prediction.
+    With ``tumour_probability`` (task 2's whole-tumour probability) and ``coarse`` (task
+    1's whole tumour) it also measures how sure the network was: ``uncertain_fraction``,
+    the brain voxels whose whole-tumour probability lies within :data:`UNDECIDED` per
+    labelled tumour voxel; ``confidence``, the mean probability over the labelled tumour;
+    and ``task_agreement``, the Dice overlap of task 1's and task 2's whole tumours.
     """
     sp = _spacing(spacing)
     voxel_ml = sp[0] * sp[1] * sp[2] / 1000.0
@@ -311,6 +322,16 @@ def assess(
     m["rim_fraction"] = rim / tumour if tumour else 0.0
     predicted = tumour + removed_voxels
     m["removed_fraction"] = removed_voxels / predicted if predicted else 0.0
+    m["et_ml"] = float(np.count_nonzero(labels == ENHANCING)) * voxel_ml
+    if tumour_probability is not None:
+        inside = tumour_probability[np.asarray(brain, dtype=bool)]
+        undecided = np.count_nonzero((inside >= UNDECIDED[0]) & (inside <= UNDECIDED[1]))
+        m["uncertain_fraction"] = undecided / tumour if tumour else 0.0
+        m["confidence"] = float(tumour_probability[labels > 0].mean()) if tumour else 0.0
+        if coarse is not None:
+            fine = tumour_probability > 0.5
+            both = np.count_nonzero(fine) + np.count_nonzero(coarse)
+            m["task_agreement"] = 2.0 * np.count_nonzero(fine & coarse) / both if both else 1.0
 
     def flag(name: str, note: str) -> None:
         quality.flags.append(name)

@@ -26,7 +26,7 @@ from model.defaults import (
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
 )
-from model.inference.fusion import DILATION_VOXELS, fuse, fused_probabilities
+from model.inference.fusion import DILATION_VOXELS, coarse_tumour, fuse, fused_probabilities
 from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
 from model.inference.preprocess import paste, preprocess
@@ -164,6 +164,8 @@ def segment_images(
         fused_probabilities(probs, prep.mask, options.dilation) if options.probabilities else None
     )
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
+    whole = core + probs.tumour[TaskClass.EDEMA]
+    coarse = coarse_tumour(probs)
     del probs
     timings["fusion"] = time.perf_counter() - start
 
@@ -193,8 +195,8 @@ def segment_images(
     timings["postprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    quality = assess(labels, spacing, prep.mask, sum(removed), core)
-    del core
+    quality = assess(labels, spacing, prep.mask, sum(removed), core, whole, coarse)
+    del core, whole, coarse
     if quality.review_recommended:
         warnings.append(str(quality.warning()))
     timings["quality"] = time.perf_counter() - start

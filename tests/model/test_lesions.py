@@ -147,3 +147,29 @@ def test_near_edge_on_the_tumours_box_equals_the_whole_grids_distances():
         expected = (edge_depth_mm(brain, spacing) <= SHELL_MM) & where
         np.testing.assert_array_equal(near_edge(brain, spacing, where, SHELL_MM), expected)
     assert not near_edge(brain, spacing, np.zeros(shape, bool), SHELL_MM).any()
+
+
+def test_quality_measures_how_sure_the_network_was(brain):
+    labels = np.zeros(SHAPE, np.uint8)
+    tumour = _ball((60, 75, 55), 12) & brain
+    labels[tumour] = EDEMA
+    sure = np.where(tumour, 0.95, 0.02).astype(np.float32)
+    crisp = assess(labels, SPACING, brain, tumour_probability=sure, coarse=tumour).measures
+    assert crisp["uncertain_fraction"] == 0.0
+    assert crisp["confidence"] == pytest.approx(0.95)
+    assert crisp["task_agreement"] == pytest.approx(1.0)
+    # A halo as large as the tumour where the network could not decide, and a task 1
+    # that saw only half of it.
+    halo = _ball((60, 75, 55), 16) & brain & ~tumour
+    unsure = np.where(tumour, 0.6, np.where(halo, 0.4, 0.02)).astype(np.float32)
+    half = tumour & (np.indices(SHAPE)[0] < 60)
+    vague = assess(labels, SPACING, brain, tumour_probability=unsure, coarse=half).measures
+    expected = (np.count_nonzero(tumour) + np.count_nonzero(halo)) / np.count_nonzero(tumour)
+    assert vague["uncertain_fraction"] == pytest.approx(expected)
+    assert vague["confidence"] == pytest.approx(0.6)
+    fine, part = np.count_nonzero(tumour), np.count_nonzero(half)
+    assert vague["task_agreement"] == pytest.approx(2 * part / (fine + part))
+    assert (
+        vague["et_ml"] == 0.0
+        and "uncertain_fraction" not in assess(labels, SPACING, brain).measures
+    )
