@@ -3,9 +3,11 @@ model/training/splits.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from model.io.phantom import write_phantom
@@ -257,3 +259,44 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["accuracy.py", "--combine", str(out)])
     accuracy.main()
     assert "tiny / fast+rm" in capsys.readouterr().out
+
+
+def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(tmp_path):
+    """bench/quality_flags.py: a measure that separates the failures is found, within the
+    false-alarm bound, and each fold's rule comes from the other folds alone."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "quality_flags.py"
+    flags = _bench_module(script, "quality_flags_bench")
+    rng = np.random.default_rng(0)
+    documents = []
+    for fold in range(3):
+        per_case, measures, folds = {}, {}, {}
+        for i in range(10):
+            name = f"case{fold}_{i}"
+            failed = i < 2  # two failures per fold, with a low task agreement
+            per_case[name] = {"WT": {"dice": 0.4 if failed else 0.85}}
+            measures[name] = {
+                "task_agreement": float(rng.uniform(0.5, 0.7) if failed else rng.uniform(0.8, 1)),
+                "rim_fraction": float(rng.uniform(0, 0.3)),  # no signal
+                "wt_ml": 50.0,
+                "tc_ml": 20.0,
+            }
+            folds[name] = f"fold{fold}"
+        document = {
+            "folds": folds,
+            "results": {"oof/x": {"per_case": per_case, "flags": {}, "quality_measures": measures}},
+        }
+        path = tmp_path / f"f{fold}.json"
+        path.write_text(json.dumps(document))
+        documents.append(path)
+    cases = flags.load(documents, "oof/x")
+    assert cases["case0_0"]["measures"]["tc_ratio"] == pytest.approx(0.4)
+    everything = list(cases.values())
+    rule = flags.choose(everything, 0.70, 0.10)
+    assert [t.measure for t in rule] == ["task_agreement"] and not rule[0].above
+    assert flags.score(rule, everything, 0.70) == (6, 6, 0, 24)
+    # Chosen without fold 0, the threshold lies between the other folds' values only.
+    rest = [c for c in everything if c["fold"] != "fold0"]
+    threshold = flags.choose(rest, 0.70, 0.10)[0].threshold
+    top_bad = max(c["measures"]["task_agreement"] for c in rest if c["wt"] < 0.7)
+    low_good = min(c["measures"]["task_agreement"] for c in rest if c["wt"] >= 0.7)
+    assert threshold == pytest.approx((top_bad + low_good) / 2)
