@@ -25,6 +25,24 @@ logger = logging.getLogger(__name__)
 DATABASE_TIMEOUT_S = 10.0
 
 
+def _write_ahead_log(cur: Any, timeout_s: float) -> None:
+    """Puts a SQLite database in write-ahead-log mode (it stays so, in the file). SQLite
+    answers "database is locked" at once, without its busy wait, to a process that asks
+    while another holds a lock, as processes opening a new database together do: ask
+    again until ``timeout_s`` has passed."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def make_engine(url: str, timeout_s: float = DATABASE_TIMEOUT_S) -> Engine:
     """An engine whose every wait for the database gives up after ``timeout_s``.
 
@@ -49,9 +67,9 @@ def make_engine(url: str, timeout_s: float = DATABASE_TIMEOUT_S) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            _write_ahead_log(cur, timeout_s)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         return engine
