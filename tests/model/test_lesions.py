@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from model.inference.lesions import (
+    LOW_CONFIDENCE,
     SHELL_FRACTION,
     assess,
     components,
@@ -112,13 +113,13 @@ def test_quality_flags_the_rim_and_not_a_clean_result(brain, rim_and_tumour):
     assert quality.to_dict()["review_recommended"] is False
 
 
-def test_quality_flags_implausible_volumes_removals_and_brain_masks(brain):
+def test_quality_flags_implausible_volumes_and_brain_masks_and_measures_removals(brain):
     labels = np.zeros(SHAPE, np.uint8)
     assert "implausible_volume" in assess(labels, SPACING, brain).flags  # no tumour
     labels[_ball((60, 75, 55), 15) & brain] = EDEMA
     quality = assess(labels, SPACING, brain, removed_voxels=int((labels > 0).sum()))
-    assert "large_removal" in quality.flags
-    assert quality.measures["removed_fraction"] == pytest.approx(0.5)
+    # Measured, not flagged: out of fold, large removals were mostly right.
+    assert quality.flags == [] and quality.measures["removed_fraction"] == pytest.approx(0.5)
     not_stripped = np.ones(SHAPE, bool)  # the whole head: no skull stripping
     assert "brain_mask" in assess(labels, (1.5, 1.5, 1.5), not_stripped).flags
 
@@ -173,3 +174,17 @@ def test_quality_measures_how_sure_the_network_was(brain):
         vague["et_ml"] == 0.0
         and "uncertain_fraction" not in assess(labels, SPACING, brain).measures
     )
+
+
+def test_quality_flags_a_network_unsure_of_its_tumour(brain):
+    labels = np.zeros(SHAPE, np.uint8)
+    tumour = _ball((60, 75, 55), 12) & brain
+    labels[tumour] = EDEMA
+    for p, flagged in ((LOW_CONFIDENCE - 0.01, True), (LOW_CONFIDENCE + 0.01, False)):
+        probability = np.where(tumour, p, 0.0).astype(np.float32)
+        quality = assess(labels, SPACING, brain, tumour_probability=probability)
+        assert ("low_confidence" in quality.flags) is flagged, quality.to_dict()
+        assert quality.review_recommended is flagged
+    # Nothing labelled: implausible_volume says so, low_confidence has nothing to judge.
+    empty = assess(np.zeros(SHAPE, np.uint8), SPACING, brain, tumour_probability=probability)
+    assert empty.flags == ["implausible_volume"]
