@@ -54,6 +54,7 @@ def fuse(
     probs: TaskProbabilities,
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
+    coarse: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
 
@@ -61,8 +62,9 @@ def fuse(
         probs: task probabilities on one grid (X, Y, Z).
         brain: optional brain mask; no tumour is labelled outside it.
         dilation: radius in voxels of the dilation of task 1's coarse tumour.
+        coarse: :func:`coarse_tumour` of ``probs`` when the caller has it already.
     """
-    region = dilate(coarse_tumour(probs), dilation)
+    region = dilate(coarse_tumour(probs) if coarse is None else coarse, dilation)
     if brain is not None:
         region &= np.asarray(brain, dtype=bool)
     task2 = np.argmax(probs.tumour, axis=0)
@@ -79,15 +81,17 @@ def fused_probabilities(
     probs: TaskProbabilities,
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
+    coarse: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-voxel probabilities of background, NCR/NET, edema and ET (float32, 4 x grid).
 
     Inside the dilated coarse tumour: background = P2(background) + P2(normal),
     edema = P2(edema), and task 2's core probability P2(NCR/NET) + P2(ET) split by
     task 3 into ET (times P3(ET)) and NCR/NET (times 1 - P3(ET)). Outside it (and
-    outside the brain) background is 1. The four channels sum to 1.
+    outside the brain) background is 1. The four channels sum to 1. ``coarse`` as in
+    :func:`fuse`.
     """
-    region = dilate(coarse_tumour(probs), dilation)
+    region = dilate(coarse_tumour(probs) if coarse is None else coarse, dilation)
     if brain is not None:
         region &= np.asarray(brain, dtype=bool)
     p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]

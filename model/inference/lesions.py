@@ -255,6 +255,8 @@ RIM_FRACTION = 0.25
 #: fold on the other four folds, the rule flagged 3 of 5 and 4 of 29 in the fold left out.
 #: A model trained with another recipe may be more or less sure of itself: measure it.
 LOW_CONFIDENCE = 0.887
+#: Whole-tumour probabilities counted as undecided by ``uncertain_fraction``.
+UNDECIDED = (0.2, 0.8)
 
 
 @dataclass
@@ -288,10 +290,6 @@ class Quality:
         if not self.flags:
             return None
         return "review recommended: " + "; ".join(self.notes)
-
-
-#: Whole-tumour probabilities counted as undecided by ``uncertain_fraction``.
-UNDECIDED = (0.2, 0.8)
 
 
 def assess(

@@ -159,13 +159,15 @@ def segment_images(
     timings["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    labels = fuse(probs, prep.mask, options.dilation)
+    coarse = coarse_tumour(probs)
+    labels = fuse(probs, prep.mask, options.dilation, coarse)
     fused = (
-        fused_probabilities(probs, prep.mask, options.dilation) if options.probabilities else None
+        fused_probabilities(probs, prep.mask, options.dilation, coarse)
+        if options.probabilities
+        else None
     )
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
     whole = core + probs.tumour[TaskClass.EDEMA]
-    coarse = coarse_tumour(probs)
     del probs
     timings["fusion"] = time.perf_counter() - start
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import threading
 import time
 import weakref
@@ -30,8 +31,6 @@ def _write_ahead_log(cur: Any, timeout_s: float) -> None:
     answers "database is locked" at once, without its busy wait, to a process that asks
     while another holds a lock, as processes opening a new database together do: ask
     again until ``timeout_s`` has passed."""
-    import sqlite3
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
