@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -259,12 +260,46 @@ def _wait_inference(store: JobStore, job_id: str) -> None:
     raise AssertionError(f"job {job_id} never reached inference: {store.get(job_id)}")
 
 
-def test_cancel_while_running_stops_and_deletes(settings, store, storage, case):
+class _HeldAtFirstBatch:
+    """Holds a running job after its first batch of tiles until the test has acted on the
+    job's record and the job's heartbeat has seen it; the tile loop's next check then
+    stops the job. (A job of a fraction of a second would otherwise end before the test
+    acts on a fast machine, and outlive a fixed wait on a loaded one.)"""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached, self.acted = threading.Event(), threading.Event()
+        real = runner.process_case
+
+        def held(*args: Any, progress: Any, check: Any, **kwargs: Any) -> Any:
+            heartbeat = check.__self__  # the job's Heartbeat (``check`` is its bound method)
+
+            def hold(done: int, total: int) -> None:
+                progress(done, total)
+                if self.reached.is_set():
+                    return
+                self.reached.set()
+                assert self.acted.wait(60), "the test never acted on the running job"
+                deadline = time.monotonic() + 60
+                while heartbeat.stop_reason is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+            return real(*args, progress=hold, check=check, **kwargs)
+
+        monkeypatch.setattr(runner, "process_case", held)
+
+    def wait_running(self) -> None:
+        assert self.reached.wait(60), "the job never reached its first batch of tiles"
+
+
+def test_cancel_while_running_stops_and_deletes(settings, store, storage, case, monkeypatch):
+    held = _HeldAtFirstBatch(monkeypatch)
     slow = settings.model_copy(update={"tiling": "paper"})
     job_id = _submit(store, storage, case)
     thread, outcome = _run_in_thread(slow, store, storage, job_id)
+    held.wait_running()
     _wait_inference(store, job_id)
     store.cancel(job_id, "alice", timedelta(hours=1))
+    held.acted.set()
     thread.join(60)
     assert outcome == [RunOutcome.CANCELLED]
     job = store.get(job_id)
@@ -283,12 +318,17 @@ def _claim_as(store: JobStore, job_id: str, worker: str) -> None:
         )
 
 
-def test_job_taken_over_while_running_is_left_to_the_new_worker(settings, store, storage, case):
+def test_job_taken_over_while_running_is_left_to_the_new_worker(
+    settings, store, storage, case, monkeypatch
+):
+    held = _HeldAtFirstBatch(monkeypatch)
     slow = settings.model_copy(update={"tiling": "paper"})
     job_id = _submit(store, storage, case)
     thread, outcome = _run_in_thread(slow, store, storage, job_id)
+    held.wait_running()
     _wait_inference(store, job_id)
     _claim_as(store, job_id, "other-host:1")
+    held.acted.set()
     thread.join(60)
     assert outcome == [RunOutcome.TAKEN_OVER]
     job = store.get(job_id)
