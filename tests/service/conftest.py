@@ -21,7 +21,7 @@ import torch
 from model.net.checkpoint import save_checkpoint
 from model.net.network import ArchConfig, build_model
 from tests.service import support
-from tests.service.support import Phantom, write_phantom_case
+from tests.service.support import LONG_SHAPE, Phantom, write_phantom_case
 
 REDIS_URL = os.environ.get("OMNET_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SHAPE = (48, 48, 32)
@@ -54,6 +54,12 @@ def checkpoint_sha256(tiny_checkpoint: Path) -> str:
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
     return write_phantom_case(tmp_path_factory.mktemp("phantom"), "case", SHAPE, seed=3)
+
+
+@pytest.fixture(scope="session")
+def long_phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
+    """A case whose job, under :data:`~tests.service.support.SLOW_JOB`, runs for seconds."""
+    return write_phantom_case(tmp_path_factory.mktemp("long"), "long", LONG_SHAPE, seed=5)
 
 
 # --------------------------------------------------------------------------- services

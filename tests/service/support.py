@@ -433,6 +433,17 @@ class Phantom:
         return out
 
 
+#: Settings that make a job last long enough for a test to act on it while it runs (kill
+#: its worker, cancel it): the paper's overlapping tiles, 8 mirrorings each, in float32
+#: rather than the bfloat16 a CPU with AMX takes by default. On LONG_SHAPE's grid that is
+#: 161 tiles, 8 passes each: about 18 s of inference on a loaded 2-core machine and several
+#: seconds on an idle one, where the 48 x 48 x 32 phantom's 26 tiles take a fifth of a
+#: second - less than a test needs to see the job running and act.
+SLOW_JOB = {"OMNET_TILING": "paper", "OMNET_TTA": "true", "OMNET_PRECISION": "float32"}
+#: The grid of a job that a test acts on while it runs (8 times the phantom's voxels).
+LONG_SHAPE = (96, 96, 64)
+
+
 def write_phantom_case(out_dir: Path, name: str, shape: tuple[int, int, int], seed: int) -> Phantom:
     """A phantom case written under ``out_dir`` (:func:`model.io.phantom.write_phantom`),
     read back as a :class:`Phantom`."""

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.service.support import (
+    SLOW_JOB,
     Api,
     Phantom,
     Proc,
@@ -31,33 +32,16 @@ from tests.service.support import (
     children_of,
     redis_env,
     wait_until,
-    write_phantom_case,
 )
 from tests.service.support import stack as make_stack
 
 #: Jobs queued behind the one that is killed.
 BACKLOG = 3
-#: A job of several seconds (the paper's overlapping tiles, 8 mirrorings each, in float32
-#: rather than the bfloat16 a CPU with AMX takes by default, on LONG_SHAPE's grid), so that
-#: the kill lands in it: a worker records its progress at most every PROGRESS_S (2 s), and
-#: on the 48 x 48 x 32 phantom the whole job takes under 2 s on an idle machine.
-SLOW = {
-    "OMNET_TILING": "paper",
-    "OMNET_TTA": "true",
-    "OMNET_PRECISION": "float32",
-    "OMP_NUM_THREADS": "1",
-}
+#: The killed job's worker: long enough a job to be killed in the middle, on one thread.
+SLOW = {**SLOW_JOB, "OMP_NUM_THREADS": "1"}
 #: Waits of a loaded 2-core machine: a worker starting (Python, PyTorch, the model), and
 #: all the jobs of a test running one after the other.
 START_S, ALL_JOBS_S = 120.0, 300.0
-#: The killed job's grid: 8 times the phantom's voxels, so its inference spans several
-#: progress records; the backlog jobs use the small phantom.
-LONG_SHAPE = (96, 96, 64)
-
-
-@pytest.fixture(scope="module")
-def long_phantom(tmp_path_factory: pytest.TempPathFactory) -> Phantom:
-    return write_phantom_case(tmp_path_factory.mktemp("long"), "long", LONG_SHAPE, seed=5)
 
 
 def _submit(api: Api, phantom: Phantom) -> str:

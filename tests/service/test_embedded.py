@@ -19,7 +19,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service.support import Api, Proc, Stack, base_env, children_of, wait_until
+from tests.service.support import (
+    SLOW_JOB,
+    Api,
+    Proc,
+    Stack,
+    base_env,
+    children_of,
+    wait_until,
+)
 from tests.service.support import stack as make_stack
 
 RETENTION_HOURS = 0.002  # 7.2 s
@@ -189,7 +197,7 @@ def _kill_mid_job(s: Stack, serve: Proc, job_id: str, attempt: int) -> tuple[str
 
 
 def test_a_job_whose_worker_is_killed_resumes_then_fails_with_worker_lost(
-    tmp_path, tiny_checkpoint, phantom
+    tmp_path, tiny_checkpoint, long_phantom
 ):
     """SIGKILL the embedded worker mid-job. ``omnet serve`` sees it die and queues the job
     again before starting a replacement (which starts before the job's heartbeat would be
@@ -200,14 +208,13 @@ def test_a_job_whose_worker_is_killed_resumes_then_fails_with_worker_lost(
         OMNET_WORKER_HEARTBEAT_S=str(KILLED_HEARTBEAT_S),
         OMNET_STALE_AFTER_S=str(KILLED_STALE_S),
         OMNET_MAX_ATTEMPTS="2",
-        OMNET_TILING="paper",  # a job of several seconds, to be killed in the middle
-        OMNET_PRECISION="float32",  # the slower arithmetic on a CPU with bfloat16
+        **SLOW_JOB,  # a job of several seconds, to be killed in the middle
     )
     with make_stack("killed", tmp_path, env) as s:
         api = s.wait_api(s.start_serve())
         serve = api.proc
         client = api.client("bob")
-        response = client.post("/v1/jobs", files=phantom.files(), data={"preview": "false"})
+        response = client.post("/v1/jobs", files=long_phantom.files(), data={"preview": "false"})
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from tests.service.support import (
+    SLOW_JOB,
     Api,
     Phantom,
     Stack,
@@ -30,10 +31,6 @@ from tests.service.support import (
     wait_until,
 )
 from tests.service.support import stack as make_stack
-
-#: Worker A runs a job for several seconds (the paper's overlapping tiles: ~26 batches,
-#: in float32 rather than the faster bfloat16 of a CPU with AMX).
-SLOW = {"OMNET_TILING": "paper", "OMNET_PRECISION": "float32"}
 
 
 @pytest.fixture
@@ -197,12 +194,12 @@ def test_worker_runs_the_backlog_and_checks_inputs_again(deployment, backlog):
     assert not deployment.job_dir(backlog.cancelled).exists()
 
 
-def test_cancel_a_running_job(deployment, phantom):
+def test_cancel_a_running_job(deployment, long_phantom):
     """The worker notices the cancellation at its next batch and stops; files go."""
-    worker_a = deployment.start_worker("worker-a", **SLOW)
+    worker_a = deployment.start_worker("worker-a", **SLOW_JOB)
     name_a = deployment.wait_worker(worker_a)
     api = _api(deployment)
-    job_id = _submit(api, phantom)["id"]
+    job_id = _submit(api, long_phantom)["id"]
     wait_until(
         lambda: (r := deployment.record(job_id)) and r.state == "running" and r.worker == name_a,
         60,
@@ -226,11 +223,11 @@ def test_cancel_a_running_job(deployment, phantom):
     assert worker_a.alive()
 
 
-def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url, queue):
-    worker_a = deployment.start_worker("worker-a", **SLOW)
+def test_job_of_a_killed_worker_runs_exactly_once(deployment, long_phantom, redis_url, queue):
+    worker_a = deployment.start_worker("worker-a", **SLOW_JOB)
     name_a = deployment.wait_worker(worker_a)
     api = _api(deployment)
-    job_id = _submit(api, phantom)["id"]
+    job_id = _submit(api, long_phantom)["id"]
 
     def running_on_a() -> Any:
         record = deployment.record(job_id)
@@ -254,7 +251,7 @@ def test_job_of_a_killed_worker_runs_exactly_once(deployment, phantom, redis_url
     assert status["attempts"] == 2
     seg = api.client("alice").get(f"/v1/jobs/{job_id}/segmentation")
     assert seg.status_code == 200
-    assert nib.Nifti1Image.from_bytes(gzip.decompress(seg.content)).shape == phantom.shape
+    assert nib.Nifti1Image.from_bytes(gzip.decompress(seg.content)).shape == long_phantom.shape
 
     wait_until(
         lambda: queued_messages(redis_url, queue) == 0 or None,
