@@ -300,3 +300,32 @@ def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(
     top_bad = max(c["measures"]["task_agreement"] for c in rest if c["wt"] < 0.7)
     low_good = min(c["measures"]["task_agreement"] for c in rest if c["wt"] >= 0.7)
     assert threshold == pytest.approx((top_bad + low_good) / 2)
+
+
+def test_paired_comparison_counts_wins_and_leaves_out_unscored_regions(tmp_path):
+    """bench/compare.py: the paired difference is second minus first over the shared
+    cases; a region one side could not score is left out of that region only."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "compare.py"
+    compare = _bench_module(script, "compare_bench")
+
+    def result(dice: dict[str, tuple[float | None, float, float]]) -> dict:
+        return {
+            "per_case": {
+                case: {r: {"dice": d} for r, d in zip(("WT", "TC", "ET"), values, strict=True)}
+                for case, values in dice.items()
+            }
+        }
+
+    first = result({"a": (0.8, 0.5, 0.5), "b": (0.6, 0.5, 0.5), "c": (0.9, 0.2, 0.5)})
+    second = result({"a": (0.9, 0.5, 0.5), "b": (None, 0.5, 0.5), "d": (0.1, 0.1, 0.1)})
+    out = compare.paired(first, second)
+    assert out["cases"] == ["a", "b"]
+    assert out["WT"]["cases"] == ["a"] and out["WT"]["mean_difference"] == pytest.approx(0.1)
+    assert (out["WT"]["second_wins"], out["WT"]["first_wins"]) == (1, 0)
+    assert out["TC"]["mean_difference"] == 0.0 and out["TC"]["worst"] == (0.5, 0.5)
+    document = tmp_path / "one.json"
+    document.write_text(json.dumps({"results": {"m/wide": first, "m/fast": first}}))
+    with pytest.raises(SystemExit, match="name one of"):
+        compare.pick(str(document), None)
+    assert compare.pick(str(document), "fast")[0] == "m/fast"
+    assert compare.pick(f"{document}:m/wide", None)[0] == "m/wide"
