@@ -90,3 +90,20 @@ def dicom_corpus(brats_case_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from tests.dicom_corpus import build_corpus
 
     return build_corpus(brats_case_dir, tmp_path_factory.mktemp("dicom-corpus"))
+
+
+#: The project's bench/ scripts (imported by their tests through :func:`bench_module`).
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(script: str, name: str) -> Any:
+    """``bench/<script>`` imported as module ``name`` (a fresh copy per name)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from model.io.phantom import write_phantom
 from model.training.data import SPLITS_DIR, find_cases_in, institution_group, read_split
 from model.training.splits import split_cases
 from model.training.trainer import summarise_validation
+from tests.conftest import bench_module
 
 
 @pytest.mark.parametrize(
@@ -83,19 +83,6 @@ def test_validation_summary_weighs_groups_equally():
     }
 
 
-def _bench_module(script: Path, name: str) -> Any:
-    """A bench/ script imported as module ``name`` (a fresh copy per name)."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(name, script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cross_validation_folds_cover_every_case_once_stratified_by_institution():
     """model/splits/cv5_fold*_val.txt (bench/crossval.py folds): the 34 real cases, each
     in one fold; every institution group spread over as many folds as it has cases (up
@@ -115,8 +102,7 @@ def test_cross_validation_folds_cover_every_case_once_stratified_by_institution(
     multisite |= set(read_split(SPLITS_DIR / "multisite_train.txt"))
     assert set(names) == multisite  # the same 34 cases as the shipped split
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
-    crossval = _bench_module(script, "crossval")
+    crossval = bench_module("crossval.py", "crossval")
     assert crossval.deal_folds(names) == [sorted(f) for f in folds]
 
 
@@ -124,8 +110,7 @@ def test_out_of_fold_scoring_uses_finished_folds_only(tmp_path):
     """bench/accuracy.py --crossval: a case is scored by its fold's model only once that
     fold's run has finished; a fold still training (its last.pt moving) is left out."""
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    accuracy = _bench_module(script, "accuracy_bench")
+    accuracy = bench_module("accuracy.py", "accuracy_bench")
     for fold in ("fold0", "fold1"):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / "last.pt").write_bytes(b"")
@@ -140,8 +125,7 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
     whose institution is not CBICA; each recipe variant adds one option to the recipe,
     trains on the same seed, and a normalisation variant gets a cache of its own."""
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "crossval.py"
-    crossval = _bench_module(script, "crossval_sites")
+    crossval = bench_module("crossval.py", "crossval_sites")
 
     names = [n for k in range(5) for n in read_split(SPLITS_DIR / f"cv5_fold{k}_val.txt")]
     held_out = read_split(SPLITS_DIR / "sites_val.txt")
@@ -178,8 +162,7 @@ def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
     documents into one table (every case once, CPU seconds added up, a row per fold)."""
     import json
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    accuracy = _bench_module(script, "accuracy_combine")
+    accuracy = bench_module("accuracy.py", "accuracy_combine")
     for fold in ("fold0", "fold1"):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / "last.pt").write_bytes(b"")
@@ -235,8 +218,7 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     from model.net.checkpoint import save_checkpoint
     from model.net.network import ArchConfig, build_model
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
-    accuracy = _bench_module(script, "accuracy_main")
+    accuracy = bench_module("accuracy.py", "accuracy_main")
     names = ["Brats18_CBICA_P01_1", "Brats18_TCIA01_P02_1"]
     for seed, name in enumerate(names):
         write_phantom(tmp_path / "data", name=name, shape=(40, 40, 24), seed=seed)
@@ -264,8 +246,7 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
 def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(tmp_path):
     """bench/quality_flags.py: a measure that separates the failures is found, within the
     false-alarm bound, and each fold's rule comes from the other folds alone."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "quality_flags.py"
-    flags = _bench_module(script, "quality_flags_bench")
+    flags = bench_module("quality_flags.py", "quality_flags_bench")
     rng = np.random.default_rng(0)
     documents = []
     for fold in range(3):
@@ -305,8 +286,7 @@ def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(
 def test_paired_comparison_counts_wins_and_leaves_out_unscored_regions(tmp_path):
     """bench/compare.py: the paired difference is second minus first over the shared
     cases; a region one side could not score is left out of that region only."""
-    script = Path(__file__).resolve().parents[2] / "bench" / "compare.py"
-    compare = _bench_module(script, "compare_bench")
+    compare = bench_module("compare.py", "compare_bench")
 
     def result(dice: dict[str, tuple[float | None, float, float]]) -> dict:
         return {

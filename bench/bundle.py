@@ -1,0 +1,212 @@
+"""Ships a finished training run as the bundled model, its model card in its metadata.
+
+    python bench/bundle.py bench/final-runs/base \
+        [--crossval bench/cv-runs] [--oof bench/cv-runs/oof/all-postprocess.json] \
+        [--setting oof/wide+lesion+guard] [--out model/weights/omnet_cga.pt]
+
+The run (``bench/crossval.py train --study final``) trained on every case, so no case
+can score it. Its expected accuracy on cases it never saw is what the cross-validation
+measured for the same recipe: every case scored by the fold model that did not train on
+it, with the default inference. This script refuses a run whose recipe differs from the
+fold runs' (beyond the seed and how often it logged or validated), and writes into the
+checkpoint's ``bundled`` metadata, computed from the documents and never typed in:
+
+- what it trained on (the run's cases, per institution group) and the recipe;
+- the out-of-fold Dice and HD95: mean, median, worst case, 95 % bootstrap interval, per
+  institution group and per fold;
+- the quality flag's record (``low_confidence``), chosen fold by fold on the other
+  folds (``bench/quality_flags.py``'s nested count).
+
+The weights are the run's last (the fold models were scored at their last step too),
+stored in half precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality_flags  # noqa: E402
+from accuracy import REGIONS, summarise  # noqa: E402
+
+from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING  # noqa: E402
+from model.inference.lesions import LOW_CONFIDENCE  # noqa: E402
+from model.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model.training.config import TrainConfig  # noqa: E402
+from model.training.data import institution_group  # noqa: E402
+from model.weights import BUNDLED_PATH  # noqa: E402
+
+#: Options of a run that do not change the model it trains.
+NOT_RECIPE = ("seed", "checkpoint_every", "log_every", "val_every", "val_tiling")
+#: The failure the quality flag is measured against (bench/quality_flags.py).
+FAILURE_WT = 0.70
+
+
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe: its configuration with the defaults filled in, less NOT_RECIPE."""
+    full = dataclasses.asdict(TrainConfig(**config))
+    full["stage_epochs"] = list(full["stage_epochs"])
+    return {k: v for k, v in full.items() if k not in NOT_RECIPE}
+
+
+def check_same_recipe(run: Path, crossval: Path) -> dict[str, Any]:
+    """The run's recipe, once every fold run of ``crossval`` is found to share it."""
+    mine = recipe(json.loads((run / "run.json").read_text())["config"])
+    folds = sorted(crossval.glob("fold*/run.json"))
+    if not folds:
+        raise SystemExit(f"no fold runs under {crossval}; pass --crossval")
+    for path in folds:
+        theirs = recipe(json.loads(path.read_text())["config"])
+        differ = {k: (theirs[k], mine[k]) for k in mine if theirs.get(k) != mine[k]}
+        if differ:
+            raise SystemExit(
+                f"{run} was not trained with the recipe {path.parent} measured "
+                f"(fold, run): {differ}; its out-of-fold accuracy would not be this model's"
+            )
+    return mine
+
+
+def _round(x: float | None, digits: int = 3) -> float | None:
+    """``x`` rounded; None where nothing could be scored (a region no case of a group
+    holds), as NaN would not survive a comparison."""
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def expected_accuracy(document: dict[str, Any], setting: str) -> dict[str, Any]:
+    """Out-of-fold Dice and HD95 of ``setting`` in an ``accuracy.py --combine`` document:
+    over cases, per institution group and per fold."""
+    if setting not in document["results"]:
+        raise SystemExit(f"no {setting!r} in the document; it has {sorted(document['results'])}")
+    per_case = document["results"][setting]["per_case"]
+    summary = summarise(per_case)
+    folds: dict[str, list[str]] = {}
+    for name in per_case:
+        folds.setdefault(document["folds"][name], []).append(name)
+    spread = summary["spread"]
+    fold_means = {}
+    for fold, names in folds.items():
+        means = summarise({n: per_case[n] for n in names})["mean"]
+        fold_means[fold] = {"cases": len(names)} | {r: _round(means[r]["dice"]) for r in REGIONS}
+    wt_dice = {n: float(per_case[n]["WT"]["dice"] or 0.0) for n in per_case}
+    return {
+        "cases": len(per_case),
+        "dice_mean": {r: _round(summary["mean"][r]["dice"]) for r in REGIONS},
+        "dice_median": {r: _round(spread[r]["median"]) for r in REGIONS},
+        "dice_worst": {r: [_round(spread[r]["worst"]), spread[r]["worst_case"]] for r in REGIONS},
+        "dice_ci95": {r: [_round(v) for v in spread[r]["ci95"]] for r in REGIONS},
+        "hd95_mean_mm": {r: _round(summary["mean"][r]["hd95"], 1) for r in REGIONS},
+        "dice_mean_of_group_means": {r: _round(summary["group_mean"][r]["dice"]) for r in REGIONS},
+        "dice_by_group": {
+            group: {"cases": sum(institution_group(n) == group for n in per_case)}
+            | {r: _round(scores[r]["dice"]) for r in REGIONS}
+            for group, scores in summary["groups"].items()
+        },
+        "dice_by_fold": {fold: fold_means[fold] for fold in sorted(folds)},
+        "dice_per_case_WT": {n: _round(per_case[n]["WT"]["dice"]) for n in sorted(per_case)},
+        "cases_below_WT_0_70": sorted(n for n, wt in wt_dice.items() if wt < FAILURE_WT),
+    }
+
+
+def flag_record(oof: Path, setting: str) -> dict[str, Any]:
+    """The quality flag's nested cross-validation count on the out-of-fold results."""
+    cases = quality_flags.load([oof], setting)
+    caught, failures, alarms, others = quality_flags.nested(
+        cases, FAILURE_WT, quality_flags.MAX_FALSE_ALARMS, max_tests=1
+    )
+    return {
+        "flag": "low_confidence",
+        "rule": f"mean tumour probability over the labelled tumour below {LOW_CONFIDENCE:g}",
+        "failure": f"WT Dice below {FAILURE_WT:g}",
+        "nested_cross_validation": {
+            "failures_flagged": caught,
+            "failures": failures,
+            "others_flagged": alarms,
+            "others": others,
+        },
+    }
+
+
+def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dict[str, Any]:
+    """Writes the run's last weights to ``out`` with the model card; returns the card."""
+    run_recipe = check_same_recipe(run, crossval)
+    info = json.loads((run / "run.json").read_text())
+    if info.get("val_cases"):
+        raise SystemExit(f"{run} held out {len(info['val_cases'])} cases; bundle a final run")
+    ckpt = load_checkpoint(run / "last.pt")
+    training = ckpt.metadata["training"]
+    total = sum(run_recipe["stage_epochs"]) * run_recipe["steps_per_epoch"]
+    if training["steps"] < total:
+        raise SystemExit(f"{run} stopped at step {training['steps']} of {total}; resume it first")
+    cases = sorted(info["train_cases"])
+    groups: dict[str, int] = {}
+    for name in cases:
+        groups[institution_group(name)] = groups.get(institution_group(name), 0) + 1
+    document = json.loads(oof.read_text())
+    params = sum(p.numel() for p in ckpt.model.parameters())
+    card = {
+        "trained_on": (
+            f"all {len(cases)} real cases of ../shared/data (brats2018/ and brats-extra/): "
+            + ", ".join(f"{g} {n}" for g, n in sorted(groups.items()))
+        ),
+        "training_cases": cases,
+        "architecture": (
+            f"OM-Net + CGA, width {ckpt.config.width} ({params / 1e6:.2f} M parameters)"
+        ),
+        "recipe": run_recipe,
+        "training_steps": training["steps"],
+        "default_inference": f"{DEFAULT_TILING} tiling, post-processing {DEFAULT_POSTPROCESS}",
+        "expected_accuracy": {
+            "how": (
+                "out of fold: five folds stratified by institution, each case scored by the "
+                "fold model (same recipe) that never trained on it, with the default inference"
+            ),
+            "document": _shown(oof),
+            "setting": setting,
+            **expected_accuracy(document, setting),
+        },
+        "quality_flag": flag_record(oof, setting),
+        "measured_with": f"python bench/bundle.py {_shown(run)}",
+    }
+    metadata = {"training": training, "bundled": card}
+    save_checkpoint(out, ckpt.model, ckpt.config, metadata, half=True)
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("run", type=Path, help="a finished run of crossval.py --study final")
+    parser.add_argument("--crossval", type=Path, default=ROOT / "bench" / "cv-runs")
+    parser.add_argument(
+        "--oof", type=Path, default=ROOT / "bench" / "cv-runs" / "oof" / "all-postprocess.json"
+    )
+    parser.add_argument("--setting", default="oof/wide+lesion+guard")
+    parser.add_argument("--out", type=Path, default=BUNDLED_PATH)
+    args = parser.parse_args(argv)
+    card = bundle(args.run.resolve(), args.crossval, args.oof, args.setting, args.out)
+    accuracy = card["expected_accuracy"]
+    print(f"wrote {args.out}: {card['architecture']}, trained on {card['trained_on']}")
+    print(
+        "expected Dice (out of fold, {cases} cases): mean {m}, median {md}".format(
+            cases=accuracy["cases"],
+            m=" / ".join(f"{accuracy['dice_mean'][r]:.3f}" for r in REGIONS),
+            md=" / ".join(f"{accuracy['dice_median'][r]:.3f}" for r in REGIONS),
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
