@@ -123,9 +123,10 @@ def expected_accuracy(document: dict[str, Any], setting: str) -> dict[str, Any]:
 def flag_record(oof: Path, setting: str) -> dict[str, Any]:
     """The quality flag's nested cross-validation count on the out-of-fold results."""
     cases = quality_flags.load([oof], setting)
-    caught, failures, alarms, others = quality_flags.nested(
+    folds = quality_flags.nested_folds(
         cases, FAILURE_WT, quality_flags.MAX_FALSE_ALARMS, max_tests=1
     )
+    caught, failures, alarms, others = quality_flags.pooled(folds)
     return {
         "flag": "low_confidence",
         "rule": f"mean tumour probability over the labelled tumour below {LOW_CONFIDENCE:g}",

@@ -162,13 +162,10 @@ def nested_folds(
     return out
 
 
-def nested(
-    cases: dict[str, dict[str, Any]], failure: float, max_false: float, max_tests: int = 2
-) -> Counts:
-    """:func:`nested_folds`' counts pooled over the folds: the honest estimate of what
-    a rule chosen this way flags on cases that did not choose it."""
-    folds = nested_folds(cases, failure, max_false, max_tests).values()
-    return tuple(sum(counts[i] for _, counts in folds) for i in range(4))  # type: ignore[return-value]
+def pooled(folds: dict[str, tuple[Rule, Counts]]) -> Counts:
+    """The counts of :func:`nested_folds` added over the folds: the honest estimate of
+    what a rule chosen this way flags on cases that did not choose it."""
+    return tuple(sum(counts[i] for _, counts in folds.values()) for i in range(4))  # type: ignore[return-value]
 
 
 def describe(rule: Rule) -> str:
@@ -198,12 +195,10 @@ def main() -> None:
     print(f"{len(cases)} cases, {bad} below WT {args.failure}")
     print(line("flags as they are", (now, bad, alarms, len(cases) - bad)))
 
-    for fold, (rule, counts) in nested_folds(
-        cases, args.failure, args.max_false_alarms, args.max_tests
-    ).items():
+    folds = nested_folds(cases, args.failure, args.max_false_alarms, args.max_tests)
+    for fold, (rule, counts) in folds.items():
         print(line(f"{fold} (rule of the other folds)", counts) + f": {describe(rule)}")
-    pooled = nested(cases, args.failure, args.max_false_alarms, args.max_tests)
-    print(line("nested, pooled", pooled))
+    print(line("nested, pooled", pooled(folds)))
 
     rule = choose(everything, args.failure, args.max_false_alarms, args.max_tests)
     print(line("chosen on all folds", score(rule, everything, args.failure)))
