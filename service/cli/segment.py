@@ -135,7 +135,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=TILING_NAMES,
         metavar="NAME",
         help="wide (default: 32x32x16 patches, centre 24x24x8 kept), paper (centre "
-        "20x20x5 kept, as the paper) or fast (64x64x32 patches)",
+        "20x20x5 kept, as the paper) or fast (64x64x32 patches, larger than the bundled "
+        "model was trained on: it over-segments, see docs/method.md)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="patches per forward pass (16)"

@@ -193,7 +193,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     _browser_paths()
     if not BUNDLED_PATH.is_file():
         pytest.skip("no bundled model in model/weights: the viewer test needs real labels")
-    env = base_env(BUNDLED_PATH)
+    env = base_env(BUNDLED_PATH, OMNET_TILING="wide")  # the tiling the bundled model suits
     with make_stack("web", tmp_path_factory.mktemp("web"), env) as s:
         s.start_serve()
         s.start_api("open-api", OMNET_OPEN_MODE="true")
