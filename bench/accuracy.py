@@ -134,12 +134,19 @@ def bootstrap_interval(values: list[float], seed: int = 0) -> tuple[float, float
     return (float(low), float(high))
 
 
-def summarise(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[str, Any]:
+def summarise(
+    per_case: dict[str, dict[str, dict[str, float | None]]], folds: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Dice and HD95 means per group, over cases and over group means; for Dice over
-    cases also the median, the worst case and a bootstrap interval of the mean."""
+    cases also the median, the worst case and a bootstrap interval of the mean; the
+    number of cases of each group; and with ``folds`` (case -> fold) the means per fold."""
     groups: dict[str, list[str]] = {}
     for name in per_case:
         groups.setdefault(institution_group(name), []).append(name)
+    by_fold: dict[str, list[str]] = {}
+    for name in per_case:
+        if folds and name in folds:
+            by_fold.setdefault(folds[name], []).append(name)
 
     def means(names: list[str]) -> dict[str, dict[str, float]]:
         return {
@@ -167,6 +174,8 @@ def summarise(per_case: dict[str, dict[str, dict[str, float | None]]]) -> dict[s
     }
     return {
         "groups": by_group,
+        "group_sizes": {g: len(names) for g, names in sorted(groups.items())},
+        "fold_means": {f: means(names) for f, names in sorted(by_fold.items())},
         "group_spread": {g: spread(names) for g, names in sorted(groups.items())},
         "mean": means(list(per_case)),
         "spread": spread(list(per_case)),
@@ -367,15 +376,13 @@ def print_tables(results: dict[str, dict[str, Any]], folds: dict[str, str]) -> d
     print()
     for key, result in results.items():
         cases = result["per_case"]
-        summary = summarise(cases)
+        summary = summarise(cases, folds)
         cpu = result["cpu_seconds"] / len(cases)
         print(f"{key.replace('/', ' / ')}: {cpu:.1f} CPU s per case ({cpu / base:.2f} x)")
-        for fold in sorted(set(folds.values())):
-            members = [n for n in cases if folds.get(n) == fold]
-            print(_row(fold, summarise({n: cases[n] for n in members})["mean"], len(members)))
+        for fold, scores in summary["fold_means"].items():
+            print(_row(fold, scores, sum(folds.get(n) == fold for n in cases)))
         for group, scores in summary["groups"].items():
-            count = sum(institution_group(n) == group for n in cases)
-            print(_row(group, scores, count))
+            print(_row(group, scores, summary["group_sizes"][group]))
         print(_row("mean", summary["mean"], len(cases)))
         print(_spread_row(summary["spread"]))
         print(_row("group mean", summary["group_mean"], len(summary["groups"])))

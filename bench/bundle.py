@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import quality_flags  # noqa: E402
 from accuracy import REGIONS, summarise  # noqa: E402
+from quality_flags import FAILURE_WT  # noqa: E402
 
 from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING  # noqa: E402
 from model.inference.lesions import LOW_CONFIDENCE  # noqa: E402
@@ -47,8 +49,6 @@ from model.weights import BUNDLED_PATH  # noqa: E402
 
 #: Options of a run that do not change the model it trains.
 NOT_RECIPE = ("seed", "checkpoint_every", "log_every", "val_every", "val_tiling")
-#: The failure the quality flag is measured against (bench/quality_flags.py).
-FAILURE_WT = 0.70
 
 
 def recipe(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,9 +58,10 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in NOT_RECIPE}
 
 
-def check_same_recipe(run: Path, crossval: Path) -> dict[str, Any]:
-    """The run's recipe, once every fold run of ``crossval`` is found to share it."""
-    mine = recipe(json.loads((run / "run.json").read_text())["config"])
+def check_same_recipe(run: Path, config: dict[str, Any], crossval: Path) -> dict[str, Any]:
+    """The recipe of ``run`` (its ``config``), once every fold run of ``crossval`` is
+    found to share it."""
+    mine = recipe(config)
     folds = sorted(crossval.glob("fold*/run.json"))
     if not folds:
         raise SystemExit(f"no fold runs under {crossval}; pass --crossval")
@@ -91,16 +92,10 @@ def expected_accuracy(document: dict[str, Any], setting: str) -> dict[str, Any]:
     if setting not in document["results"]:
         raise SystemExit(f"no {setting!r} in the document; it has {sorted(document['results'])}")
     per_case = document["results"][setting]["per_case"]
-    summary = summarise(per_case)
-    folds: dict[str, list[str]] = {}
-    for name in per_case:
-        folds.setdefault(document["folds"][name], []).append(name)
+    summary = summarise(per_case, document["folds"])
     spread = summary["spread"]
-    fold_means = {}
-    for fold, names in folds.items():
-        means = summarise({n: per_case[n] for n in names})["mean"]
-        fold_means[fold] = {"cases": len(names)} | {r: _round(means[r]["dice"]) for r in REGIONS}
-    wt_dice = {n: float(per_case[n]["WT"]["dice"] or 0.0) for n in per_case}
+    failures = [n for n in per_case if float(per_case[n]["WT"]["dice"] or 0.0) < FAILURE_WT]
+    folds = Counter(document["folds"][n] for n in per_case)
     return {
         "cases": len(per_case),
         "dice_mean": {r: _round(summary["mean"][r]["dice"]) for r in REGIONS},
@@ -110,13 +105,16 @@ def expected_accuracy(document: dict[str, Any], setting: str) -> dict[str, Any]:
         "hd95_mean_mm": {r: _round(summary["mean"][r]["hd95"], 1) for r in REGIONS},
         "dice_mean_of_group_means": {r: _round(summary["group_mean"][r]["dice"]) for r in REGIONS},
         "dice_by_group": {
-            group: {"cases": sum(institution_group(n) == group for n in per_case)}
+            group: {"cases": summary["group_sizes"][group]}
             | {r: _round(scores[r]["dice"]) for r in REGIONS}
             for group, scores in summary["groups"].items()
         },
-        "dice_by_fold": {fold: fold_means[fold] for fold in sorted(folds)},
+        "dice_by_fold": {
+            fold: {"cases": folds[fold]} | {r: _round(scores[r]["dice"]) for r in REGIONS}
+            for fold, scores in summary["fold_means"].items()
+        },
         "dice_per_case_WT": {n: _round(per_case[n]["WT"]["dice"]) for n in sorted(per_case)},
-        "cases_below_WT_0_70": sorted(n for n, wt in wt_dice.items() if wt < FAILURE_WT),
+        "cases_below_WT_0_70": sorted(failures),
     }
 
 
@@ -142,8 +140,8 @@ def flag_record(oof: Path, setting: str) -> dict[str, Any]:
 
 def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dict[str, Any]:
     """Writes the run's last weights to ``out`` with the model card; returns the card."""
-    run_recipe = check_same_recipe(run, crossval)
     info = json.loads((run / "run.json").read_text())
+    run_recipe = check_same_recipe(run, info["config"], crossval)
     if info.get("val_cases"):
         raise SystemExit(f"{run} held out {len(info['val_cases'])} cases; bundle a final run")
     ckpt = load_checkpoint(run / "last.pt")
@@ -152,9 +150,7 @@ def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dic
     if training["steps"] < total:
         raise SystemExit(f"{run} stopped at step {training['steps']} of {total}; resume it first")
     cases = sorted(info["train_cases"])
-    groups: dict[str, int] = {}
-    for name in cases:
-        groups[institution_group(name)] = groups.get(institution_group(name), 0) + 1
+    groups = Counter(institution_group(name) for name in cases)
     document = json.loads(oof.read_text())
     params = sum(p.numel() for p in ckpt.model.parameters())
     card = {
