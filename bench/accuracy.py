@@ -46,7 +46,7 @@ import numpy as np
 from model.defaults import DEFAULT_PRECISION, MAIN_LESION_GAP_MM
 from model.inference.case import CaseOutputs, process_case
 from model.inference.pipeline import SegmentationOptions, load_predictor
-from model.inference.tiling import TILINGS, Predictor, TaskProbabilities
+from model.inference.tiling import LAYOUTS, Predictor, TaskProbabilities
 from model.io.nifti.files import find_label_file
 from model.io.nifti.read import load_case
 from model.training.data import (
@@ -98,7 +98,7 @@ class Setting:
         tiling, *levers = text.split("+")
         known = {"pp", "guard", "rm", "lesion", "largest", "tta", "fp32", "mixed"}
         unknown = set(levers) - known
-        if tiling not in TILINGS or unknown:
+        if tiling not in LAYOUTS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta]"
                 "[+fp32|+mixed]"
@@ -300,7 +300,7 @@ def main() -> None:
             loaded = load_predictor(
                 paths.split("+"),
                 args.device,
-                layout=TILINGS[setting.tiling],
+                layout=LAYOUTS[setting.tiling],
                 tta=setting.tta,
                 precision=setting.precision,
             )

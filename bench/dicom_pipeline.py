@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("case", nargs="?", type=Path, default=None)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--tiling", default="wide", choices=("wide", "paper", "fast"))
+    parser.add_argument("--tiling", default="wide", choices=("wide", "paper"))
     parser.add_argument("--dicomweb", default="http://127.0.0.1:8042/dicom-web")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)

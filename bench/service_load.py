@@ -818,7 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--bundled", action="store_true", help="serve the bundled model")
     parser.add_argument("--width", type=int, default=4, help="width of the random network")
     parser.add_argument("--device", default="cpu", help="worker device (started services)")
-    parser.add_argument("--tiling", default="wide", choices=["wide", "paper", "fast"])
+    parser.add_argument("--tiling", default="wide", choices=["wide", "paper"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

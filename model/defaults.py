@@ -51,11 +51,30 @@ POSTPROCESS_MEANINGS: dict[PostprocessMode, str] = {
     "none": "no post-processing, the network's fused output as it is",
 }
 
-#: Tile layouts (see :data:`model.inference.tiling.TILINGS`).
-TilingName = Literal["wide", "paper", "fast"]
+#: The tilings the product offers (see :data:`model.inference.tiling.TILINGS`).
+TilingName = Literal["wide", "paper"]
 TILING_NAMES: tuple[TilingName, ...] = get_args(TilingName)
 #: The product's tiling: the paper's patches, a wider kept centre.
 DEFAULT_TILING: TilingName = "wide"
+#: Tilings the product offered once and withdrew, with the reason a setting or an
+#: argument naming one is refused (the layouts stay for benchmarks:
+#: :data:`model.inference.tiling.LAYOUTS`).
+WITHDRAWN_TILINGS = {
+    "fast": "its 64 x 64 x 32 patches are larger than the 32 x 32 x 16 patches the network "
+    "is trained on, and it over-segments (whole-tumour Dice 0.15-0.44 with the bundled "
+    "model on three cases where 'wide' gives 0.83-0.95, docs/method.md)",
+}
+
+
+def tiling_error(name: object) -> str:
+    """Why ``name`` is not a tiling the product offers, in one line a person can act on."""
+    offered = " or ".join(repr(n) for n in TILING_NAMES)
+    if isinstance(name, str) and name in WITHDRAWN_TILINGS:
+        return (
+            f"tiling {name!r} was withdrawn: {WITHDRAWN_TILINGS[name]}; use {offered} "
+            f"('{DEFAULT_TILING}' is the default)"
+        )
+    return f"tiling must be {offered}; got {name!r}"
 
 
 #: Intensity normalisation of each modality inside the brain (see

@@ -31,6 +31,7 @@ from model.defaults import (
     Precision,
     TilingName,
     describe_postprocess,
+    tiling_error,
 )
 from service.db import DATABASE_TIMEOUT_S
 from service.redact import masked_url
@@ -273,7 +274,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_tiling(cls, value: object) -> object:
         if value not in TILING_NAMES:
-            raise ValueError(f"tiling must be {_one_of(TILING_NAMES)}; got {value!r}")
+            raise ValueError(tiling_error(value))
         return value
 
     @field_validator("postprocess", mode="before")

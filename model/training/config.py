@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING
+from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, tiling_error
 from model.inference.tiling import TILINGS
 from model.net.network import ArchConfig
 
@@ -73,9 +73,7 @@ class TrainConfig:
                 f"task1_tumour_fraction must lie in [0, 1]; got {self.task1_tumour_fraction}"
             )
         if self.val_tiling not in TILINGS:
-            raise ValueError(
-                f"val_tiling must be one of {sorted(TILINGS)}; got {self.val_tiling!r}"
-            )
+            raise ValueError(f"val_tiling: {tiling_error(self.val_tiling)}")
         if self.augment_preset not in AUGMENT_PRESETS:
             raise ValueError(
                 f"augment_preset must be one of {AUGMENT_PRESETS}; got {self.augment_preset!r}"

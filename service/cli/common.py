@@ -6,6 +6,8 @@ import argparse
 import importlib
 from collections.abc import Iterator
 
+from model.defaults import TILING_NAMES, tiling_error
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
@@ -45,6 +47,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def tiling_name(text: str) -> str:
+    """argparse type: a tiling the product offers (a withdrawn one is refused with why)."""
+    if text not in TILING_NAMES:
+        raise argparse.ArgumentTypeError(tiling_error(text))
+    return text
 
 
 def one_line(exc: BaseException) -> str:

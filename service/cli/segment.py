@@ -27,7 +27,7 @@ from model.defaults import (
     TILING_NAMES,
     describe_postprocess,
 )
-from service.cli.common import CommandError, one_line, positive_int
+from service.cli.common import CommandError, one_line, positive_int, tiling_name
 
 if TYPE_CHECKING:
     from model.inference.pipeline import SegmentationOptions
@@ -132,11 +132,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tiling",
         default=DEFAULT_TILING,
+        type=tiling_name,
         choices=TILING_NAMES,
         metavar="NAME",
-        help="wide (default: 32x32x16 patches, centre 24x24x8 kept), paper (centre "
-        "20x20x5 kept, as the paper) or fast (64x64x32 patches, larger than the bundled "
-        "model was trained on: it over-segments, see docs/method.md)",
+        help="wide (default: 32x32x16 patches, centre 24x24x8 kept) or paper (centre "
+        "20x20x5 kept, as the paper); see docs/method.md",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=16, help="patches per forward pass (16)"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, NORMALISATIONS, TILING_NAMES
+from service.cli.common import tiling_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +63,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--val-tiling",
         default=DEFAULT_TILING,
+        type=tiling_name,
         choices=TILING_NAMES,
         metavar="NAME",
         help=f"tiling of the validation passes: {', '.join(TILING_NAMES)} (default "

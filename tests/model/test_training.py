@@ -35,7 +35,7 @@ def one_thread():
 
 
 def _config(**kwargs) -> TrainConfig:
-    defaults = {"width": 4, "batch_per_task": 2, "steps_per_epoch": 2, "val_tiling": "fast"}
+    defaults = {"width": 4, "batch_per_task": 2, "steps_per_epoch": 2, "val_tiling": "wide"}
     return TrainConfig(**{**defaults, **kwargs})
 
 

@@ -464,7 +464,7 @@ def base_env(checkpoint: Path, **extra: str) -> dict[str, str]:
         "OMNET_STALE_AFTER_S": "3",
         "OMNET_VISIBILITY_TIMEOUT_S": "6",
         "OMNET_DEVICE": "cpu",
-        "OMNET_TILING": "fast",
+        "OMNET_TILING": "wide",
         **extra,
     }
 

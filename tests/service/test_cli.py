@@ -150,13 +150,13 @@ def test_label_convention_3_writes_3_not_4(segmented, cases, checkpoint, tmp_pat
 
 
 def test_segment_folder_of_cases(cases, checkpoint, tmp_path, capsys):
-    assert _segment([cases], tmp_path, checkpoint, "--tiling", "fast") == 0
+    assert _segment([cases], tmp_path, checkpoint, "--tiling", "paper") == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["alpha", "beta"]
     for name in ("alpha", "beta"):
         assert (tmp_path / f"{name}_seg.nii.gz").is_file()
         report = json.loads((tmp_path / f"{name}_metrics.json").read_text())
-        assert report["inference"]["tiling"] == "fast"
+        assert report["inference"]["tiling"] == "paper"
 
 
 def test_segment_four_files(cases, checkpoint, tmp_path):

@@ -40,7 +40,7 @@ def study(tmp_path_factory) -> Path:
 
 def _segment(inputs, out, checkpoint, *extra) -> int:
     args = ["segment", *map(str, inputs), "--out", str(out), "--checkpoint", str(checkpoint)]
-    return main([*args, "--tiling", "fast", *extra])
+    return main([*args, "--tiling", "wide", *extra])
 
 
 def test_dicom_folder_gives_nifti_and_seg(study, checkpoint, tmp_path, capsys):

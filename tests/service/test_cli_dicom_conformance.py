@@ -38,7 +38,7 @@ def _segment(inputs: list[Path], out: Path, checkpoint: Path) -> Run:
     args = ["segment", *map(str, inputs), "--out", str(out), "--checkpoint", str(checkpoint)]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        status = main([*args, "--tiling", "fast", "--dicom-seg"])
+        status = main([*args, "--tiling", "wide", "--dicom-seg"])
     return Run(status, out, stdout.getvalue(), stderr.getvalue())
 
 

@@ -38,8 +38,16 @@ def test_the_settings_accept_exactly_the_tilings():
     assert set(get_args(Settings.model_fields["tiling"].annotation)) == set(TILING_NAMES)
     for name in TILING_NAMES:
         assert Settings(tiling=name).tiling == name
-    with pytest.raises(ValidationError, match="tiling must be 'wide', 'paper' or 'fast'"):
+    with pytest.raises(ValidationError, match="tiling must be 'wide' or 'paper'; got 'slow'"):
         Settings(tiling="slow")
+
+
+def test_a_withdrawn_tiling_is_refused_with_the_reason():
+    with pytest.raises(ValidationError) as exc:
+        Settings(tiling="fast")
+    message = str(exc.value)
+    assert "tiling 'fast' was withdrawn" in message and "over-segments" in message
+    assert "use 'wide' or 'paper'" in message
 
 
 def test_the_settings_accept_exactly_the_modes_but_none():
@@ -81,6 +89,18 @@ def test_the_command_line_offers_exactly_the_names(command, flag, names, default
     assert action.choices is not None
     assert sorted(action.choices) == sorted(names)
     assert action.default == default
+
+
+@pytest.mark.parametrize(("command", "flag"), [("segment", "--tiling"), ("train", "--val-tiling")])
+def test_the_command_line_refuses_a_withdrawn_tiling_with_the_reason(command, flag, capsys):
+    from service.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, flag, "fast"])
+    assert exc.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: tiling 'fast' was withdrawn" in error
+    assert "use 'wide' or 'paper'" in error
 
 
 def test_the_command_line_page_lists_exactly_the_names():

@@ -29,7 +29,7 @@ SMALL = [
     "--batch-per-task",
     "2",
     "--val-tiling",
-    "fast",
+    "wide",
     "--device",
     "cpu",
     "--max-minutes",

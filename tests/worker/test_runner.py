@@ -58,7 +58,7 @@ def settings(tmp_path, checkpoint, monkeypatch) -> Settings:
         storage_dir=tmp_path / "storage",
         checkpoint=str(checkpoint),
         device="cpu",
-        tiling="fast",
+        tiling="wide",
         worker_heartbeat_s=0.1,
         stale_after_s=3,
     )
