@@ -50,13 +50,13 @@ def coarse_tumour(probs: TaskProbabilities) -> np.ndarray:
     return probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0) > 0.5
 
 
-def fuse(
+def fusion_region(
     probs: TaskProbabilities,
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
     coarse: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
+    """Where tasks 2 and 3 label: task 1's coarse tumour dilated, inside the brain.
 
     Args:
         probs: task probabilities on one grid (X, Y, Z).
@@ -67,6 +67,23 @@ def fuse(
     region = dilate(coarse_tumour(probs) if coarse is None else coarse, dilation)
     if brain is not None:
         region &= np.asarray(brain, dtype=bool)
+    return region
+
+
+def fuse(
+    probs: TaskProbabilities,
+    brain: np.ndarray | None = None,
+    dilation: float = DILATION_VOXELS,
+    coarse: np.ndarray | None = None,
+    region: np.ndarray | None = None,
+) -> np.ndarray:
+    """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
+
+    ``brain``, ``dilation`` and ``coarse`` as in :func:`fusion_region`; ``region``: its
+    result when the caller has it already (the others are then unused).
+    """
+    if region is None:
+        region = fusion_region(probs, brain, dilation, coarse)
     task2 = np.argmax(probs.tumour, axis=0)
     labels = np.zeros(task2.shape, dtype=np.uint8)
     labels[region & (task2 == TaskClass.EDEMA)] = EDEMA
@@ -82,18 +99,18 @@ def fused_probabilities(
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
     coarse: np.ndarray | None = None,
+    region: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-voxel probabilities of background, NCR/NET, edema and ET (float32, 4 x grid).
 
     Inside the dilated coarse tumour: background = P2(background) + P2(normal),
     edema = P2(edema), and task 2's core probability P2(NCR/NET) + P2(ET) split by
     task 3 into ET (times P3(ET)) and NCR/NET (times 1 - P3(ET)). Outside it (and
-    outside the brain) background is 1. The four channels sum to 1. ``coarse`` as in
-    :func:`fuse`.
+    outside the brain) background is 1. The four channels sum to 1. The other arguments
+    as in :func:`fuse`.
     """
-    region = dilate(coarse_tumour(probs) if coarse is None else coarse, dilation)
-    if brain is not None:
-        region &= np.asarray(brain, dtype=bool)
+    if region is None:
+        region = fusion_region(probs, brain, dilation, coarse)
     p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]
     core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
     out = np.zeros((4, *p2.shape[1:]), dtype=np.float32)

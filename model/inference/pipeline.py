@@ -26,7 +26,13 @@ from model.defaults import (
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
 )
-from model.inference.fusion import DILATION_VOXELS, coarse_tumour, fuse, fused_probabilities
+from model.inference.fusion import (
+    DILATION_VOXELS,
+    coarse_tumour,
+    fuse,
+    fused_probabilities,
+    fusion_region,
+)
 from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
 from model.inference.preprocess import paste, preprocess
@@ -160,12 +166,10 @@ def segment_images(
 
     start = time.perf_counter()
     coarse = coarse_tumour(probs)
-    labels = fuse(probs, prep.mask, options.dilation, coarse)
-    fused = (
-        fused_probabilities(probs, prep.mask, options.dilation, coarse)
-        if options.probabilities
-        else None
-    )
+    region = fusion_region(probs, prep.mask, options.dilation, coarse)
+    labels = fuse(probs, region=region)
+    fused = fused_probabilities(probs, region=region) if options.probabilities else None
+    del region
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
     whole = core + probs.tumour[TaskClass.EDEMA]
     del probs

@@ -16,6 +16,7 @@ from model.inference.fusion import (
     dilate,
     fuse,
     fused_probabilities,
+    fusion_region,
 )
 from model.inference.tiling import TaskProbabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET, TaskClass
@@ -286,6 +287,24 @@ def test_fused_probabilities_sum_to_one_and_match_formula():
     np.testing.assert_allclose(fused[:, region], expected[:, region], atol=1e-6)
     np.testing.assert_array_equal(fused[0, ~region], 1.0)
     np.testing.assert_array_equal(fused[1:, ~region], 0.0)
+
+
+def test_a_region_given_is_the_region_used():
+    probs = _random_probs(seed=2, shape=(16, 15, 14))
+    brain = np.ones(probs.coarse.shape[1:], bool)
+    brain[:3] = False
+    region = fusion_region(probs, brain)
+    np.testing.assert_array_equal(region, dilate(coarse_tumour(probs), DILATION_VOXELS) & brain)
+    np.testing.assert_array_equal(fuse(probs, region=region), fuse(probs, brain))
+    np.testing.assert_array_equal(
+        fused_probabilities(probs, region=region), fused_probabilities(probs, brain)
+    )
+    # Given, it is used as it is: nothing is labelled outside it.
+    corner = np.zeros_like(region)
+    corner[:5, :5, :5] = region[:5, :5, :5]
+    assert corner.any() and (region & ~corner).any()
+    assert not fuse(probs, region=corner)[~corner].any()
+    np.testing.assert_array_equal(fused_probabilities(probs, region=corner)[0, ~corner], 1.0)
 
 
 def test_inputs_are_not_modified():
