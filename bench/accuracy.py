@@ -17,7 +17,8 @@ paper's post-processing), ``guard`` (post-processing with the guarded edema
 relabelling), ``rm`` (small-component removal only, no edema relabelling), ``lesion``
 (small-component removal and the tumour parts more than 10 mm from the main lesion
 removed: ``--postprocess main-lesion``), ``largest`` (the same with the earlier main
-lesion, the largest component, and no component spared), ``tta`` (flip averaging),
+lesion, the largest component, and no component spared), ``tta`` (flip averaging over
+all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
 default is the product's ``auto`` precision). Prints Dice and HD95
 (WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
@@ -90,17 +91,17 @@ class Setting:
     name: str
     tiling: str
     options: SegmentationOptions
-    tta: bool
+    tta: str  # a key of model.inference.tiling.TTA_PASSES
     precision: str = DEFAULT_PRECISION
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        known = {"pp", "guard", "rm", "lesion", "largest", "tta", "fp32", "mixed"}
+        known = {"pp", "guard", "rm", "lesion", "largest", "tta", "mirror", "fp32", "mixed"}
         unknown = set(levers) - known
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
-                f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta]"
+                f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta|+mirror]"
                 "[+fp32|+mixed]"
             )
         relabel = "pp" in levers or "guard" in levers
@@ -112,7 +113,8 @@ class Setting:
             main_lesion_guard="largest" not in levers,
         )
         precision = "mixed" if "mixed" in levers else "float32" if "fp32" in levers else "auto"
-        return cls(text, tiling, options, "tta" in levers, precision)
+        tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"
+        return cls(text, tiling, options, tta, precision)
 
 
 def _mean(values: list[float | None]) -> float:

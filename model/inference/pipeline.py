@@ -255,11 +255,11 @@ def load_predictor(
     device: str = "auto",
     batch_size: int = 16,
     layout: TileLayout = WIDE_TILING,
-    tta: bool = False,
+    tta: bool | str = False,
     precision: str = DEFAULT_PRECISION,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`
-    (``tta``: mirrored test-time augmentation; ``precision``: one of
+    (``tta``: mirrored test-time augmentation, as :class:`Predictor` takes it; ``precision``: one of
     :data:`model.defaults.PRECISIONS`, see :func:`~model.inference.tiling.resolve_precision`).
 
     Raises:

@@ -183,6 +183,13 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 #: Test-time augmentation: every combination of mirroring the patch's three spatial axes
 #: (of a (B, C, X, Y, Z) batch), the identity first, as nnU-Net mirrors 3-D inputs.
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+#: The mirrorings each test-time augmentation averages: none, the left-right mirror alone
+#: (the first axis of the canonical RAS grid; 2 passes), or all eight.
+TTA_PASSES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "off": ((),),
+    "mirror": ((), (2,)),
+    "all": TTA_FLIPS,
+}
 
 
 class Predictor:
@@ -202,8 +209,9 @@ class Predictor:
             for the CPU, where oneDNN's 3-D convolutions run faster on that layout (the
             same probabilities to float rounding), off for CUDA.
         tta: test-time augmentation: every patch also goes through the network mirrored
-            along each combination of axes (:data:`TTA_FLIPS`, 8 passes), each output is
-            mirrored back and the probabilities are averaged. Not in the paper.
+            along each combination of axes (``True`` or ``'all'``: :data:`TTA_FLIPS`, 8
+            passes) or left-right only (``'mirror'``, 2 passes); each output is mirrored
+            back and the probabilities are averaged (:data:`TTA_PASSES`). Not in the paper.
         normalisation: the intensity normalisation the models were trained with (their
             checkpoints' ``normalisation``); whole-case segmentation normalises its input
             this way before :meth:`predict`.
@@ -216,7 +224,7 @@ class Predictor:
         batch_size: int = 16,
         layout: TileLayout = WIDE_TILING,
         mixed_precision: bool | None = None,
-        tta: bool = False,
+        tta: bool | str = False,
         channels_last: bool | None = None,
         normalisation: str = DEFAULT_NORMALISATION,
     ) -> None:
@@ -233,7 +241,11 @@ class Predictor:
         self.models = [m.to(self.device).eval() for m in models]
         self.batch_size = batch_size
         self.layout = layout
-        self.flips = TTA_FLIPS if tta else ((),)
+        mode = ("all" if tta else "off") if isinstance(tta, bool) else tta
+        if mode not in TTA_PASSES:
+            raise ValueError(f"tta must be a bool or one of {', '.join(TTA_PASSES)}; got {tta!r}")
+        self.tta = mode
+        self.flips = TTA_PASSES[mode]
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )

@@ -18,6 +18,8 @@ from model.inference.tiling import (
     FAST_TILING,
     PAPER_TILING,
     TILINGS,
+    TTA_FLIPS,
+    TTA_PASSES,
     WIDE_TILING,
     Predictor,
     TaskProbabilities,
@@ -430,6 +432,38 @@ def test_tta_makes_a_real_network_mirror_equivariant():
             np.testing.assert_allclose(out.numpy(), np.flip(out.numpy(), axis), atol=1e-5)
     no_tta = plain._forward(symmetric)[0].numpy()
     assert np.abs(no_tta - np.flip(no_tta, 2)).max() > 1e-3  # the network alone is not
+
+
+def test_mirror_tta_averages_the_left_right_mirror_only():
+    # Two passes (as is, and mirrored along X): a real network becomes equivariant to
+    # the left-right mirror, not to the others, at a quarter of the eight passes' cost.
+    torch.manual_seed(0)
+    net = build_model(ArchConfig(width=4)).eval()
+    patch = _images((32, 32, 16), seed=6)[None]
+    mirror = Predictor([net], device="cpu", tta="mirror")
+    assert mirror.flips == TTA_PASSES["mirror"] == ((), (2,)) and mirror.tta == "mirror"
+    left_right = np.ascontiguousarray(np.flip(patch, 2))
+    for a, b in zip(mirror._forward(left_right), mirror._forward(patch), strict=True):
+        np.testing.assert_allclose(a.numpy(), np.flip(b.numpy(), 2), atol=1e-5)
+    front_back = np.ascontiguousarray(np.flip(patch, 3))
+    a, b = mirror._forward(front_back)[0].numpy(), mirror._forward(patch)[0].numpy()
+    assert np.abs(a - np.flip(b, 3)).max() > 1e-3
+    # It is the mean of the plain pass and the mirrored pass mirrored back.
+    plain = Predictor([net], device="cpu")
+    for got, one, other in zip(
+        mirror._forward(patch), plain._forward(patch), plain._forward(left_right), strict=True
+    ):
+        np.testing.assert_allclose(got.numpy(), (one + other.flip(2)).numpy() / 2, atol=1e-6)
+
+
+def test_tta_takes_a_bool_or_a_mode():
+    net = VoxelwiseNet(depth=16)
+    assert Predictor([net], device="cpu", tta=True).flips == TTA_FLIPS
+    assert Predictor([net], device="cpu", tta="all").tta == "all"
+    assert Predictor([net], device="cpu", tta=False).flips == ((),)
+    assert Predictor([net], device="cpu").tta == "off"
+    with pytest.raises(ValueError, match="tta must be a bool or one of off, mirror, all"):
+        Predictor([net], device="cpu", tta="sideways")
 
 
 def test_every_tiling_name_has_a_layout():
