@@ -150,23 +150,32 @@ def send_job(
 
 
 class FolderChannel(filesystem.Channel):
-    """Kombu's filesystem channel, with :data:`RESENT_PRIORITY` messages served first.
+    """Kombu's filesystem channel, first in first out, with :data:`RESENT_PRIORITY`
+    messages served before the others.
 
-    Its consumer takes the first message file of a queue in the sorted order of the names,
-    which begin with the sending time in milliseconds (a digit from 1 to 9), so a message
-    is served after every one sent before it. A message at :data:`RESENT_PRIORITY` (or
-    at no priority) is named ``0_<time>_<uuid>.<queue>.msg`` instead, which sorts before
-    all of those; it is written under a name no consumer takes, then renamed, so a
+    Its consumer takes the first message file of a queue in the sorted order of the
+    names. Kombu names a message by its sending time in milliseconds and a random UUID,
+    so two messages sent in the same millisecond could be served in either order; here
+    a message is named ``<rank>_<time>_<uuid>.<queue>.msg``, the time in nanoseconds,
+    zero-padded and strictly increasing within a process, and the rank ``0`` for a
+    message at :data:`RESENT_PRIORITY` (or at no priority), ``1`` for the others: every
+    message sent again sorts before every new one, and each kind is served in the order
+    it was sent. A message is written under a name no consumer takes, then renamed, so a
     consumer never reads it half-written.
     """
 
+    _last_stamp = 0
+
+    @classmethod
+    def _stamp(cls) -> int:
+        """The monotonic clock in nanoseconds, later than any stamp given before."""
+        cls._last_stamp = max(time.monotonic_ns(), cls._last_stamp + 1)
+        return cls._last_stamp
+
     # Kombu names the message ``message`` in its base channel, ``payload`` here.
     def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        if self._get_message_priority(message) > RESENT_PRIORITY:
-            super()._put(queue, message, **kwargs)
-            return
-        stamp = time.monotonic_ns() // 1_000_000
-        name = f"0_{stamp:015d}_{uuid.uuid4()}.{queue}.msg"
+        rank = 0 if self._get_message_priority(message) <= RESENT_PRIORITY else 1
+        name = f"{rank}_{self._stamp():020d}_{uuid.uuid4()}.{queue}.msg"
         folder = Path(self.data_folder_out)
         part = folder / f".{name}.part"
         part.write_bytes(dumps(message).encode())

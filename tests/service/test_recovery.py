@@ -58,6 +58,19 @@ def test_the_folder_transport_serves_a_job_sent_again_first(tmp_path: Path) -> N
     assert _taken(celery, queue, 3) == ["again", "new-1", "new-2"]
 
 
+def test_the_folder_transport_serves_each_kind_in_the_order_sent(tmp_path: Path) -> None:
+    # Many messages a millisecond: the order sent must not rest on the clock's resolution.
+    settings = Settings(storage_dir=tmp_path / "storage")
+    celery = make_celery(settings, client=True)
+    queue = settings.queue("cpu")
+    sent = [(f"job-{i:02d}", i % 10 == 3) for i in range(40)]
+    for job_id, resent in sent:
+        send_job(celery, job_id, queue, resent=resent)
+    again = [job_id for job_id, resent in sent if resent]
+    new = [job_id for job_id, resent in sent if not resent]
+    assert _taken(celery, queue, len(sent)) == again + new
+
+
 def test_redis_serves_a_job_sent_again_first(tmp_path: Path, redis_url: str) -> None:
     prefix = f"omnet-recovery-{uuid.uuid4().hex[:8]}"
     settings = Settings(storage_dir=tmp_path, broker_url=redis_url, queue_prefix=prefix)
