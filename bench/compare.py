@@ -2,12 +2,15 @@
 
     python bench/compare.py bench/site-runs/base-sites.json \
         bench/site-runs/clipped-sites.json [--setting wide+lesion+guard]
+    python bench/compare.py all.json:oof/wide+lesion+guard all.json:oof/wide+lesion+guard+mirror \
+        [--folds 0 1 2]
 
 Each argument is a document, optionally followed by ``:MODEL/SETTING`` to pick one of
 its results (by default its only result, or the one whose setting is ``--setting``).
 Prints, per region, the Dice of both on every shared case, the mean paired difference
 (second minus first) with a 95 % bootstrap interval (resampling cases), how many cases
-each wins by more than 0.01, and the worst case of each. Two recipes measured on a
+each wins by more than 0.01, and the worst case of each; ``--folds`` keeps the cases of
+those cross-validation folds only (as the first document names them). Two recipes measured on a
 handful of cases differ by chance as often as not: a difference whose interval holds 0
 is no reason to change a default.
 """
@@ -30,10 +33,15 @@ from accuracy import REGIONS, bootstrap_interval
 MARGIN = 0.01
 
 
+def load(spec: str) -> dict[str, Any]:
+    """The document ``spec`` (``PATH`` or ``PATH:MODEL/SETTING``) is in."""
+    return json.loads(Path(spec.partition(":")[0]).read_text())
+
+
 def pick(spec: str, setting: str | None) -> tuple[str, dict[str, Any]]:
     """The result ``spec`` names (``PATH`` or ``PATH:MODEL/SETTING``) and its label."""
     path, _, key = spec.partition(":")
-    results = json.loads(Path(path).read_text())["results"]
+    results = load(spec)["results"]
     if not key:
         keys = [k for k in results if setting is None or k.endswith(f"/{setting}")]
         if len(keys) != 1:
@@ -44,10 +52,14 @@ def pick(spec: str, setting: str | None) -> tuple[str, dict[str, Any]]:
     return key, results[key]
 
 
-def paired(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """Per region: each side's Dice on the shared cases, the paired differences and
-    their summary."""
-    cases = sorted(set(first["per_case"]) & set(second["per_case"]))
+def paired(
+    first: dict[str, Any], second: dict[str, Any], only: set[str] | None = None
+) -> dict[str, Any]:
+    """Per region: each side's Dice on the shared cases (those of ``only``, when given),
+    the paired differences and their summary."""
+    cases = sorted(
+        set(first["per_case"]) & set(second["per_case"]) & (only or set(first["per_case"]))
+    )
     if not cases:
         raise SystemExit("the two results share no case")
     out: dict[str, Any] = {"cases": cases}
@@ -79,10 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("first", help="PATH[:MODEL/SETTING]")
     parser.add_argument("second", help="PATH[:MODEL/SETTING]")
     parser.add_argument("--setting", help="the setting to pick where a document has several")
+    parser.add_argument("--folds", nargs="+", metavar="N", help="only the cases of these folds")
     args = parser.parse_args(argv)
     first_key, first = pick(args.first, args.setting)
     second_key, second = pick(args.second, args.setting)
-    result = paired(first, second)
+    only = None
+    if args.folds:
+        folds = load(args.first).get("folds", {})
+        wanted = {f"fold{n}" for n in args.folds}
+        only = {case for case, fold in folds.items() if fold in wanted}
+        if not only:
+            raise SystemExit(f"{args.first}: no case in folds {' '.join(args.folds)}")
+    result = paired(first, second, only)
     print(f"first:  {first_key}\nsecond: {second_key}\n")
     header = " ".join(f"{r:>13s}" for r in REGIONS)
     print(f"{'case':26s} {header}")

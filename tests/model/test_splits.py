@@ -309,3 +309,24 @@ def test_paired_comparison_counts_wins_and_leaves_out_unscored_regions(tmp_path)
         compare.pick(str(document), None)
     assert compare.pick(str(document), "fast")[0] == "m/fast"
     assert compare.pick(f"{document}:m/wide", None)[0] == "m/wide"
+    assert compare.paired(first, second, only={"a", "c"})["cases"] == ["a"]
+
+
+def test_paired_comparison_of_two_settings_of_some_folds(tmp_path, capsys):
+    compare = bench_module("compare.py", "compare_bench")
+
+    def result(wt: dict[str, float]) -> dict:
+        return {
+            "per_case": {c: {r: {"dice": d} for r in ("WT", "TC", "ET")} for c, d in wt.items()}
+        }
+
+    document = tmp_path / "all.json"
+    plain = result({"a": 0.8, "b": 0.6, "c": 0.9})
+    better = result({"a": 0.9, "b": 0.7, "c": 0.1})
+    folds = {"a": "fold0", "b": "fold1", "c": "fold3"}
+    document.write_text(json.dumps({"folds": folds, "results": {"m/x": plain, "m/y": better}}))
+    assert compare.main([f"{document}:m/x", f"{document}:m/y", "--folds", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cases; second minus first" in out and "WT: mean +0.100" in out
+    with pytest.raises(SystemExit, match="no case in folds 4"):
+        compare.main([f"{document}:m/x", f"{document}:m/y", "--folds", "4"])
