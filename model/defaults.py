@@ -66,6 +66,18 @@ WITHDRAWN_TILINGS = {
 }
 
 
+def tiling_name(value: object) -> TilingName:
+    """``value`` when it names a tiling the product offers.
+
+    Raises:
+        ValueError: it does not (:func:`tiling_error` says why).
+    """
+    for name in TILING_NAMES:
+        if value == name:
+            return name
+    raise ValueError(tiling_error(value))
+
+
 def tiling_error(name: object) -> str:
     """Why ``name`` is not a tiling the product offers, in one line a person can act on."""
     offered = " or ".join(repr(n) for n in TILING_NAMES)
@@ -96,6 +108,56 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 #: The product's precision: on the 21 out-of-fold cases measured, bfloat16 gave the same
 #: mean Dice as float32 within 0.001 at 0.67x the CPU time per case.
 DEFAULT_PRECISION: Precision = "auto"
+
+#: Test-time augmentation (see :data:`model.inference.tiling.TTA_PASSES`): none; the
+#: left-right mirror (two network passes); all eight mirrorings (eight passes).
+TtaMode = Literal["off", "mirror", "all"]
+TTA_MODES: tuple[TtaMode, ...] = get_args(TtaMode)
+#: The product's test-time augmentation.
+DEFAULT_TTA: TtaMode = "off"
+#: What each mode costs, for the command line's and the settings' help.
+TTA_MEANINGS: dict[TtaMode, str] = {
+    "off": "one network pass",
+    "mirror": "the mean of the image and its left-right mirror, 2x inference",
+    "all": "the mean over all eight mirrorings, 8x inference",
+}
+
+
+def describe_tta(mark: str = "`") -> str:
+    """The modes and what each costs, for help texts."""
+    return "; ".join(f"{mark}{mode}{mark} ({meaning})" for mode, meaning in TTA_MEANINGS.items())
+
+
+_TTA_BOOLEANS = {
+    "true": "all",
+    "1": "all",
+    "yes": "all",
+    "on": "all",
+    "false": "off",
+    "0": "off",
+    "no": "off",
+}
+
+
+def tta_mode(value: object) -> TtaMode:
+    """A test-time augmentation mode from a mode's name, or from a boolean (or its text:
+    ``true``, ``1``, ``yes``, ``on``: ``all``; ``false``, ``0``, ``no``: ``off``), as
+    the setting and the predictor took before there were modes.
+
+    Raises:
+        ValueError: anything else, naming the modes.
+    """
+    if isinstance(value, bool):
+        return "all" if value else "off"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        for mode in TTA_MODES:
+            if text == mode:
+                return mode
+        if text in _TTA_BOOLEANS:
+            return tta_mode(_TTA_BOOLEANS[text])
+    names = ", ".join(repr(m) for m in TTA_MODES)
+    raise ValueError(f"tta must be one of {names} (or true / false); got {value!r}")
 
 
 def describe_postprocess(modes: tuple[PostprocessMode, ...] = POSTPROCESS_MODES) -> str:

@@ -13,16 +13,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.defaults import (
     DEFAULT_POSTPROCESS,
     DEFAULT_PRECISION,
     DEFAULT_TILING,
+    DEFAULT_TTA,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
     PRECISIONS,
@@ -30,8 +38,11 @@ from model.defaults import (
     PostprocessMode,
     Precision,
     TilingName,
+    TtaMode,
     describe_postprocess,
-    tiling_error,
+    describe_tta,
+    tiling_name,
+    tta_mode,
 )
 from service.db import DATABASE_TIMEOUT_S
 from service.redact import masked_url
@@ -125,7 +136,7 @@ class Settings(BaseSettings):
         "default, one per core. With several workers on one machine, workers x threads at "
         "most its cores",
     )
-    tiling: TilingName = Field(
+    tiling: Annotated[TilingName, BeforeValidator(tiling_name)] = Field(
         DEFAULT_TILING,
         description=f"worker tiling: {_one_of(TILING_NAMES, '`')} (see docs/method.md)",
     )
@@ -134,7 +145,10 @@ class Settings(BaseSettings):
         description="post-processing of the jobs that ask for it (`postprocess=true`, the "
         f"API's default): {describe_postprocess(SERVICE_POSTPROCESS_MODES)}",
     )
-    tta: bool = Field(False, description="test-time augmentation (8 mirrorings; 8x inference)")
+    tta: Annotated[TtaMode, BeforeValidator(tta_mode)] = Field(
+        DEFAULT_TTA,
+        description=f"test-time augmentation: {describe_tta()}; `true`, `false`: `all`, `off`",
+    )
     precision: Precision = Field(
         DEFAULT_PRECISION,
         description=f"the network's arithmetic: {_one_of(PRECISIONS, '`')}; `auto` computes in "
@@ -269,13 +283,6 @@ class Settings(BaseSettings):
                 "taken over; raise OMNET_STALE_AFTER_S or lower OMNET_WORKER_HEARTBEAT_S"
             )
         return self
-
-    @field_validator("tiling", mode="before")
-    @classmethod
-    def _known_tiling(cls, value: object) -> object:
-        if value not in TILING_NAMES:
-            raise ValueError(tiling_error(value))
-        return value
 
     @field_validator("postprocess", mode="before")
     @classmethod

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from typing_extensions import TypedDict
 
+from model.defaults import tta_mode
+
 if TYPE_CHECKING:  # the API reads this module's types without loading the metrics' imports
     from model.evaluation.metrics import RegionMetrics
 
@@ -58,7 +60,8 @@ class CheckpointRef(TypedDict):
 
 class InferenceDict(TypedDict):
     """How the result was made: the model (``name`` and ``sha256`` of the checkpoint, or
-    of the ensemble joined by ``+``), tiling, mirrored test-time augmentation, device,
+    of the ensemble joined by ``+``), tiling, mirrored test-time augmentation (``tta``:
+    whether any; ``tta_mode``: ``off``, ``mirror`` or ``all``), device,
     the network's arithmetic (``float32``, ``bfloat16`` or ``float16``), tiles per batch
     and post-processing mode."""
 
@@ -67,6 +70,7 @@ class InferenceDict(TypedDict):
     checkpoints: list[CheckpointRef]
     tiling: str
     tta: bool
+    tta_mode: str
     device: str
     precision: str
     batch_size: int
@@ -138,7 +142,7 @@ class InferenceInfo:
     model_sha256: str
     checkpoints: tuple[CheckpointRef, ...]
     tiling: str
-    tta: bool
+    tta_mode: str
     device: str
     precision: str
     batch_size: int
@@ -150,14 +154,15 @@ class InferenceInfo:
         model: Mapping[str, Any],
         *,
         tiling: str,
-        tta: bool,
+        tta: bool | str,
         device: str,
         precision: str,
         batch_size: int,
         postprocess: str,
     ) -> InferenceInfo:
         """From :func:`model.net.checkpoint.describe_checkpoints`'s account of the model
-        and the predictor's settings."""
+        and the predictor's settings (``tta`` as :class:`~model.inference.tiling.Predictor`
+        takes it)."""
         checkpoints = tuple(
             CheckpointRef(
                 name=c["name"], sha256=c["sha256"], variant=c["variant"], width=c["width"]
@@ -166,7 +171,15 @@ class InferenceInfo:
         )
         name, sha256 = model["name"], model["sha256"]
         return cls(
-            name, sha256, checkpoints, tiling, tta, device, precision, batch_size, postprocess
+            name,
+            sha256,
+            checkpoints,
+            tiling,
+            tta_mode(tta),
+            device,
+            precision,
+            batch_size,
+            postprocess,
         )
 
     def to_dict(self) -> InferenceDict:
@@ -175,7 +188,8 @@ class InferenceInfo:
             model_sha256=self.model_sha256,
             checkpoints=[CheckpointRef(**c) for c in self.checkpoints],
             tiling=self.tiling,
-            tta=self.tta,
+            tta=self.tta_mode != "off",
+            tta_mode=self.tta_mode,
             device=self.device,
             precision=self.precision,
             batch_size=self.batch_size,
@@ -268,7 +282,11 @@ def upgrade_report(document: Mapping[str, Any]) -> dict[str, Any]:
         if inference is not None and "precision" not in inference:
             # Stored before the key existed: the predictor autocast on CUDA only.
             cuda = str(inference.get("device", "")).startswith("cuda")
-            upgraded["inference"] = {**inference, "precision": "float16" if cuda else "float32"}
+            inference = {**inference, "precision": "float16" if cuda else "float32"}
+        if inference is not None and "tta_mode" not in inference:
+            # Stored before the modes: test-time augmentation was all eight or none.
+            inference = {**inference, "tta_mode": "all" if inference.get("tta") else "off"}
+        upgraded["inference"] = inference
         return upgraded
     dicom = document.get("dicom")
     warnings = list((dicom or {}).get("warnings", [])) + list(document.get("warnings", []))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS, PRECISIONS
+from model.defaults import DEFAULT_NORMALISATION, NORMALISATIONS, PRECISIONS, TtaMode, tta_mode
 from model.labels import NUM_TASK_CLASSES, TaskClass
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 #: The mirrorings each test-time augmentation averages: none, the left-right mirror alone
 #: (the first axis of the canonical RAS grid; 2 passes), or all eight.
-TTA_PASSES: dict[str, tuple[tuple[int, ...], ...]] = {
+TTA_PASSES: dict[TtaMode, tuple[tuple[int, ...], ...]] = {
     "off": ((),),
     "mirror": ((), (2,)),
     "all": TTA_FLIPS,
@@ -241,11 +241,8 @@ class Predictor:
         self.models = [m.to(self.device).eval() for m in models]
         self.batch_size = batch_size
         self.layout = layout
-        mode = ("all" if tta else "off") if isinstance(tta, bool) else tta
-        if mode not in TTA_PASSES:
-            raise ValueError(f"tta must be a bool or one of {', '.join(TTA_PASSES)}; got {tta!r}")
-        self.tta = mode
-        self.flips = TTA_PASSES[mode]
+        self.tta = tta_mode(tta)
+        self.flips = TTA_PASSES[self.tta]
         self.mixed_precision = (
             self.device.type == "cuda" if mixed_precision is None else mixed_precision
         )

@@ -6,7 +6,7 @@ import argparse
 import importlib
 from collections.abc import Iterator
 
-from model.defaults import TILING_NAMES, tiling_error
+from model import defaults
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -51,9 +51,10 @@ def positive_int(text: str) -> int:
 
 def tiling_name(text: str) -> str:
     """argparse type: a tiling the product offers (a withdrawn one is refused with why)."""
-    if text not in TILING_NAMES:
-        raise argparse.ArgumentTypeError(tiling_error(text))
-    return text
+    try:
+        return defaults.tiling_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def one_line(exc: BaseException) -> str:

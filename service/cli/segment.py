@@ -21,11 +21,14 @@ from model.defaults import (
     DEFAULT_POSTPROCESS,
     DEFAULT_PRECISION,
     DEFAULT_TILING,
+    DEFAULT_TTA,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
     PRECISIONS,
     TILING_NAMES,
+    TTA_MODES,
     describe_postprocess,
+    describe_tta,
 )
 from service.cli.common import CommandError, one_line, positive_int, tiling_name
 
@@ -155,9 +158,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         help=f"same as --postprocess {NO_POSTPROCESS}",
     )
     p.add_argument(
-        "--tta",
-        action="store_true",
-        help="test-time augmentation: average over the 8 mirrorings of each patch (8x time)",
+        "--tta-mode",
+        dest="tta",
+        default=DEFAULT_TTA,
+        choices=TTA_MODES,
+        metavar="MODE",
+        help=f"test-time augmentation: {describe_tta('')} (default {DEFAULT_TTA})",
+    )
+    p.add_argument(
+        "--tta", dest="tta", action="store_const", const="all", help="same as --tta-mode all"
     )
     p.add_argument(
         "--precision",

@@ -71,3 +71,11 @@ def test_a_version_1_report_stored_before_precision_gains_it() -> None:
     cuda = {"report_version": 1, "inference": {"device": "cuda:0"}}
     assert upgrade_report(cuda)["inference"]["precision"] == "float16"
     assert upgrade_report({"report_version": 1, "inference": None})["inference"] is None
+
+
+def test_a_version_1_report_stored_before_tta_modes_gains_its_mode() -> None:
+    for tta, mode in ((True, "all"), (False, "off")):
+        old = {"report_version": 1, "inference": {"device": "cpu", "tta": tta}}
+        assert upgrade_report(old)["inference"]["tta_mode"] == mode
+    now = {"report_version": 1, "inference": {"tta": True, "tta_mode": "mirror"}}
+    assert upgrade_report(now)["inference"]["tta_mode"] == "mirror"

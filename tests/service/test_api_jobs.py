@@ -415,7 +415,7 @@ def test_the_command_line_and_the_api_report_the_same_shape(
     made = served["inference"]  # the same settings as the service's
     args = ["segment", str(folder), "--evaluate", "--preview", "--out", str(out)]
     args += ["--tiling", made["tiling"], "--postprocess", made["postprocess"]]
-    args += ["--batch-size", str(made["batch_size"])] + (["--tta"] if made["tta"] else [])
+    args += ["--batch-size", str(made["batch_size"]), "--tta-mode", made["tta_mode"]]
     assert main([*args, "--checkpoint", str(tiny_checkpoint)]) == 0
     written = json.loads((out / "case_metrics.json").read_text())
 

@@ -159,6 +159,15 @@ def test_segment_folder_of_cases(cases, checkpoint, tmp_path, capsys):
         assert report["inference"]["tiling"] == "paper"
 
 
+@pytest.mark.parametrize(
+    ("flags", "mode"), [((), "off"), (("--tta",), "all"), (("--tta-mode", "mirror"), "mirror")]
+)
+def test_segment_records_its_tta_mode(cases, checkpoint, tmp_path, flags, mode):
+    assert _segment([cases / "alpha"], tmp_path, checkpoint, *flags) == 0
+    inference = json.loads((tmp_path / "alpha_metrics.json").read_text())["inference"]
+    assert (inference["tta_mode"], inference["tta"]) == (mode, mode != "off")
+
+
 def test_segment_four_files(cases, checkpoint, tmp_path):
     folder = cases / "beta"
     files = [f"--{m}={folder / f'beta_{m}.nii.gz'}" for m in ("t1", "t1ce", "t2", "flair")]

@@ -14,10 +14,12 @@ from pydantic import ValidationError
 from model.defaults import (
     DEFAULT_POSTPROCESS,
     DEFAULT_TILING,
+    DEFAULT_TTA,
     NO_POSTPROCESS,
     POSTPROCESS_MEANINGS,
     POSTPROCESS_MODES,
     TILING_NAMES,
+    TTA_MODES,
 )
 from service.config import SERVICE_POSTPROCESS_MODES, Settings
 
@@ -48,6 +50,19 @@ def test_a_withdrawn_tiling_is_refused_with_the_reason():
     message = str(exc.value)
     assert "tiling 'fast' was withdrawn" in message and "over-segments" in message
     assert "use 'wide' or 'paper'" in message
+
+
+def test_the_settings_take_a_tta_mode_or_the_boolean_of_before(monkeypatch):
+    assert Settings().tta == DEFAULT_TTA
+    assert set(get_args(Settings.model_fields["tta"].annotation)) == set(TTA_MODES)
+    for mode in TTA_MODES:
+        assert Settings(tta=mode).tta == mode
+    for before, mode in (("true", "all"), ("false", "off"), ("1", "all"), ("0", "off")):
+        monkeypatch.setenv("OMNET_TTA", before)
+        assert Settings().tta == mode
+    monkeypatch.setenv("OMNET_TTA", "sideways")
+    with pytest.raises(ValidationError, match="tta must be one of 'off', 'mirror', 'all'"):
+        Settings()
 
 
 def test_the_settings_accept_exactly_the_modes_but_none():
@@ -82,6 +97,7 @@ def _option(command: str, flag: str) -> argparse.Action:
         ("segment", "--tiling", TILING_NAMES, DEFAULT_TILING),
         ("segment", "--postprocess", POSTPROCESS_MODES, DEFAULT_POSTPROCESS),
         ("train", "--val-tiling", TILING_NAMES, DEFAULT_TILING),
+        ("segment", "--tta-mode", TTA_MODES, DEFAULT_TTA),
     ],
 )
 def test_the_command_line_offers_exactly_the_names(command, flag, names, default):
