@@ -3,7 +3,7 @@
     pip install -e '.[bench]'       # monai, for this comparison only
     python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT ...] [--threads 2]
         [--setting wide+lesion paper+lesion ...] [--repeats 1]
-        (a setting: TILING[+pp|+guard|+rm|+lesion][+tta])
+        (a setting: TILING[+pp|+guard|+rm|+lesion][+tta|+mirror])
 
 The reference is MONAI's BraTS tutorial model (``bench/segresnet_reference.py``). omnet
 runs the whole pipeline (:func:`model.inference.case.process_case`: pre-process, inference,
@@ -53,9 +53,10 @@ def _omnet_seconds(
         "lesion": "main-lesion",
         "lesion+guard": "main-lesion-relabel",
     }
-    mode = modes.get("+".join(lever for lever in levers if lever != "tta"), "none")
+    tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"
+    mode = modes.get("+".join(lever for lever in levers if lever not in ("tta", "mirror")), "none")
     options = SegmentationOptions.for_postprocess(mode)
-    predictor, _ = load_predictor([checkpoint], "cpu", layout=TILINGS[tiling], tta="tta" in levers)
+    predictor, _ = load_predictor([checkpoint], "cpu", layout=TILINGS[tiling], tta=tta)
     case = load_case(case_dir)  # reading the files is left out, as for SegResNet
     wall, cpu = time.perf_counter(), time.process_time()
     report = process_case(case, predictor, CaseOutputs(out / "seg.nii.gz"), options)
