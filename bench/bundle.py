@@ -1,14 +1,16 @@
 """Ships a finished training run as the bundled model, its model card in its metadata.
 
     python bench/bundle.py bench/final-runs/base \
-        [--crossval bench/cv-runs] [--oof bench/cv-runs/oof/all-postprocess.json] \
-        [--setting oof/wide+lesion+guard] [--out model/weights/omnet_cga.pt]
+        [--crossval bench/cv-runs] [--oof bench/cv-runs/oof/all-mirror.json] \
+        [--setting oof/wide+lesion+guard+mirror] [--out model/weights/omnet_cga.pt]
 
 The run (``bench/crossval.py train --study final``) trained on every case, so no case
 can score it. Its expected accuracy on cases it never saw is what the cross-validation
 measured for the same recipe: every case scored by the fold model that did not train on
 it, with the default inference. This script refuses a run whose recipe differs from the
-fold runs' (beyond the seed and how often it logged or validated), and writes into the
+fold runs' (beyond the seed and how often it logged or validated), and a setting that is
+not the product's default inference (tiling, test-time augmentation, post-processing),
+and writes into the
 checkpoint's ``bundled`` metadata, computed from the documents and never typed in:
 
 - what it trained on (the run's cases, per institution group) and the recipe;
@@ -37,15 +39,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import quality_flags  # noqa: E402
-from accuracy import REGIONS, summarise  # noqa: E402
+from accuracy import REGIONS, Setting, summarise  # noqa: E402
 from quality_flags import FAILURE_WT  # noqa: E402
 
-from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING  # noqa: E402
+from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
 from model.inference.lesions import LOW_CONFIDENCE  # noqa: E402
+from model.inference.pipeline import SegmentationOptions  # noqa: E402
 from model.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.training.config import TrainConfig  # noqa: E402
 from model.training.data import institution_group  # noqa: E402
 from model.weights import BUNDLED_PATH  # noqa: E402
+
+#: The out-of-fold document and result of the default inference.
+DEFAULT_OOF = ROOT / "bench" / "cv-runs" / "oof" / "all-mirror.json"
+DEFAULT_SETTING = "oof/wide+lesion+guard+mirror"
 
 #: Options of a run that do not change the model it trains.
 NOT_RECIPE = ("seed", "checkpoint_every", "log_every", "val_every", "val_tiling")
@@ -138,8 +145,26 @@ def flag_record(oof: Path, setting: str) -> dict[str, Any]:
     }
 
 
+def check_default_inference(setting: str) -> None:
+    """Refuses an accuracy setting (``MODEL/SETTING``) that is not the default inference."""
+    parsed = Setting.parse(setting.rpartition("/")[2])
+    default = SegmentationOptions.for_postprocess(DEFAULT_POSTPROCESS)
+    if (parsed.tiling, parsed.tta, parsed.options, parsed.precision) != (
+        DEFAULT_TILING,
+        DEFAULT_TTA,
+        default,
+        "auto",
+    ):
+        raise SystemExit(
+            f"setting {setting!r} is not the default inference ({DEFAULT_TILING} tiling, "
+            f"test-time augmentation {DEFAULT_TTA}, post-processing {DEFAULT_POSTPROCESS}, "
+            "precision auto); the card states the accuracy of the default"
+        )
+
+
 def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dict[str, Any]:
     """Writes the run's last weights to ``out`` with the model card; returns the card."""
+    check_default_inference(setting)
     info = json.loads((run / "run.json").read_text())
     run_recipe = check_same_recipe(run, info["config"], crossval)
     if info.get("val_cases"):
@@ -164,7 +189,10 @@ def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dic
         ),
         "recipe": run_recipe,
         "training_steps": training["steps"],
-        "default_inference": f"{DEFAULT_TILING} tiling, post-processing {DEFAULT_POSTPROCESS}",
+        "default_inference": (
+            f"{DEFAULT_TILING} tiling, test-time augmentation {DEFAULT_TTA}, "
+            f"post-processing {DEFAULT_POSTPROCESS}"
+        ),
         "expected_accuracy": {
             "how": (
                 "out of fold: five folds stratified by institution, each case scored by the "
@@ -186,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run of crossval.py --study final")
     parser.add_argument("--crossval", type=Path, default=ROOT / "bench" / "cv-runs")
-    parser.add_argument(
-        "--oof", type=Path, default=ROOT / "bench" / "cv-runs" / "oof" / "all-postprocess.json"
-    )
-    parser.add_argument("--setting", default="oof/wide+lesion+guard")
+    parser.add_argument("--oof", type=Path, default=DEFAULT_OOF)
+    parser.add_argument("--setting", default=DEFAULT_SETTING)
     parser.add_argument("--out", type=Path, default=BUNDLED_PATH)
     args = parser.parse_args(argv)
     card = bundle(args.run.resolve(), args.crossval, args.oof, args.setting, args.out)

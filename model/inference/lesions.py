@@ -250,11 +250,13 @@ BRAIN_PLAUSIBLE_ML = (700.0, 2200.0)
 RIM_FRACTION = 0.25
 #: Mean whole-tumour probability over the labelled tumour below which a result is
 #: flagged. Chosen by ``bench/quality_flags.py`` on the out-of-fold results of the five
-#: cross-validation fold models (width 8, the cross-validation's recipe, bfloat16): it
-#: flagged 4 of their 5 results below WT Dice 0.70 and 2 of the 29 others. Chosen fold by
-#: fold on the other four folds, the rule flagged 3 of 5 and 4 of 29 in the fold left out.
-#: A model trained with another recipe may be more or less sure of itself: measure it.
-LOW_CONFIDENCE = 0.887
+#: cross-validation fold models (width 8, the cross-validation's recipe, bfloat16, the
+#: default inference with the mirror test-time augmentation): it flagged 4 of their 5
+#: results below WT Dice 0.70 and 2 of the 29 others. Chosen fold by fold on the other
+#: four folds, the rule flagged 3 of 5 and 2 of 29 in the fold left out. A model trained
+#: with another recipe, or other inference settings, may be more or less sure of
+#: itself: measure it.
+LOW_CONFIDENCE = 0.883
 #: Whole-tumour probabilities counted as undecided by ``uncertain_fraction``.
 UNDECIDED = (0.2, 0.8)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from model.defaults import (
     DEFAULT_PRECISION,
+    DEFAULT_TTA,
     MAIN_LESION_GAP_MM,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
@@ -255,7 +256,7 @@ def load_predictor(
     device: str = "auto",
     batch_size: int = 16,
     layout: TileLayout = WIDE_TILING,
-    tta: bool | str = False,
+    tta: bool | str = DEFAULT_TTA,
     precision: str = DEFAULT_PRECISION,
 ) -> tuple[Predictor, list[Checkpoint]]:
     """Loads one checkpoint, or several as an ensemble, into a :class:`Predictor`

@@ -42,6 +42,10 @@ def _run(folder: Path, config: dict, cases: list[str], held_out: list[str], step
     return folder
 
 
+#: The default inference's accuracy setting.
+SETTING = "oof/wide+lesion+guard+mirror"
+
+
 def _oof(path: Path) -> Path:
     per_case, measures = {}, {}
     for name, (_, wt, confidence) in CASES.items():
@@ -53,7 +57,7 @@ def _oof(path: Path) -> Path:
         measures[name] = {"confidence": confidence, "wt_ml": 50.0, "tc_ml": 20.0}
     result = {"per_case": per_case, "flags": {n: [] for n in CASES}, "quality_measures": measures}
     folds = {name: fold for name, (fold, _, _) in CASES.items()}
-    path.write_text(json.dumps({"folds": folds, "results": {"oof/wide+lesion+guard": result}}))
+    path.write_text(json.dumps({"folds": folds, "results": {SETTING: result}}))
     return path
 
 
@@ -73,9 +77,7 @@ def crossval(tmp_path) -> Path:
 def test_final_run_is_bundled_with_its_out_of_fold_card(tmp_path, bundle_bench, crossval):
     run = _run(tmp_path / "final", {**CONFIG, "val_every": 1}, sorted(CASES), [], 20)
     out = tmp_path / "bundled.pt"
-    card = bundle_bench.bundle(
-        run, crossval, _oof(tmp_path / "oof.json"), "oof/wide+lesion+guard", out
-    )
+    card = bundle_bench.bundle(run, crossval, _oof(tmp_path / "oof.json"), SETTING, out)
 
     ckpt = load_checkpoint(out)
     assert ckpt.metadata["bundled"] == card
@@ -106,11 +108,16 @@ def test_a_run_of_another_recipe_or_unfinished_is_refused(tmp_path, bundle_bench
     oof = _oof(tmp_path / "oof.json")
     other = _run(tmp_path / "other", {**CONFIG, "augment": False}, sorted(CASES), [], 20)
     with pytest.raises(SystemExit, match="augment"):
-        bundle_bench.bundle(other, crossval, oof, "oof/wide+lesion+guard", tmp_path / "a.pt")
+        bundle_bench.bundle(other, crossval, oof, SETTING, tmp_path / "a.pt")
     short = _run(tmp_path / "short", CONFIG, sorted(CASES), [], 19)
     with pytest.raises(SystemExit, match="step 19 of 20"):
-        bundle_bench.bundle(short, crossval, oof, "oof/wide+lesion+guard", tmp_path / "b.pt")
+        bundle_bench.bundle(short, crossval, oof, SETTING, tmp_path / "b.pt")
     held = _run(tmp_path / "held", CONFIG, sorted(CASES)[:3], sorted(CASES)[3:], 20)
     with pytest.raises(SystemExit, match="held out 2 cases"):
-        bundle_bench.bundle(held, crossval, oof, "oof/wide+lesion+guard", tmp_path / "c.pt")
+        bundle_bench.bundle(held, crossval, oof, SETTING, tmp_path / "c.pt")
+    assert bundle_bench.DEFAULT_SETTING == SETTING
+    run = _run(tmp_path / "run", CONFIG, sorted(CASES), [], 20)
+    for setting in ("oof/wide+lesion+guard", "oof/paper+lesion+guard+mirror", "oof/wide+lesion"):
+        with pytest.raises(SystemExit, match="is not the default inference"):
+            bundle_bench.bundle(run, crossval, oof, setting, tmp_path / "d.pt")
     assert not list(tmp_path.glob("*.pt"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.defaults import DEFAULT_TTA
 from model.inference.case import CaseOutputs, process_case
 from model.inference.fusion import fuse, fused_probabilities
 from model.inference.pipeline import (
@@ -279,15 +280,17 @@ def test_load_predictor_from_checkpoint(tmp_path, model, config):
     )
     assert [c.config for c in loaded] == [config]
     assert loaded_predictor.layout == FAST_TILING and loaded_predictor.batch_size == 3
+    assert loaded_predictor.tta == DEFAULT_TTA  # the product default
     images = np.random.default_rng(0).standard_normal((4, 20, 18, 9)).astype(np.float32)
     got = loaded_predictor.predict(images)
-    want = Predictor([model], device="cpu", layout=FAST_TILING).predict(images)
+    want = Predictor([model], device="cpu", layout=FAST_TILING, tta=DEFAULT_TTA).predict(images)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
-    ensemble, members = load_predictor([path, path], device="cpu")
+    ensemble, members = load_predictor([path, path], device="cpu", tta="off")
     assert len(ensemble.models) == 2 and len(members) == 2
     assert ensemble.layout == WIDE_TILING  # the product default
+    assert ensemble.tta == "off"
 
 
 def test_load_predictor_rejects_single_task_checkpoint(tmp_path):
