@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import weights
+from model.defaults import DEFAULT_TTA
 from model.io.phantom import write_phantom
 from model.net.checkpoint import save_checkpoint
 from model.net.network import ArchConfig, build_model
@@ -160,7 +161,8 @@ def test_segment_folder_of_cases(cases, checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("flags", "mode"), [((), "off"), (("--tta",), "all"), (("--tta-mode", "mirror"), "mirror")]
+    ("flags", "mode"),
+    [((), DEFAULT_TTA), (("--tta",), "all"), (("--tta-mode", "off"), "off")],
 )
 def test_segment_records_its_tta_mode(cases, checkpoint, tmp_path, flags, mode):
     assert _segment([cases / "alpha"], tmp_path, checkpoint, *flags) == 0
