@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 #: RGB of each label in the viewer (model/io/preview.py's LABEL_COLOURS).
 LABEL_RGB = {"NCR/NET": (255, 0, 0), "edema": (0, 255, 0), "enhancing": (255, 255, 0)}
 JOB_TIMEOUT_S = 300
+#: How long the viewer may take to draw the labels once the page is ready.
+RENDER_TIMEOUT_S = 60
 
 
 # --------------------------------------------------------------------------- browser
@@ -114,6 +116,18 @@ def _state(driver: Any, states: tuple[str, ...], timeout: float = 60.0) -> str:
                 f"console: {_console(driver)}"
             )
         time.sleep(0.2)
+
+
+def _drawn(driver: Any, done: Callable[[dict[str, int]], bool]) -> dict[str, int]:
+    """The viewer canvas's label pixels once ``done`` holds for them, or the last seen
+    after RENDER_TIMEOUT_S: a change reaches the screen some frames after the page
+    state says ready, later on a loaded machine."""
+    deadline = time.monotonic() + RENDER_TIMEOUT_S
+    while True:
+        colours = label_pixels(driver.find_element("id", "gl").screenshot_as_png)
+        if done(colours) or time.monotonic() > deadline:
+            return colours
+        time.sleep(0.3)
 
 
 def _console(driver: Any) -> list[str]:
@@ -289,9 +303,7 @@ def test_upload_follow_and_view_a_case(
 
     _state(browser, ("ready",), timeout=120)
     assert browser.current_url == f"{keyed.url}/view/{job_id}"
-    time.sleep(0.5)  # let the last frame reach the screen
-    canvas = browser.find_element("id", "gl")
-    colours = label_pixels(canvas.screenshot_as_png)
+    colours = _drawn(browser, lambda c: sum(c.values()) > 200)
     browser.save_screenshot(str(tmp_path / "viewer.png"))
     print(f"viewer screenshot: {tmp_path / 'viewer.png'}; label pixels {colours}")
     assert sum(colours.values()) > 200, colours
@@ -310,8 +322,7 @@ def test_upload_follow_and_view_a_case(
         "const o = document.getElementById('opacity'); o.value = 0;"
         "o.dispatchEvent(new Event('input'))"
     )
-    time.sleep(0.5)
-    hidden = label_pixels(browser.find_element("id", "gl").screenshot_as_png)
+    hidden = _drawn(browser, lambda c: sum(c.values()) < sum(colours.values()) / 10)
     assert sum(hidden.values()) < sum(colours.values()) / 10, (hidden, colours)
     browser.execute_script(
         "const o = document.getElementById('opacity'); o.value = 0.6;"
@@ -320,8 +331,8 @@ def test_upload_follow_and_view_a_case(
         "document.body.dataset.state = 'loading'; s.dispatchEvent(new Event('change'))"
     )
     _state(browser, ("ready",))
-    time.sleep(0.5)
-    assert sum(label_pixels(browser.find_element("id", "gl").screenshot_as_png).values()) > 200
+    shown = _drawn(browser, lambda c: sum(c.values()) > 200)
+    assert sum(shown.values()) > 200, shown
 
     # A download goes through the page with the key: the same bytes as the API's.
     browser.find_element("css selector", f"button[data-download='{job_id}_seg.nii.gz']").click()
