@@ -3,7 +3,7 @@
     pip install -e '.[bench]'       # monai, for this comparison only
     python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT ...] [--threads 2]
         [--setting wide+lesion paper+lesion ...] [--repeats 1]
-        (a setting: TILING[+pp|+guard|+rm|+lesion][+tta|+mirror])
+        (a setting as bench/accuracy.py takes it: TILING[+pp|+guard|+rm|+lesion][+tta|+mirror])
 
 The reference is MONAI's BraTS tutorial model (``bench/segresnet_reference.py``). omnet
 runs the whole pipeline (:func:`model.inference.case.process_case`: pre-process, inference,
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy import Setting
 from segresnet_reference import segresnet, segresnet_regions
 
 from model.inference.case import CaseOutputs, process_case
-from model.inference.pipeline import SegmentationOptions, load_predictor
-from model.inference.tiling import TILINGS
+from model.inference.pipeline import load_predictor
+from model.inference.tiling import LAYOUTS
 from model.io.nifti.read import load_case
 from model.training.data import resolve_data_dir
 from model.weights import BUNDLED_PATH
@@ -45,18 +46,15 @@ def _segresnet_seconds(images: np.ndarray) -> tuple[float, float]:
 def _omnet_seconds(
     case_dir: Path, checkpoint: Path, setting: str, out: Path
 ) -> tuple[float, float]:
-    tiling, *levers = setting.split("+")
-    modes = {
-        "pp": "paper",
-        "guard": "guarded",
-        "rm": "components",
-        "lesion": "main-lesion",
-        "lesion+guard": "main-lesion-relabel",
-    }
-    tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"
-    mode = modes.get("+".join(lever for lever in levers if lever not in ("tta", "mirror")), "none")
-    options = SegmentationOptions.for_postprocess(mode)
-    predictor, _ = load_predictor([checkpoint], "cpu", layout=TILINGS[tiling], tta=tta)
+    parsed = Setting.parse(setting)
+    predictor, _ = load_predictor(
+        [checkpoint],
+        "cpu",
+        layout=LAYOUTS[parsed.tiling],
+        tta=parsed.tta,
+        precision=parsed.precision,
+    )
+    options = parsed.options
     case = load_case(case_dir)  # reading the files is left out, as for SegResNet
     wall, cpu = time.perf_counter(), time.process_time()
     report = process_case(case, predictor, CaseOutputs(out / "seg.nii.gz"), options)
