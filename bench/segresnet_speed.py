@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'       # monai, for this comparison only
     python bench/segresnet_speed.py [--case DIR] [--checkpoint CKPT ...] [--threads 2]
-        [--setting wide+lesion paper+lesion ...] [--repeats 1]
+        [--setting wide+lesion+guard+mirror wide+lesion+guard ...] [--repeats 1]
         (a setting as bench/accuracy.py takes it: TILING[+pp|+guard|+rm|+lesion][+tta|+mirror])
 
 The reference is MONAI's BraTS tutorial model (``bench/segresnet_reference.py``). omnet
@@ -73,7 +73,9 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", type=Path, action="append", help="repeatable (default: the bundled model)"
     )
-    parser.add_argument("--setting", nargs="+", default=["wide+lesion", "paper+lesion"])
+    parser.add_argument(
+        "--setting", nargs="+", default=["wide+lesion+guard+mirror", "wide+lesion+guard"]
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
