@@ -145,13 +145,13 @@ def _resources(driver: Any) -> list[str]:
     )
 
 
-def _row_states(driver: Any) -> list[str]:
-    """The states of the job list's rows, read in one script: the page redraws the list
-    every poll, so elements found one call earlier may be gone."""
-    return list(
+def _rows(driver: Any) -> dict[str, str | None]:
+    """Job id -> state of the job list's rows, read in one script: the page redraws the
+    list every poll, so elements found one call earlier may be gone."""
+    return dict(
         driver.execute_script(
             "return Array.from(document.querySelectorAll('#jobs tbody tr'))"
-            ".map(r => r.getAttribute('data-state'))"
+            ".map(r => [r.dataset.job, r.getAttribute('data-state')])"
         )
     )
 
@@ -264,33 +264,38 @@ def test_upload_follow_and_view_a_case(
         assert browser.execute_script("return arguments[0].files[0].name", slots[m]) == path.name
     # The worker is held (SIGSTOP) until the list shows the job queued: on a fast machine a
     # cropped case is done before the page's first poll, and the live list would go unseen.
+    # The owner's other jobs (another test's, in any order) are listed too: follow the
+    # row the upload added.
+    listed_before = set(_rows(browser))
     worker = _worker_of(keyed)
     os.kill(worker, signal.SIGSTOP)
     try:
         browser.find_element("id", "submit").click()
         started = time.monotonic()
+        job_id: str | None = None
         seen: set[str | None] = set()
         while "queued" not in seen and time.monotonic() - started < JOB_TIMEOUT_S:
-            seen.update(_row_states(browser))
+            added = {j: state for j, state in _rows(browser).items() if j not in listed_before}
+            assert len(added) <= 1, added
+            if added:
+                [(job_id, state)] = added.items()
+                seen.add(state)
             time.sleep(0.2)
     finally:
         os.kill(worker, signal.SIGCONT)
-    assert "queued" in seen, seen
+    assert job_id is not None and "queued" in seen, seen
 
     started = time.monotonic()
     while time.monotonic() - started < JOB_TIMEOUT_S:
-        states = _row_states(browser)
-        seen.update(states)
-        if "succeeded" in states:
+        state = _rows(browser).get(job_id)
+        seen.add(state)
+        if state == "succeeded":
             break
-        assert "failed" not in seen, browser.find_element("id", "jobs").text
+        assert state != "failed", browser.find_element("id", "jobs").text
         time.sleep(0.3)
     else:
-        raise AssertionError(f"no job succeeded in {JOB_TIMEOUT_S} s; states seen: {seen}")
+        raise AssertionError(f"job {job_id} did not succeed in {JOB_TIMEOUT_S} s: {seen}")
     assert seen & {"queued", "running"}, seen  # the list followed the job while it ran
-    job_id = browser.execute_script(
-        "return document.querySelector('#jobs tbody tr[data-state=succeeded]').dataset.job"
-    )
     # The list is redrawn every poll: find the link again until a click lands.
     for _ in range(20):
         try:
