@@ -115,7 +115,8 @@ TtaMode = Literal["off", "mirror", "all"]
 TTA_MODES: tuple[TtaMode, ...] = get_args(TtaMode)
 #: The product's test-time augmentation: out of fold on all 34 cases (docs/training.md)
 #: the mirror added 0.009 WT and 0.006 TC Dice (paired intervals above 0; no case lost
-#: more than 0.01 WT) at 1.9x the inference time, 0.88x SegResNet's CPU time in all.
+#: more than 0.01 WT) at 1.9x the inference time, 0.88x SegResNet's CPU time in all
+#: (float32, on a CPU without AVX512-BF16).
 DEFAULT_TTA: TtaMode = "mirror"
 #: What each mode costs, for the command line's and the settings' help.
 TTA_MEANINGS: dict[TtaMode, str] = {

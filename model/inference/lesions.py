@@ -250,7 +250,7 @@ BRAIN_PLAUSIBLE_ML = (700.0, 2200.0)
 RIM_FRACTION = 0.25
 #: Mean whole-tumour probability over the labelled tumour below which a result is
 #: flagged. Chosen by ``bench/quality_flags.py`` on the out-of-fold results of the five
-#: cross-validation fold models (width 8, the cross-validation's recipe, bfloat16, the
+#: cross-validation fold models (width 8, the cross-validation's recipe, float32, the
 #: default inference with the mirror test-time augmentation): it flagged 4 of their 5
 #: results below WT Dice 0.70 and 2 of the 29 others. Chosen fold by fold on the other
 #: four folds, the rule flagged 3 of 5 and 2 of 29 in the fold left out. A model trained
