@@ -57,9 +57,8 @@ def paired(
 ) -> dict[str, Any]:
     """Per region: each side's Dice on the shared cases (those of ``only``, when given),
     the paired differences and their summary."""
-    cases = sorted(
-        set(first["per_case"]) & set(second["per_case"]) & (only or set(first["per_case"]))
-    )
+    shared = set(first["per_case"]) & set(second["per_case"])
+    cases = sorted(shared if only is None else shared & only)
     if not cases:
         raise SystemExit("the two results share no case")
     out: dict[str, Any] = {"cases": cases}

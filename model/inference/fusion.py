@@ -74,16 +74,15 @@ def fuse(
     probs: TaskProbabilities,
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
-    coarse: np.ndarray | None = None,
     region: np.ndarray | None = None,
 ) -> np.ndarray:
     """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
 
-    ``brain``, ``dilation`` and ``coarse`` as in :func:`fusion_region`; ``region``: its
-    result when the caller has it already (the others are then unused).
+    ``brain`` and ``dilation`` as in :func:`fusion_region`; ``region``: its result when
+    the caller has it already (the others are then unused).
     """
     if region is None:
-        region = fusion_region(probs, brain, dilation, coarse)
+        region = fusion_region(probs, brain, dilation)
     task2 = np.argmax(probs.tumour, axis=0)
     labels = np.zeros(task2.shape, dtype=np.uint8)
     labels[region & (task2 == TaskClass.EDEMA)] = EDEMA
@@ -98,7 +97,6 @@ def fused_probabilities(
     probs: TaskProbabilities,
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
-    coarse: np.ndarray | None = None,
     region: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-voxel probabilities of background, NCR/NET, edema and ET (float32, 4 x grid).
@@ -110,7 +108,7 @@ def fused_probabilities(
     as in :func:`fuse`.
     """
     if region is None:
-        region = fusion_region(probs, brain, dilation, coarse)
+        region = fusion_region(probs, brain, dilation)
     p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]
     core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
     out = np.zeros((4, *p2.shape[1:]), dtype=np.float32)
