@@ -20,10 +20,11 @@ removed: ``--postprocess main-lesion``), ``largest`` (the same with the earlier 
 lesion, the largest component, and no component spared), ``tta`` (flip averaging over
 all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
-default is the product's ``auto`` precision). Prints Dice and HD95
-(WT, TC, ET) per institution group (from the case name), the mean over cases, the mean
-over groups (each institution weighs the same) and the CPU seconds per case relative to
-the first model and setting, measured in this run.
+default is the product's ``auto`` precision), ``regions`` (task 2 decided region by
+region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class).
+Prints Dice and HD95 (WT, TC, ET) per institution group (from the case name), the mean
+over cases, the mean over groups (each institution weighs the same) and the CPU seconds
+per case relative to the first model and setting, measured in this run.
 
 Settings that share a model, tiling and TTA share one network pass per case (the
 probabilities are kept for the next setting); the CPU time of a setting that reused
@@ -97,12 +98,23 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        known = {"pp", "guard", "rm", "lesion", "largest", "tta", "mirror", "fp32", "mixed"}
+        known = {
+            "pp",
+            "guard",
+            "rm",
+            "lesion",
+            "largest",
+            "tta",
+            "mirror",
+            "fp32",
+            "mixed",
+            "regions",
+        }
         unknown = set(levers) - known
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta|+mirror]"
-                "[+fp32|+mixed]"
+                "[+fp32|+mixed][+regions]"
             )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
@@ -111,6 +123,7 @@ class Setting:
             relabel_guard="guard" in levers,
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
             main_lesion_guard="largest" not in levers,
+            fusion="regions" if "regions" in levers else "argmax",
         )
         precision = "mixed" if "mixed" in levers else "float32" if "fp32" in levers else "auto"
         tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"

@@ -13,9 +13,18 @@ core task 3 decides enhancing tumour vs NCR/NET. Choices the paper leaves open:
 - task 3: inside task 2's core (arg-max NCR/NET or ET), ET where P(ET) > 0.5, else
   NCR/NET; task 3 never touches edema or voxels outside the core;
 - no tumour outside the brain mask.
+
+Not in the paper, one option away (``rule="regions"``): task 2 decided region by region,
+as the BraTS regions nest, instead of by its arg-max class. Whole tumour where task 2's
+tumour probability (NCR/NET + ED + ET) exceeds 0.5; inside it, core where the core
+probability (NCR/NET + ET) exceeds the edema probability; task 3 as above. A voxel whose
+tumour probability is split between classes (say 0.3 edema, 0.3 core, 0.4 background
+and normal tissue) is tumour under this rule and background under the arg-max.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -24,6 +33,11 @@ from model.inference.tiling import TaskProbabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, EnhancingClass, TaskClass
 
 DILATION_VOXELS = 5
+
+#: How task 2's five probabilities become labels: its arg-max class (the paper's), or
+#: region by region (whole tumour, then core inside it); see the module's docstring.
+FusionRule = Literal["argmax", "regions"]
+FUSION_RULES: tuple[FusionRule, ...] = get_args(FusionRule)
 
 #: Channels of :func:`fused_probabilities`, by the BraTS label each stands for.
 FUSED_CHANNEL_LABELS = (0, NCR_NET, EDEMA, ENHANCING)
@@ -75,18 +89,30 @@ def fuse(
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
     region: np.ndarray | None = None,
+    rule: FusionRule = "argmax",
 ) -> np.ndarray:
     """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
 
     ``brain`` and ``dilation`` as in :func:`fusion_region`; ``region``: its result when
-    the caller has it already (the others are then unused).
+    the caller has it already (the others are then unused); ``rule``: how task 2
+    decides (:data:`FusionRule`).
     """
+    if rule not in FUSION_RULES:
+        raise ValueError(f"fusion rule must be one of {FUSION_RULES}; got {rule!r}")
     if region is None:
         region = fusion_region(probs, brain, dilation)
-    task2 = np.argmax(probs.tumour, axis=0)
-    labels = np.zeros(task2.shape, dtype=np.uint8)
-    labels[region & (task2 == TaskClass.EDEMA)] = EDEMA
-    core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
+    p2 = probs.tumour
+    if rule == "argmax":
+        task2 = np.argmax(p2, axis=0)
+        edema = region & (task2 == TaskClass.EDEMA)
+        core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
+    else:
+        core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+        whole = region & (core_p + p2[TaskClass.EDEMA] > 0.5)
+        core = whole & (core_p > p2[TaskClass.EDEMA])
+        edema = whole & ~core
+    labels = np.zeros(p2.shape[1:], dtype=np.uint8)
+    labels[edema] = EDEMA
     enhancing = probs.enhancing[EnhancingClass.ENHANCING] > 0.5
     labels[core & enhancing] = ENHANCING
     labels[core & ~enhancing] = NCR_NET

@@ -29,6 +29,7 @@ from model.defaults import (
 )
 from model.inference.fusion import (
     DILATION_VOXELS,
+    FusionRule,
     coarse_tumour,
     fuse,
     fused_probabilities,
@@ -74,6 +75,8 @@ class SegmentationOptions:
             is the main lesion and any other may go).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
+        fusion: how task 2's probabilities become labels
+            (:data:`model.inference.fusion.FusionRule`).
     """
 
     remove_small: bool = True
@@ -83,6 +86,7 @@ class SegmentationOptions:
     main_lesion_guard: bool = True
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
+    fusion: FusionRule = "argmax"
 
     @classmethod
     def for_postprocess(cls, mode: str, probabilities: bool = False) -> SegmentationOptions:
@@ -168,7 +172,7 @@ def segment_images(
     start = time.perf_counter()
     coarse = coarse_tumour(probs)
     region = fusion_region(probs, prep.mask, options.dilation, coarse)
-    labels = fuse(probs, region=region)
+    labels = fuse(probs, region=region, rule=options.fusion)
     fused = fused_probabilities(probs, region=region) if options.probabilities else None
     del region
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]

@@ -12,6 +12,7 @@ import pytest
 from model.inference.fusion import (
     DILATION_VOXELS,
     FUSED_CHANNEL_LABELS,
+    FUSION_RULES,
     coarse_tumour,
     dilate,
     fuse,
@@ -305,6 +306,62 @@ def test_a_region_given_is_the_region_used():
     assert corner.any() and (region & ~corner).any()
     assert not fuse(probs, region=corner)[~corner].any()
     np.testing.assert_array_equal(fused_probabilities(probs, region=corner)[0, ~corner], 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# The region-by-region rule
+
+
+def test_regions_rule_labels_a_split_tumour_probability_by_hand():
+    probs = _probs(shape=(3, 3, 3), coarse=TaskClass.EDEMA, p_et=0.25)
+    p2 = probs.tumour
+    # Order: background, normal, NCR/NET, edema, ET.
+    # 0.375 background, 0.3125 edema, 0.3125 core (split): arg-max background; tumour
+    # 0.625 > 0.5 and core 0.3125 not above edema 0.3125: edema.
+    _set(p2, (0, 0, 0), [0.375, 0.0, 0.15625, 0.3125, 0.15625])
+    # Same tumour, core 0.375 above edema 0.25: core (NCR/NET, P(ET) 0.25).
+    _set(p2, (1, 1, 1), [0.375, 0.0, 0.1875, 0.25, 0.1875])
+    # Tumour exactly 0.5: not tumour, whatever its split.
+    _set(p2, (2, 2, 2), [0.25, 0.25, 0.125, 0.25, 0.125])
+    # Arg-max edema (0.4375) but core 0.5 above it: core under the region rule.
+    _set(p2, (0, 2, 1), [0.0625, 0.0, 0.25, 0.4375, 0.25])
+    assert np.allclose(p2.sum(axis=0), 1.0)
+    argmax = fuse(probs, rule="argmax")
+    regions = fuse(probs, rule="regions")
+    assert argmax[0, 0, 0] == 0 and regions[0, 0, 0] == EDEMA
+    assert argmax[1, 1, 1] == 0 and regions[1, 1, 1] == NCR_NET
+    assert argmax[2, 2, 2] == 0 and regions[2, 2, 2] == 0
+    assert argmax[0, 2, 1] == EDEMA and regions[0, 2, 1] == NCR_NET
+    # Everywhere else every voxel is certain normal tissue: no tumour under either rule.
+    others = np.ones((3, 3, 3), bool)
+    others[0, 0, 0] = others[1, 1, 1] = others[2, 2, 2] = others[0, 2, 1] = False
+    assert not argmax[others].any() and not regions[others].any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_regions_rule_keeps_the_region_nesting_and_the_dilated_region(seed):
+    probs = _random_probs(seed=seed, shape=(14, 13, 12))
+    brain = np.ones(probs.coarse.shape[1:], bool)
+    brain[:, :2] = False
+    region = fusion_region(probs, brain)
+    labels = fuse(probs, region=region, rule="regions")
+    p2 = probs.tumour
+    core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+    whole = region & (core_p + p2[TaskClass.EDEMA] > 0.5)
+    np.testing.assert_array_equal(labels > 0, whole)
+    core = whole & (core_p > p2[TaskClass.EDEMA])
+    np.testing.assert_array_equal(np.isin(labels, (NCR_NET, ENHANCING)), core)
+    np.testing.assert_array_equal(labels == ENHANCING, core & (probs.enhancing[1] > 0.5))
+    # Arg-max and region rule differ somewhere on random probabilities (else the test
+    # would not tell them apart).
+    assert (fuse(probs, region=region) != labels).any()
+    assert not labels[~region].any()
+
+
+def test_an_unknown_fusion_rule_is_refused():
+    assert FUSION_RULES == ("argmax", "regions")
+    with pytest.raises(ValueError, match="fusion rule"):
+        fuse(_random_probs(), rule="vote")  # type: ignore[arg-type]
 
 
 def test_inputs_are_not_modified():
