@@ -3,6 +3,7 @@ model/training/splits.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -241,6 +242,20 @@ def test_accuracy_script_runs_end_to_end_and_its_tables_combine(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["accuracy.py", "--combine", str(out)])
     accuracy.main()
     assert "tiny / fast+rm" in capsys.readouterr().out
+
+
+def test_accuracy_settings_name_each_lever_once():
+    """A setting's levers map onto the pipeline's options; an unknown lever is refused."""
+    accuracy = bench_module("accuracy.py", "accuracy_main")
+    default = accuracy.Setting.parse("wide+lesion+guard+mirror")
+    assert (default.tiling, default.tta, default.precision) == ("wide", "mirror", "auto")
+    assert default.options.fusion == "argmax" and default.options.main_lesion_gap_mm
+    regions = accuracy.Setting.parse("wide+lesion+guard+mirror+regions")
+    assert regions.options.fusion == "regions"
+    assert dataclasses.replace(regions.options, fusion="argmax") == default.options
+    assert accuracy.Setting.parse("paper+tta+fp32").tta == "all"
+    with pytest.raises(SystemExit, match="setting"):
+        accuracy.Setting.parse("wide+vote")
 
 
 def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(tmp_path):
