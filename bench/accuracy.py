@@ -87,6 +87,10 @@ class SharedPredictor:
         return self._probs
 
 
+#: The levers a setting may name after its tiling (see the module's docstring).
+LEVERS = ("pp", "guard", "rm", "lesion", "largest", "tta", "mirror", "fp32", "mixed", "regions")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -98,19 +102,7 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        known = {
-            "pp",
-            "guard",
-            "rm",
-            "lesion",
-            "largest",
-            "tta",
-            "mirror",
-            "fp32",
-            "mixed",
-            "regions",
-        }
-        unknown = set(levers) - known
+        unknown = set(levers) - set(LEVERS)
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta|+mirror]"
