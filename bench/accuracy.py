@@ -21,7 +21,9 @@ lesion, the largest component, and no component spared), ``tta`` (flip averaging
 all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
 default is the product's ``auto`` precision), ``regions`` (task 2 decided region by
-region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class).
+region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class),
+``noshell`` (with ``lesion``: a shell along the brain's edge is not spared for its
+confident core while a component that is not a shell holds confident core).
 Prints Dice and HD95 (WT, TC, ET) per institution group (from the case name), the mean
 over cases, the mean over groups (each institution weighs the same) and the CPU seconds
 per case relative to the first model and setting, measured in this run.
@@ -88,7 +90,19 @@ class SharedPredictor:
 
 
 #: The levers a setting may name after its tiling (see the module's docstring).
-LEVERS = ("pp", "guard", "rm", "lesion", "largest", "tta", "mirror", "fp32", "mixed", "regions")
+LEVERS = (
+    "pp",
+    "guard",
+    "rm",
+    "lesion",
+    "largest",
+    "tta",
+    "mirror",
+    "fp32",
+    "mixed",
+    "regions",
+    "noshell",
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ class Setting:
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta|+mirror]"
-                "[+fp32|+mixed][+regions]"
+                "[+fp32|+mixed][+regions][+noshell]"
             )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
@@ -116,6 +130,7 @@ class Setting:
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
             main_lesion_guard="largest" not in levers,
             fusion="regions" if "regions" in levers else "argmax",
+            spare_shells="noshell" not in levers,
         )
         precision = "mixed" if "mixed" in levers else "float32" if "fp32" in levers else "auto"
         tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"
@@ -267,6 +282,9 @@ def main() -> None:
         default=[data_dir / "brats2018", data_dir / "brats-extra"],
     )
     parser.add_argument("--split", type=Path, default=SPLITS_DIR / "multisite_val.txt")
+    parser.add_argument(
+        "--cases", nargs="+", metavar="NAME", help="only these cases (of the split or folds)"
+    )
     parser.add_argument("--setting", nargs="+", default=["wide+lesion"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
@@ -288,6 +306,11 @@ def main() -> None:
     else:
         names = read_split(args.split)
         models = {}
+    if args.cases:
+        unknown = sorted(set(args.cases) - set(names))
+        if unknown:
+            raise SystemExit(f"--cases: not among the cases to score: {unknown}")
+        names = [n for n in names if n in args.cases]
     for item in args.model:
         model_name, paths = item.split("=", 1)
         models[model_name] = {n: paths for n in names}

@@ -127,11 +127,17 @@ class Components:
             candidates = sizes
         return int(np.argmax(candidates))
 
-    def most_confident_core(self) -> int | None:
-        """The component with the most confident core voxels (None when none has any)."""
-        if self.count == 0 or int(self.confident_core[1:].max()) == 0:
+    def most_confident_core(self, shells: bool = True) -> int | None:
+        """The component with the most confident core voxels (None when none has any);
+        ``shells=False``: the one among the components that are not shells, when one of
+        them has any."""
+        core = self.confident_core.astype(np.float64)
+        core[0] = 0
+        if not shells and core[~self.shells()].max() > 0:
+            core[self.shells()] = 0
+        if self.count == 0 or core.max() == 0:
             return None
-        return 1 + int(np.argmax(self.confident_core[1:]))
+        return int(np.argmax(core))
 
 
 def components(
@@ -169,6 +175,7 @@ def keep_main_lesion(
     brain: np.ndarray | None = None,
     core_probability: np.ndarray | None = None,
     guard: bool = True,
+    spare_shells: bool = True,
 ) -> tuple[np.ndarray, list[int]]:
     """Removes tumour components far from the main lesion, never the surest core.
 
@@ -187,6 +194,9 @@ def keep_main_lesion(
         core_probability: the network's tumour-core probability on the same grid.
         guard: False: the earlier rule, the largest component is the main lesion and
             any component may be removed (``brain`` and ``core_probability`` unused).
+        spare_shells: False: the component spared for its confident core is the surest
+            among those that are not shells, when one of them holds confident core (a
+            shell along the brain's edge is then removed like any far component).
 
     Returns:
         ``(new label map, voxel counts of the removed components)``.
@@ -209,7 +219,7 @@ def keep_main_lesion(
     main = parts.main()
     far = _far_from(parts.ids, main, len(parts.voxels), sp, max_gap_mm)
     far[0] = far[main] = False
-    keep = parts.most_confident_core() if guard else None
+    keep = parts.most_confident_core(spare_shells) if guard else None
     if keep is not None:
         far[keep] = False
     removed = [int(n) for n in parts.voxels[far]]

@@ -73,6 +73,9 @@ class SegmentationOptions:
         main_lesion_guard: shells along the brain's edge are never the main lesion and
             the component surest of core is never removed (False: the largest component
             is the main lesion and any other may go).
+        spare_shells: the component surest of core is spared even when it is a shell
+            (False: the surest among the components that are not shells, where one
+            holds confident core; see :func:`model.inference.lesions.keep_main_lesion`).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
         fusion: how task 2's probabilities become labels
@@ -84,6 +87,7 @@ class SegmentationOptions:
     relabel_guard: bool = True
     main_lesion_gap_mm: float | None = MAIN_LESION_GAP_MM
     main_lesion_guard: bool = True
+    spare_shells: bool = True
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
     fusion: FusionRule = "argmax"
@@ -200,6 +204,7 @@ def segment_images(
             brain=prep.mask,
             core_probability=core,
             guard=options.main_lesion_guard,
+            spare_shells=options.spare_shells,
         )
         if removed:
             warnings.append(_removed_warning(removed, affine, options.main_lesion_gap_mm))
