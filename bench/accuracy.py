@@ -119,8 +119,8 @@ class Setting:
         unknown = set(levers) - set(LEVERS)
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
-                f"setting {text!r}: want TILING[+pp|+guard|+rm|+lesion|+largest][+tta|+mirror]"
-                "[+fp32|+mixed][+regions][+noshell]"
+                f"setting {text!r}: want TILING[+LEVER...], TILING one of {', '.join(LAYOUTS)}, "
+                f"LEVER one of {', '.join(LEVERS)}"
             )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(

@@ -131,10 +131,12 @@ class Components:
         """The component with the most confident core voxels (None when none has any);
         ``shells=False``: the one among the components that are not shells, when one of
         them has any."""
-        core = self.confident_core.astype(np.float64)
+        core = self.confident_core.copy()
         core[0] = 0
-        if not shells and core[~self.shells()].max() > 0:
-            core[self.shells()] = 0
+        if not shells:
+            shell = self.shells()
+            if core[~shell].max() > 0:
+                core[shell] = 0
         if self.count == 0 or core.max() == 0:
             return None
         return int(np.argmax(core))
