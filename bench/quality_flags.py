@@ -16,7 +16,8 @@ only). Printed:
 
 The flags for patterns these cases may not show (``rim``, ``implausible_volume``,
 ``brain_mask``) stay in every rule; the chosen rule stands for the rest (the product
-ships ``confidence < 0.887`` as ``low_confidence``, chosen here with ``--max-tests 1``;
+ships ``confidence < LOW_CONFIDENCE`` (``model/inference/lesions.py``) as
+``low_confidence``, chosen here with ``--max-tests 1``;
 ``large_removal``, post-processing removing a quarter of the prediction, was a flag
 before it).
 """
