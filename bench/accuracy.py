@@ -23,7 +23,10 @@ all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 default is the product's ``auto`` precision), ``regions`` (task 2 decided region by
 region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class),
 ``noshell`` (with ``lesion``: a shell along the brain's edge is not spared for its
-confident core while a component that is not a shell holds confident core).
+confident core while a component that is not a shell holds confident core; the
+product's default since the landmarks model, so ``wide+lesion+guard+mirror+noshell`` is
+the default inference; without it, the earlier rule that the documents before it
+measured).
 Prints Dice and HD95 (WT, TC, ET) per institution group (from the case name), the mean
 over cases, the mean over groups (each institution weighs the same) and the CPU seconds
 per case relative to the first model and setting, measured in this run.

@@ -1,8 +1,9 @@
 """Ships a finished training run as the bundled model, its model card in its metadata.
 
-    python bench/bundle.py bench/final-runs/base \
-        [--crossval bench/cv-runs] [--oof bench/cv-runs/oof/all-mirror.json] \
-        [--setting oof/wide+lesion+guard+mirror] [--out model/weights/omnet_cga.pt]
+    python bench/bundle.py bench/final-runs/landmarks \
+        [--crossval bench/cv-runs-landmarks] \
+        [--oof bench/cv-runs-landmarks/oof/all-mirror.json] \
+        [--setting oof/wide+lesion+guard+mirror+noshell] [--out model/weights/omnet_cga.pt]
 
 The run (``bench/crossval.py train --study final``) trained on every case, so no case
 can score it. Its expected accuracy on cases it never saw is what the cross-validation
@@ -51,8 +52,10 @@ from model.training.data import institution_group  # noqa: E402
 from model.weights import BUNDLED_PATH  # noqa: E402
 
 #: The out-of-fold document and result of the default inference.
-DEFAULT_OOF = ROOT / "bench" / "cv-runs" / "oof" / "all-mirror.json"
-DEFAULT_SETTING = "oof/wide+lesion+guard+mirror"
+#: The cross-validation of the bundled recipe (landmarks normalisation).
+DEFAULT_CROSSVAL = ROOT / "bench" / "cv-runs-landmarks"
+DEFAULT_OOF = DEFAULT_CROSSVAL / "oof" / "all-mirror.json"
+DEFAULT_SETTING = "oof/wide+lesion+guard+mirror+noshell"
 
 #: Options of a run that do not change the model it trains.
 NOT_RECIPE = ("seed", "checkpoint_every", "log_every", "val_every", "val_tiling")
@@ -198,7 +201,8 @@ def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dic
                 "out of fold: five folds stratified by institution, each case scored by the "
                 "fold model (same recipe) that never trained on it, with the default inference"
             ),
-            "document": _shown(oof),
+            "crossval": _shown(crossval.resolve()),
+            "document": _shown(oof.resolve()),
             "setting": setting,
             **expected_accuracy(document, setting),
         },
@@ -213,7 +217,7 @@ def bundle(run: Path, crossval: Path, oof: Path, setting: str, out: Path) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run of crossval.py --study final")
-    parser.add_argument("--crossval", type=Path, default=ROOT / "bench" / "cv-runs")
+    parser.add_argument("--crossval", type=Path, default=DEFAULT_CROSSVAL)
     parser.add_argument("--oof", type=Path, default=DEFAULT_OOF)
     parser.add_argument("--setting", default=DEFAULT_SETTING)
     parser.add_argument("--out", type=Path, default=BUNDLED_PATH)

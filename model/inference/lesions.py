@@ -177,7 +177,7 @@ def keep_main_lesion(
     brain: np.ndarray | None = None,
     core_probability: np.ndarray | None = None,
     guard: bool = True,
-    spare_shells: bool = True,
+    spare_shells: bool = False,
 ) -> tuple[np.ndarray, list[int]]:
     """Removes tumour components far from the main lesion, never the surest core.
 
@@ -185,7 +185,9 @@ def keep_main_lesion(
     (see :class:`Components`; without ``brain`` no component is a shell, and the main
     lesion is the largest). Any other component whose nearest voxel is more than
     ``max_gap_mm`` (Euclidean, in mm, voxel centre to voxel centre) from it is set to
-    background, except the one with the most confident core voxels.
+    background, except the one with the most confident core voxels among those that are
+    not shells (a shell is spared for its core only when no other component holds
+    confident core).
 
     Args:
         labels: 3D label map (BraTS 2018 convention), not modified.
@@ -196,9 +198,9 @@ def keep_main_lesion(
         core_probability: the network's tumour-core probability on the same grid.
         guard: False: the earlier rule, the largest component is the main lesion and
             any component may be removed (``brain`` and ``core_probability`` unused).
-        spare_shells: False: the component spared for its confident core is the surest
-            among those that are not shells, when one of them holds confident core (a
-            shell along the brain's edge is then removed like any far component).
+        spare_shells: True: the earlier rule, the component surest of core is spared
+            even when it is a shell along the brain's edge (which a rim of false tumour
+            holding confident core then keeps).
 
     Returns:
         ``(new label map, voxel counts of the removed components)``.

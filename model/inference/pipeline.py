@@ -74,8 +74,9 @@ class SegmentationOptions:
             the component surest of core is never removed (False: the largest component
             is the main lesion and any other may go).
         spare_shells: the component surest of core is spared even when it is a shell
-            (False: the surest among the components that are not shells, where one
-            holds confident core; see :func:`model.inference.lesions.keep_main_lesion`).
+            along the brain's edge (the earlier rule; False: the surest among the
+            components that are not shells, where one holds confident core; see
+            :func:`model.inference.lesions.keep_main_lesion`).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
         fusion: how task 2's probabilities become labels
@@ -87,7 +88,7 @@ class SegmentationOptions:
     relabel_guard: bool = True
     main_lesion_gap_mm: float | None = MAIN_LESION_GAP_MM
     main_lesion_guard: bool = True
-    spare_shells: bool = True
+    spare_shells: bool = False
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
     fusion: FusionRule = "argmax"

@@ -43,7 +43,7 @@ def _run(folder: Path, config: dict, cases: list[str], held_out: list[str], step
 
 
 #: The default inference's accuracy setting.
-SETTING = "oof/wide+lesion+guard+mirror"
+SETTING = "oof/wide+lesion+guard+mirror+noshell"
 
 
 def _oof(path: Path) -> Path:
@@ -89,6 +89,7 @@ def test_final_run_is_bundled_with_its_out_of_fold_card(tmp_path, bundle_bench, 
     assert card["training_cases"] == sorted(CASES)
     assert card["trained_on"].endswith("2013 1, BraTS2021 1, CBICA 2, TCIA01 1")
     accuracy = card["expected_accuracy"]
+    assert accuracy["crossval"] == str(crossval)
     assert accuracy["cases"] == 5
     assert accuracy["dice_mean"]["WT"] == pytest.approx(0.74)
     assert accuracy["dice_mean"]["ET"] == pytest.approx(0.5)  # the unscored region left out
@@ -117,7 +118,12 @@ def test_a_run_of_another_recipe_or_unfinished_is_refused(tmp_path, bundle_bench
         bundle_bench.bundle(held, crossval, oof, SETTING, tmp_path / "c.pt")
     assert bundle_bench.DEFAULT_SETTING == SETTING
     run = _run(tmp_path / "run", CONFIG, sorted(CASES), [], 20)
-    for setting in ("oof/wide+lesion+guard", "oof/paper+lesion+guard+mirror", "oof/wide+lesion"):
+    for setting in (
+        "oof/wide+lesion+guard+noshell",
+        "oof/paper+lesion+guard+mirror+noshell",
+        "oof/wide+lesion+noshell",
+        "oof/wide+lesion+guard+mirror",  # the earlier rule: shells spared for their core
+    ):
         with pytest.raises(SystemExit, match="is not the default inference"):
             bundle_bench.bundle(run, crossval, oof, setting, tmp_path / "d.pt")
     assert not list(tmp_path.glob("*.pt"))

@@ -39,7 +39,8 @@ def test_bundled_checkpoint_states_what_it_is():
     assert "34 real cases" in info["trained_on"]
     # Trained to the end with the recipe the cross-validation measured.
     bundle = bench_module("bundle.py", "bundle_for_test")
-    fold0 = json.loads((ROOT / "bench" / "cv-runs" / "fold0" / "run.json").read_text())
+    crossval = ROOT / info["expected_accuracy"]["crossval"]
+    fold0 = json.loads((crossval / "fold0" / "run.json").read_text())
     assert info["recipe"] == bundle.recipe(fold0["config"])
     steps = sum(info["recipe"]["stage_epochs"]) * info["recipe"]["steps_per_epoch"]
     assert ckpt.metadata["training"]["steps"] == info["training_steps"] == steps

@@ -100,11 +100,12 @@ def test_the_component_most_confident_of_core_is_never_removed(brain):
     assert not kept[small].any() and removed == [int(small.sum())]
 
 
-def test_a_rim_surest_of_core_is_spared_unless_shells_are_not(brain, rim_and_tumour):
+def test_a_rim_surest_of_core_goes_unless_shells_are_spared(brain, rim_and_tumour):
     """A part of the rim whose core the network is surer of than the tumour's (the
-    failure of a landmarks-normalised model on one case) is spared by default; with
-    ``spare_shells=False`` the tumour is the one spared and the far rim goes. A shell
-    that is the only component with confident core is spared under either rule."""
+    failure of a landmarks-normalised model on one case) is removed by default: the
+    tumour is the one spared. With ``spare_shells=True`` (the earlier rule) that part of
+    the rim is spared as well. A shell that is the only component with confident core is
+    spared under either rule."""
     labels, tumour, _ = rim_and_tumour
     parts = components(labels, SPACING, brain)
     rim = parts.shells()[parts.ids]
@@ -112,24 +113,22 @@ def test_a_rim_surest_of_core_is_spared_unless_shells_are_not(brain, rim_and_tum
     core = np.where(rim & (labels == NCR_NET), 0.99, 0.1).astype(np.float32)
     core[_ball((60, 75, 55), 4)] = 0.95  # some confident core in the tumour, less of it
     assert (core[rim] >= 0.9).sum() > (core[tumour] >= 0.9).sum()
-    kept, _ = keep_main_lesion(labels, SPACING, brain=brain, core_probability=core)
-    np.testing.assert_array_equal(kept[tumour], labels[tumour])
     with_core = components(labels, SPACING, brain, core)
     surest = with_core.most_confident_core()
     assert surest is not None and with_core.shells()[surest]  # a part of the rim
-    assert kept[with_core.ids == surest].all()
     assert with_core.most_confident_core(shells=False) == with_core.ids[60, 75, 55]
-    kept, removed = keep_main_lesion(
-        labels, SPACING, brain=brain, core_probability=core, spare_shells=False
-    )
+    kept, removed = keep_main_lesion(labels, SPACING, brain=brain, core_probability=core)
     np.testing.assert_array_equal(kept[tumour], labels[tumour])
     assert not kept[rim].any()
     assert sum(removed) == int(rim.sum())
+    spared, _ = keep_main_lesion(
+        labels, SPACING, brain=brain, core_probability=core, spare_shells=True
+    )
+    np.testing.assert_array_equal(spared[tumour], labels[tumour])
+    assert spared[with_core.ids == surest].all()
     # No confident core outside the rim: the rim holds the only sure core and is spared.
     only_rim = np.where(rim & (labels == NCR_NET), 0.99, 0.1).astype(np.float32)
-    spared, _ = keep_main_lesion(
-        labels, SPACING, brain=brain, core_probability=only_rim, spare_shells=False
-    )
+    spared, _ = keep_main_lesion(labels, SPACING, brain=brain, core_probability=only_rim)
     assert spared[rim].any()
 
 
