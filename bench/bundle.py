@@ -17,8 +17,8 @@ checkpoint's ``bundled`` metadata, computed from the documents and never typed i
 - what it trained on (the run's cases, per institution group) and the recipe;
 - the out-of-fold Dice and HD95: mean, median, worst case, 95 % bootstrap interval, per
   institution group and per fold;
-- the quality flag's record (``low_confidence``), chosen fold by fold on the other
-  folds (``bench/quality_flags.py``'s nested count).
+- the quality flag's record (``task_disagreement``): its rule chosen fold by fold on the
+  other folds from the measure it ships with (``bench/quality_flags.py``'s nested count).
 
 The weights are the run's last (the fold models were scored at their last step too),
 stored in half precision.
@@ -44,7 +44,7 @@ from accuracy import REGIONS, Setting, summarise  # noqa: E402
 from quality_flags import FAILURE_WT  # noqa: E402
 
 from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
-from model.inference.lesions import LOW_CONFIDENCE  # noqa: E402
+from model.inference.lesions import TASK_AGREEMENT  # noqa: E402
 from model.inference.pipeline import SegmentationOptions  # noqa: E402
 from model.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.training.config import TrainConfig  # noqa: E402
@@ -56,6 +56,9 @@ from model.weights import BUNDLED_PATH  # noqa: E402
 DEFAULT_CROSSVAL = ROOT / "bench" / "cv-runs-landmarks"
 DEFAULT_OOF = DEFAULT_CROSSVAL / "oof" / "all-mirror.json"
 DEFAULT_SETTING = "oof/wide+lesion+guard+mirror+noshell"
+
+#: The measures the shipped quality rule is chosen from (its nested count in the card).
+FLAG_MEASURES = ("task_agreement",)
 
 #: Options of a run that do not change the model it trains.
 NOT_RECIPE = ("seed", "checkpoint_every", "log_every", "val_every", "val_tiling")
@@ -132,12 +135,12 @@ def flag_record(oof: Path, setting: str) -> dict[str, Any]:
     """The quality flag's nested cross-validation count on the out-of-fold results."""
     cases = quality_flags.load([oof], setting)
     folds = quality_flags.nested_folds(
-        cases, FAILURE_WT, quality_flags.MAX_FALSE_ALARMS, max_tests=1
+        cases, FAILURE_WT, quality_flags.MAX_FALSE_ALARMS, max_tests=1, measures=FLAG_MEASURES
     )
     caught, failures, alarms, others = quality_flags.pooled(folds)
     return {
-        "flag": "low_confidence",
-        "rule": f"mean tumour probability over the labelled tumour below {LOW_CONFIDENCE:g}",
+        "flag": "task_disagreement",
+        "rule": f"overlap of task 1's and task 2's whole tumours below {TASK_AGREEMENT:g}",
         "failure": f"WT Dice below {FAILURE_WT:g}",
         "nested_cross_validation": {
             "failures_flagged": caught,

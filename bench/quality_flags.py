@@ -16,10 +16,10 @@ only). Printed:
 
 The flags for patterns these cases may not show (``rim``, ``implausible_volume``,
 ``brain_mask``) stay in every rule; the chosen rule stands for the rest (the product
-ships ``confidence < LOW_CONFIDENCE`` (``model/inference/lesions.py``) as
-``low_confidence``, chosen here with ``--max-tests 1``;
-``large_removal``, post-processing removing a quarter of the prediction, was a flag
-before it).
+ships ``task_agreement < TASK_AGREEMENT`` (``model/inference/lesions.py``) as
+``task_disagreement``, chosen here with ``--max-tests 1 --measures task_agreement``;
+``low_confidence``, a threshold on ``confidence``, and before it ``large_removal``,
+post-processing removing a quarter of the prediction, were flags before it).
 """
 
 from __future__ import annotations
@@ -112,10 +112,12 @@ def score(rule: Rule, cases: list[dict[str, Any]], failure: float) -> tuple[int,
     )
 
 
-def candidate_tests(cases: list[dict[str, Any]]) -> list[Test]:
+def candidate_tests(
+    cases: list[dict[str, Any]], measures: tuple[str, ...] = MEASURES
+) -> list[Test]:
     """Every measure, both directions, thresholds halfway between neighbouring values."""
     tests = []
-    for measure in MEASURES:
+    for measure in measures:
         values = sorted({c["measures"][measure] for c in cases if measure in c["measures"]})
         cuts = [(a + b) / 2 for a, b in itertools.pairwise(values)]
         tests += [Test(measure, above, cut) for cut in cuts for above in (True, False)]
@@ -123,14 +125,18 @@ def candidate_tests(cases: list[dict[str, Any]]) -> list[Test]:
 
 
 def choose(
-    cases: list[dict[str, Any]], failure: float, max_false: float, max_tests: int = 2
+    cases: list[dict[str, Any]],
+    failure: float,
+    max_false: float,
+    max_tests: int = 2,
+    measures: tuple[str, ...] = MEASURES,
 ) -> Rule:
     """The rule of at most ``max_tests`` (1 or 2) tests that flags the most failures with
     at most ``max_false`` of the others flagged; ties go to fewer false alarms, then to
     one test rather than two."""
     good = [c for c in cases if c["wt"] >= failure]
     bad = [c for c in cases if c["wt"] < failure]
-    tests = candidate_tests(cases)
+    tests = candidate_tests(cases, measures)
     hits = {t: np.array([t(c["measures"]) for c in bad], bool) for t in tests}
     alarms = {t: np.array([t(c["measures"]) for c in good], bool) for t in tests}
     allowed = int(np.floor(max_false * len(good)))
@@ -152,7 +158,11 @@ Counts = tuple[int, int, int, int]
 
 
 def nested_folds(
-    cases: dict[str, dict[str, Any]], failure: float, max_false: float, max_tests: int = 2
+    cases: dict[str, dict[str, Any]],
+    failure: float,
+    max_false: float,
+    max_tests: int = 2,
+    measures: tuple[str, ...] = MEASURES,
 ) -> dict[str, tuple[Rule, Counts]]:
     """Fold -> the rule chosen on the other folds alone, and its counts on this fold."""
     everything = list(cases.values())
@@ -160,7 +170,7 @@ def nested_folds(
     for fold in sorted({c["fold"] for c in everything}):
         rest = [c for c in everything if c["fold"] != fold]
         held = [c for c in everything if c["fold"] == fold]
-        rule = choose(rest, failure, max_false, max_tests)
+        rule = choose(rest, failure, max_false, max_tests, measures)
         out[fold] = (rule, score(rule, held, failure))
     return out
 
@@ -182,6 +192,13 @@ def main() -> None:
     parser.add_argument("--failure", type=float, default=FAILURE_WT)
     parser.add_argument("--max-false-alarms", type=float, default=MAX_FALSE_ALARMS)
     parser.add_argument("--max-tests", type=int, choices=(1, 2), default=2)
+    parser.add_argument(
+        "--measures",
+        nargs="+",
+        choices=MEASURES,
+        default=MEASURES,
+        help="the measures a rule may use",
+    )
     args = parser.parse_args()
     cases = load(args.documents, args.setting)
     everything = list(cases.values())
@@ -198,12 +215,13 @@ def main() -> None:
     print(f"{len(cases)} cases, {bad} below WT {args.failure}")
     print(line("flags as they are", (now, bad, alarms, len(cases) - bad)))
 
-    folds = nested_folds(cases, args.failure, args.max_false_alarms, args.max_tests)
+    measures = tuple(args.measures)
+    folds = nested_folds(cases, args.failure, args.max_false_alarms, args.max_tests, measures)
     for fold, (rule, counts) in folds.items():
         print(line(f"{fold} (rule of the other folds)", counts) + f": {describe(rule)}")
     print(line("nested, pooled", pooled(folds)))
 
-    rule = choose(everything, args.failure, args.max_false_alarms, args.max_tests)
+    rule = choose(everything, args.failure, args.max_false_alarms, args.max_tests, measures)
     print(line("chosen on all folds", score(rule, everything, args.failure)))
     print(f"  rule: {describe(rule)}")
     for name, case in sorted(cases.items(), key=lambda kv: kv[1]["wt"]):

@@ -187,8 +187,8 @@ class QualityReport(BaseModel):
     flags: list[str] = Field(
         default_factory=list,
         description="stable names: rim (tumour in thin shells along the brain's edge), "
-        "implausible_volume, low_confidence (the network was unsure of the tumour it "
-        "labelled), brain_mask (the input does not look skull-stripped)",
+        "implausible_volume, task_disagreement (the network's coarse and fine passes "
+        "disagreed on where the tumour is), brain_mask (the input does not look skull-stripped)",
     )
     measures: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list, description="one sentence per flag")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.inference.lesions import LOW_CONFIDENCE
+from model.inference.lesions import TASK_AGREEMENT
 from model.net.checkpoint import load_checkpoint, save_checkpoint
 from model.net.network import ArchConfig, build_model
 from tests.conftest import bench_module
@@ -22,7 +22,7 @@ CONFIG = {
     "augment": True,
     "val_every": 4,
 }
-#: Case -> (fold, WT Dice, confidence): two failures, one of them confident.
+#: Case -> (fold, WT Dice, task agreement): two failures, one of them with agreeing tasks.
 CASES = {
     "Brats18_CBICA_AAA_1": ("fold0", 0.90, 0.95),
     "Brats18_CBICA_AAB_1": ("fold0", 0.40, 0.80),
@@ -48,13 +48,13 @@ SETTING = "oof/wide+lesion+guard+mirror+noshell"
 
 def _oof(path: Path) -> Path:
     per_case, measures = {}, {}
-    for name, (_, wt, confidence) in CASES.items():
+    for name, (_, wt, agreement) in CASES.items():
         per_case[name] = {
             "WT": {"dice": wt, "hd95": 5.0},
             "TC": {"dice": wt - 0.1, "hd95": 8.0},
             "ET": {"dice": None if name.startswith("BraTS2021") else 0.5, "hd95": None},
         }
-        measures[name] = {"confidence": confidence, "wt_ml": 50.0, "tc_ml": 20.0}
+        measures[name] = {"task_agreement": agreement, "wt_ml": 50.0, "tc_ml": 20.0}
     result = {"per_case": per_case, "flags": {n: [] for n in CASES}, "quality_measures": measures}
     folds = {name: fold for name, (fold, _, _) in CASES.items()}
     path.write_text(json.dumps({"folds": folds, "results": {SETTING: result}}))
@@ -98,9 +98,9 @@ def test_final_run_is_bundled_with_its_out_of_fold_card(tmp_path, bundle_bench, 
     assert accuracy["dice_by_group"]["CBICA"]["cases"] == 2
     assert accuracy["cases_below_WT_0_70"] == ["Brats18_2013_1_1", "Brats18_CBICA_AAB_1"]
     flag = card["quality_flag"]
-    assert str(LOW_CONFIDENCE) in flag["rule"]
-    # Each fold's rule is chosen on the other fold alone: fold 1 holds one confident
-    # failure no confidence rule separates, fold 0 the unconfident one.
+    assert flag["flag"] == "task_disagreement" and str(TASK_AGREEMENT) in flag["rule"]
+    # Each fold's rule is chosen on the other fold alone: fold 1 holds one failure whose
+    # tasks agree, which no agreement rule separates; fold 0 the one whose tasks disagree.
     assert flag["nested_cross_validation"]["failures"] == 2
     assert flag["nested_cross_validation"]["others"] == 3
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from model.inference.lesions import (
-    LOW_CONFIDENCE,
     SHELL_FRACTION,
+    TASK_AGREEMENT,
     assess,
     components,
     edge_depth_mm,
@@ -208,15 +208,26 @@ def test_quality_measures_how_sure_the_network_was(brain):
     )
 
 
-def test_quality_flags_a_network_unsure_of_its_tumour(brain):
+def test_quality_flags_tasks_that_disagree_on_the_tumour(brain):
     labels = np.zeros(SHAPE, np.uint8)
     tumour = _ball((60, 75, 55), 12) & brain
     labels[tumour] = EDEMA
-    for p, flagged in ((LOW_CONFIDENCE - 0.01, True), (LOW_CONFIDENCE + 0.01, False)):
-        probability = np.where(tumour, p, 0.0).astype(np.float32)
-        quality = assess(labels, SPACING, brain, tumour_probability=probability)
-        assert ("low_confidence" in quality.flags) is flagged, quality.to_dict()
+    probability = np.where(tumour, 0.9, 0.0).astype(np.float32)
+    fine = np.count_nonzero(tumour)
+    for agreement, flagged in ((TASK_AGREEMENT - 0.02, True), (TASK_AGREEMENT + 0.02, False)):
+        # Task 1's tumour: the first `part` voxels of task 2's, in x order.
+        part = round(agreement * fine / (2 - agreement))
+        order = np.argsort(np.where(tumour, np.indices(SHAPE)[0], SHAPE[0]), axis=None)
+        coarse = np.zeros(SHAPE, bool)
+        coarse.flat[order[:part]] = True
+        quality = assess(labels, SPACING, brain, tumour_probability=probability, coarse=coarse)
+        assert quality.measures["task_agreement"] == pytest.approx(agreement, abs=1e-3)
+        assert ("task_disagreement" in quality.flags) is flagged, quality.to_dict()
         assert quality.review_recommended is flagged
-    # Nothing labelled: implausible_volume says so, low_confidence has nothing to judge.
+    # Unsure of its tumour, the tasks agreeing: no flag (confidence is measured, not judged).
+    unsure = np.where(tumour, 0.55, 0.0).astype(np.float32)
+    calm = assess(labels, SPACING, brain, tumour_probability=unsure, coarse=tumour)
+    assert calm.flags == [] and calm.measures["confidence"] == pytest.approx(0.55)
+    # Nothing labelled: implausible_volume says so, task_disagreement has nothing to judge.
     empty = assess(np.zeros(SHAPE, np.uint8), SPACING, brain, tumour_probability=probability)
     assert empty.flags == ["implausible_volume"]
