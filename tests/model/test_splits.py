@@ -156,6 +156,9 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
     assert cv[0][4] == ("--augment", "site")
     assert crossval._normalisation(("--normalisation", "clipped")) == "clipped"
     assert crossval._normalisation(crossval.RECIPE) == "zscore"
+    long = plan("--variant", "landmarks-long", "--folds", "0")
+    assert str(long[0][1].relative_to(tmp_path)) == "runs-landmarks-long/fold0"
+    assert crossval._normalisation(long[0][4]) == "landmarks"
 
 
 def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):
