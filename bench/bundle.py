@@ -51,8 +51,8 @@ from model.training.config import TrainConfig  # noqa: E402
 from model.training.data import institution_group  # noqa: E402
 from model.weights import BUNDLED_PATH  # noqa: E402
 
-#: The out-of-fold document and result of the default inference.
-#: The cross-validation of the bundled recipe (landmarks normalisation).
+#: The cross-validation of the bundled recipe (landmarks normalisation), and its
+#: out-of-fold document and result of the default inference.
 DEFAULT_CROSSVAL = ROOT / "bench" / "cv-runs-landmarks"
 DEFAULT_OOF = DEFAULT_CROSSVAL / "oof" / "all-mirror.json"
 DEFAULT_SETTING = "oof/wide+lesion+guard+mirror+noshell"
