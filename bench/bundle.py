@@ -44,7 +44,7 @@ from accuracy import REGIONS, Setting, summarise  # noqa: E402
 from quality_flags import FAILURE_WT  # noqa: E402
 
 from model.defaults import DEFAULT_POSTPROCESS, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
-from model.inference.lesions import TASK_AGREEMENT  # noqa: E402
+from model.inference.lesions import TASK_AGREEMENT, TASK_DISAGREEMENT  # noqa: E402
 from model.inference.pipeline import SegmentationOptions  # noqa: E402
 from model.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.training.config import TrainConfig  # noqa: E402
@@ -139,7 +139,7 @@ def flag_record(oof: Path, setting: str) -> dict[str, Any]:
     )
     caught, failures, alarms, others = quality_flags.pooled(folds)
     return {
-        "flag": "task_disagreement",
+        "flag": TASK_DISAGREEMENT,
         "rule": f"overlap of task 1's and task 2's whole tumours below {TASK_AGREEMENT:g}",
         "failure": f"WT Dice below {FAILURE_WT:g}",
         "nested_cross_validation": {

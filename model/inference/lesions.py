@@ -274,6 +274,8 @@ RIM_FRACTION = 0.25
 #: fifth). A model trained with another recipe may agree with itself more or less:
 #: measure it.
 TASK_AGREEMENT = 0.589
+#: The flag that :data:`TASK_AGREEMENT` trips, as results and the model card name it.
+TASK_DISAGREEMENT = "task_disagreement"
 #: Whole-tumour probabilities counted as undecided by ``uncertain_fraction``.
 UNDECIDED = (0.2, 0.8)
 
@@ -374,7 +376,7 @@ def assess(
         )
     if tumour and m.get("task_agreement", 1.0) < TASK_AGREEMENT:
         flag(
-            "task_disagreement",
+            TASK_DISAGREEMENT,
             f"the network's coarse and fine passes disagreed on where the tumour is "
             f"(overlap {m['task_agreement']:.3f}, below {TASK_AGREEMENT:g}), as they did on "
             "most of the results that failed in cross-validation",

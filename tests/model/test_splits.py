@@ -299,6 +299,13 @@ def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(
     top_bad = max(c["measures"]["task_agreement"] for c in rest if c["wt"] < 0.7)
     low_good = min(c["measures"]["task_agreement"] for c in rest if c["wt"] >= 0.7)
     assert threshold == pytest.approx((top_bad + low_good) / 2)
+    # Restricted to a measure without signal, the rule uses that measure or nothing, and
+    # catches fewer failures than the measure it was not allowed.
+    restricted = flags.choose(everything, 0.70, 0.10, max_tests=2, measures=("rim_fraction",))
+    assert all(t.measure == "rim_fraction" for t in restricted)
+    assert flags.score(restricted, everything, 0.70)[0] < 6
+    nested = flags.nested_folds(cases, 0.70, 0.10, max_tests=1, measures=("task_agreement",))
+    assert all(t.measure == "task_agreement" for rule, _ in nested.values() for t in rule)
 
 
 def test_paired_comparison_counts_wins_and_leaves_out_unscored_regions(tmp_path):
