@@ -26,7 +26,9 @@ region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max cl
 confident core while a component that is not a shell holds confident core; the
 product's default since the landmarks model, so ``wide+lesion+guard+mirror+noshell`` is
 the default inference; without it, the earlier rule that the documents before it
-measured).
+measured), and ``wtNN``, ``coreNN``, ``etNN`` (the fusion's lines moved to 0.NN,
+:class:`model.inference.fusion.RegionThresholds`: ``wt`` and ``core`` for the region
+rule, ``et`` for both).
 Prints Dice and HD95 (WT, TC, ET) per institution group (from the case name), the mean
 over cases, the mean over groups (each institution weighs the same) and the CPU seconds
 per case relative to the first model and setting, measured in this run.
@@ -42,6 +44,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ import numpy as np
 
 from model.defaults import DEFAULT_PRECISION, MAIN_LESION_GAP_MM
 from model.inference.case import CaseOutputs, process_case
+from model.inference.fusion import RegionThresholds
 from model.inference.pipeline import SegmentationOptions, load_predictor
 from model.inference.tiling import LAYOUTS, Predictor, TaskProbabilities
 from model.io.nifti.files import find_label_file
@@ -107,6 +111,9 @@ LEVERS = (
     "noshell",
 )
 
+#: A lever that moves one of the fusion's lines: ``wt40`` is whole tumour above 0.40.
+THRESHOLD_LEVER = re.compile(r"(wt|core|et)(\d\d)")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -119,12 +126,17 @@ class Setting:
     @classmethod
     def parse(cls, text: str) -> Setting:
         tiling, *levers = text.split("+")
-        unknown = set(levers) - set(LEVERS)
+        lines = {m[1]: int(m[2]) / 100 for m in map(THRESHOLD_LEVER.fullmatch, levers) if m}
+        unknown = {lever for lever in levers if not THRESHOLD_LEVER.fullmatch(lever)}
+        unknown -= set(LEVERS)
         if tiling not in LAYOUTS or unknown:
             raise SystemExit(
                 f"setting {text!r}: want TILING[+LEVER...], TILING one of {', '.join(LAYOUTS)}, "
-                f"LEVER one of {', '.join(LEVERS)}"
+                f"LEVER one of {', '.join(LEVERS)} or wtNN, coreNN, etNN"
             )
+        thresholds = RegionThresholds(
+            whole=lines.get("wt", 0.5), core=lines.get("core", 0.5), enhancing=lines.get("et", 0.5)
+        )
         relabel = "pp" in levers or "guard" in levers
         options = SegmentationOptions(
             remove_small=relabel or bool({"rm", "lesion", "largest"} & set(levers)),
@@ -134,6 +146,7 @@ class Setting:
             main_lesion_guard="largest" not in levers,
             fusion="regions" if "regions" in levers else "argmax",
             spare_shells="noshell" not in levers,
+            thresholds=thresholds,
         )
         precision = "mixed" if "mixed" in levers else "float32" if "fp32" in levers else "auto"
         tta = "all" if "tta" in levers else "mirror" if "mirror" in levers else "off"

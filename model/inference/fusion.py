@@ -20,10 +20,16 @@ tumour probability (NCR/NET + ED + ET) exceeds 0.5; inside it, core where the co
 probability (NCR/NET + ET) exceeds the edema probability; task 3 as above. A voxel whose
 tumour probability is split between classes (say 0.3 edema, 0.3 core, 0.4 background
 and normal tissue) is tumour under this rule and background under the arg-max.
+
+The region rule's lines can move (:class:`RegionThresholds`): whole tumour above another
+tumour probability, core where the core's share of the tumour probability exceeds
+another fraction, ET above another task-3 probability (the ET line holds for both
+rules). At 0.5 each, the rule is as described above.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
@@ -38,6 +44,29 @@ DILATION_VOXELS = 5
 #: region by region (whole tumour, then core inside it); see the module's docstring.
 FusionRule = Literal["argmax", "regions"]
 FUSION_RULES: tuple[FusionRule, ...] = get_args(FusionRule)
+
+
+@dataclass(frozen=True)
+class RegionThresholds:
+    """Where the fusion draws its lines (each a probability in (0, 1)).
+
+    Attributes:
+        whole: region rule: whole tumour where task 2's tumour probability exceeds this.
+        core: region rule: core where the core's share of task 2's tumour probability,
+            (NCR/NET + ET) / (NCR/NET + ED + ET), exceeds this (0.5: core above edema).
+        enhancing: both rules: ET inside the core where task 3's P(ET) exceeds this.
+    """
+
+    whole: float = 0.5
+    core: float = 0.5
+    enhancing: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("whole", "core", "enhancing"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} threshold must lie strictly between 0 and 1; got {value}")
+
 
 #: Channels of :func:`fused_probabilities`, by the BraTS label each stands for.
 FUSED_CHANNEL_LABELS = (0, NCR_NET, EDEMA, ENHANCING)
@@ -90,17 +119,20 @@ def fuse(
     dilation: float = DILATION_VOXELS,
     region: np.ndarray | None = None,
     rule: FusionRule = "argmax",
+    thresholds: RegionThresholds | None = None,
 ) -> np.ndarray:
     """The fused label map (uint8, BraTS 2018 convention) from the three task outputs.
 
     ``brain`` and ``dilation`` as in :func:`fusion_region`; ``region``: its result when
     the caller has it already (the others are then unused); ``rule``: how task 2
-    decides (:data:`FusionRule`).
+    decides (:data:`FusionRule`); ``thresholds``: where the lines are drawn (default
+    0.5 each; the arg-max rule uses only the ET line).
     """
     if rule not in FUSION_RULES:
         raise ValueError(f"fusion rule must be one of {FUSION_RULES}; got {rule!r}")
     if region is None:
         region = fusion_region(probs, brain, dilation)
+    lines = thresholds or RegionThresholds()
     p2 = probs.tumour
     if rule == "argmax":
         task2 = np.argmax(p2, axis=0)
@@ -108,12 +140,13 @@ def fuse(
         core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
     else:
         core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
-        whole = region & (core_p + p2[TaskClass.EDEMA] > 0.5)
-        core = whole & (core_p > p2[TaskClass.EDEMA])
+        tumour_p = core_p + p2[TaskClass.EDEMA]
+        whole = region & (tumour_p > lines.whole)
+        core = whole & (core_p > lines.core * tumour_p)
         edema = whole & ~core
     labels = np.zeros(p2.shape[1:], dtype=np.uint8)
     labels[edema] = EDEMA
-    enhancing = probs.enhancing[EnhancingClass.ENHANCING] > 0.5
+    enhancing = probs.enhancing[EnhancingClass.ENHANCING] > lines.enhancing
     labels[core & enhancing] = ENHANCING
     labels[core & ~enhancing] = NCR_NET
     return labels

@@ -30,6 +30,7 @@ from model.defaults import (
 from model.inference.fusion import (
     DILATION_VOXELS,
     FusionRule,
+    RegionThresholds,
     coarse_tumour,
     fuse,
     fused_probabilities,
@@ -37,7 +38,7 @@ from model.inference.fusion import (
 )
 from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
-from model.inference.preprocess import paste, preprocess
+from model.inference.preprocess import Preprocessed, paste, preprocess
 from model.inference.tiling import (
     WIDE_TILING,
     Predictor,
@@ -81,6 +82,8 @@ class SegmentationOptions:
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
         fusion: how task 2's probabilities become labels
             (:data:`model.inference.fusion.FusionRule`).
+        thresholds: where the fusion draws its lines
+            (:class:`model.inference.fusion.RegionThresholds`; 0.5 each by default).
     """
 
     remove_small: bool = True
@@ -92,6 +95,7 @@ class SegmentationOptions:
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
     fusion: FusionRule = "argmax"
+    thresholds: RegionThresholds = field(default_factory=RegionThresholds)
 
     @classmethod
     def for_postprocess(cls, mode: str, probabilities: bool = False) -> SegmentationOptions:
@@ -162,7 +166,6 @@ def segment_images(
     progress: ProgressCallback | None = None,
 ) -> Segmentation:
     """Segments four modality volumes (4, X, Y, Z) on a grid described by ``affine``."""
-    options = options or SegmentationOptions()
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -173,11 +176,33 @@ def segment_images(
     start = time.perf_counter()
     probs: TaskProbabilities = predictor.predict(prep.images, prep.mask, progress)
     timings["inference"] = time.perf_counter() - start
+    return label_probabilities(probs, prep, affine, options, timings)
 
+
+def label_probabilities(
+    probs: TaskProbabilities,
+    prep: Preprocessed,
+    affine: np.ndarray,
+    options: SegmentationOptions | None = None,
+    timings: dict[str, float] | None = None,
+) -> Segmentation:
+    """The stages after the network: fusion, post-processing, the quality assessment and
+    the paste back onto the grid of ``affine``.
+
+    Args:
+        probs: the network's probabilities on the crop of ``prep``.
+        prep: the pre-processed case (:func:`model.inference.preprocess.preprocess` of
+            the canonical images).
+        affine: the case's affine (the result is on its grid).
+        options: fusion and post-processing.
+        timings: stage timings so far, extended in place and returned in the result.
+    """
+    options = options or SegmentationOptions()
+    timings = {} if timings is None else timings
     start = time.perf_counter()
     coarse = coarse_tumour(probs)
     region = fusion_region(probs, prep.mask, options.dilation, coarse)
-    labels = fuse(probs, region=region, rule=options.fusion)
+    labels = fuse(probs, region=region, rule=options.fusion, thresholds=options.thresholds)
     fused = fused_probabilities(probs, region=region) if options.probabilities else None
     del region
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]

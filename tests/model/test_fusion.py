@@ -13,6 +13,7 @@ from model.inference.fusion import (
     DILATION_VOXELS,
     FUSED_CHANNEL_LABELS,
     FUSION_RULES,
+    RegionThresholds,
     coarse_tumour,
     dilate,
     fuse,
@@ -379,3 +380,44 @@ def test_inputs_are_not_modified():
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(brain, brain_before)
     np.testing.assert_array_equal(mask, mask_before)
+
+
+def test_region_rule_lines_move_whole_tumour_core_and_enhancing():
+    """Each line of :class:`RegionThresholds` moves its own decision and no other."""
+    probs = _probs((2, 2, 2), coarse=TaskClass.EDEMA)
+    p2 = probs.tumour
+    # Tumour 0.4375, below 0.5 and above 0.375; core share 0.25 / 0.4375 = 0.571.
+    _set(p2, (0, 0, 0), [0.5625, 0.0, 0.125, 0.1875, 0.125])
+    # Tumour 0.75, core share 0.3125 / 0.75 = 0.417: edema at 0.5, core at 0.375.
+    _set(p2, (1, 1, 1), [0.25, 0.0, 0.1875, 0.4375, 0.125])
+    probs.enhancing[:, 1, 1, 1] = [0.5625, 0.4375]  # P(ET) 0.4375
+    default = fuse(probs, rule="regions")
+    assert default[0, 0, 0] == 0 and default[1, 1, 1] == EDEMA
+    wider = fuse(probs, rule="regions", thresholds=RegionThresholds(whole=0.375))
+    assert wider[0, 0, 0] == NCR_NET and wider[1, 1, 1] == EDEMA
+    more_core = fuse(probs, rule="regions", thresholds=RegionThresholds(core=0.375))
+    assert more_core[0, 0, 0] == 0 and more_core[1, 1, 1] == NCR_NET
+    both = RegionThresholds(core=0.375, enhancing=0.375)
+    assert fuse(probs, rule="regions", thresholds=both)[1, 1, 1] == ENHANCING
+    # The ET line holds for the arg-max rule too; the others do not touch it.
+    argmax_core = _probs((2, 2, 2), coarse=TaskClass.EDEMA, tumour=TaskClass.NCR_NET, p_et=0.4375)
+    assert (fuse(argmax_core) == NCR_NET).all()
+    lines = RegionThresholds(whole=0.9, core=0.9, enhancing=0.375)
+    assert (fuse(argmax_core, thresholds=lines) == ENHANCING).all()
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_lower_lines_only_grow_the_whole_tumour_and_the_core(seed):
+    probs = _random_probs(seed=seed, shape=(12, 11, 10))
+    high = fuse(probs, rule="regions")
+    low = fuse(probs, rule="regions", thresholds=RegionThresholds(whole=0.35, core=0.35))
+    assert (low > 0)[high > 0].all() and (low > 0).sum() > (high > 0).sum()
+    core_high, core_low = np.isin(high, (NCR_NET, ENHANCING)), np.isin(low, (NCR_NET, ENHANCING))
+    assert core_low[core_high].all() and core_low.sum() > core_high.sum()
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, 1.5])
+def test_region_thresholds_must_lie_strictly_between_0_and_1(value):
+    for field in ("whole", "core", "enhancing"):
+        with pytest.raises(ValueError, match=field):
+            RegionThresholds(**{field: value})

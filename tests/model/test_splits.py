@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.inference.fusion import RegionThresholds
 from model.io.phantom import write_phantom
 from model.training.data import SPLITS_DIR, find_cases_in, institution_group, read_split
 from model.training.splits import split_cases
@@ -257,8 +258,13 @@ def test_accuracy_settings_name_each_lever_once():
     assert regions.options.fusion == "regions"
     assert dataclasses.replace(regions.options, fusion="argmax") == default.options
     assert accuracy.Setting.parse("paper+tta+fp32").tta == "all"
+    moved = accuracy.Setting.parse("wide+lesion+guard+mirror+regions+wt40+core35")
+    assert moved.options.thresholds == RegionThresholds(whole=0.4, core=0.35, enhancing=0.5)
+    assert dataclasses.replace(moved.options, thresholds=RegionThresholds()) == regions.options
     with pytest.raises(SystemExit, match="setting"):
         accuracy.Setting.parse("wide+vote")
+    with pytest.raises(SystemExit, match="setting"):
+        accuracy.Setting.parse("wide+wt4")
 
 
 def test_quality_flag_thresholds_are_chosen_without_the_fold_they_are_scored_on(tmp_path):
@@ -355,3 +361,26 @@ def test_paired_comparison_of_two_settings_of_some_folds(tmp_path, capsys):
     assert "2 cases; second minus first" in out and "WT: mean +0.100" in out
     with pytest.raises(SystemExit, match="no case in folds 4"):
         compare.main([f"{document}:m/x", f"{document}:m/y", "--folds", "4"])
+
+
+def test_calibration_chooses_each_folds_lines_on_the_other_folds_alone():
+    """bench/calibration.py: a fold's cases get the setting that scores best on the other
+    folds, even when another setting would score better on the fold itself."""
+    calibration = bench_module("calibration.py", "calibration_bench")
+
+    def scores(values: dict[str, float]) -> dict[str, dict[str, dict[str, float]]]:
+        return {n: {r: {"dice": v} for r in ("WT", "TC", "ET")} for n, v in values.items()}
+
+    folds = {"a": "fold0", "b": "fold0", "c": "fold1", "d": "fold2"}
+    by_setting = {
+        "argmax": scores({"a": 0.5, "b": 0.5, "c": 0.6, "d": 0.6}),
+        "low": scores({"a": 0.9, "b": 0.9, "c": 0.5, "d": 0.5}),  # best on fold0 alone
+        "high": scores({"a": 0.4, "b": 0.4, "c": 0.7, "d": 0.7}),
+    }
+    picked, chosen = calibration.nested(by_setting, folds)
+    assert chosen == {"fold0": "high", "fold1": "low", "fold2": "low"}
+    assert picked["a"] == by_setting["high"]["a"] and picked["c"] == by_setting["low"]["c"]
+    names = list(calibration.combinations([0.4], [0.35, 0.5], [0.5]))
+    assert names == ["argmax", "regions+wt40+core35+et50", "regions+wt40+core50+et50"]
+    options = calibration.combinations([0.4], [0.35], [0.5])["regions+wt40+core35+et50"]
+    assert options.fusion == "regions" and options.thresholds.core == 0.35

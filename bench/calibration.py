@@ -1,0 +1,238 @@
+"""Moves the fusion's lines (whole tumour, core, ET) and chooses them out of fold.
+
+    python bench/calibration.py dump --crossval bench/cv-runs-landmarks [--folds 0 1] \
+        [--out runs/calibration/landmarks]
+    python bench/calibration.py sweep runs/calibration/landmarks \
+        [--wt 0.4 0.45 0.5] [--core 0.35 0.4 0.45 0.5] [--et 0.5] [--json out.json]
+
+The fused labels decide by task 2's arg-max class, and the out-of-fold results
+under-segment: the core most (mean sensitivity 0.63 against a precision of 0.79 on the 34
+landmarks results). The region rule with moved lines
+(:class:`model.inference.fusion.RegionThresholds`) trades one for the other. Which lines,
+if any, is chosen here on cases that do not report it.
+
+``dump`` runs every case of the cross-validation folds through the fold model that never
+trained on it, with the default tiling, test-time augmentation and precision, and keeps
+the network's probabilities (float16, on the brain's crop; ``runs/`` is not kept).
+
+``sweep`` labels every case under the arg-max rule (the baseline) and under the region
+rule at every combination of the lines given, through the product's own stages after the
+network (:func:`model.inference.pipeline.label_probabilities`, with the default
+post-processing), and scores Dice against the reference. Then, fold by fold, it chooses
+the combination with the best mean Dice (over the three regions) on the other folds
+alone and applies it to the fold left out: the ``nested`` result is what choosing the
+lines this way gives on cases that did not choose them, paired with the baseline as
+``bench/compare.py`` pairs two results. ``--json`` writes an ``accuracy.py``-shaped
+document (``oof/argmax``, ``oof/nested`` and one result per combination) that
+``bench/compare.py`` reads.
+
+Probabilities stored in float16 move a few borderline voxels against the run that
+stored them; the baseline is computed from the same stored probabilities, so the pairing
+is fair. The chosen lines are then confirmed through the real pipeline with
+``bench/accuracy.py --crossval ... --setting ...+regions+wtNN+coreNN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import REGIONS, crossval_models, fold_of  # noqa: E402
+from compare import paired  # noqa: E402
+
+from model.defaults import DEFAULT_PRECISION, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
+from model.inference.fusion import RegionThresholds  # noqa: E402
+from model.inference.pipeline import (  # noqa: E402
+    SegmentationOptions,
+    label_probabilities,
+    load_predictor,
+    to_canonical,
+)
+from model.inference.preprocess import Preprocessed, preprocess  # noqa: E402
+from model.inference.tiling import LAYOUTS, TaskProbabilities  # noqa: E402
+from model.io.nifti.files import find_label_file  # noqa: E402
+from model.io.nifti.read import load_case, load_labels  # noqa: E402
+from model.io.volumes import Case  # noqa: E402
+from model.labels import region_mask, to_brats2018  # noqa: E402
+from model.training.data import find_cases_in, resolve_data_dir  # noqa: E402
+
+BASELINE = "argmax"
+NESTED = "nested"
+
+#: Case -> region -> {"dice": ...}, as ``bench/accuracy.py`` documents hold them.
+PerCase = dict[str, dict[str, dict[str, float]]]
+
+
+def prepared(case: Case, normalisation: str) -> Preprocessed:
+    """The case as the pipeline hands it to the network."""
+    return preprocess(to_canonical(case.images, case.affine), normalisation=normalisation)
+
+
+def dump(runs: Path, folds: list[int] | None, out: Path, data: list[Path]) -> None:
+    oof = crossval_models(runs, "last.pt", folds)
+    if not oof:
+        raise SystemExit(f"no finished fold run under {runs}")
+    folders = find_cases_in(data)
+    out.mkdir(parents=True, exist_ok=True)
+    predictors: dict[str, Any] = {}
+    for name in sorted(oof):
+        target = out / f"{name}.npz"
+        if target.exists():
+            continue
+        checkpoint = oof[name]
+        if checkpoint not in predictors:
+            predictors[checkpoint] = load_predictor(
+                [checkpoint],
+                "cpu",
+                layout=LAYOUTS[DEFAULT_TILING],
+                tta=DEFAULT_TTA,
+                precision=DEFAULT_PRECISION,
+            )[0]
+        predictor = predictors[checkpoint]
+        start = time.perf_counter()
+        prep = prepared(load_case(folders[name]), predictor.normalisation)
+        probs = predictor.predict(prep.images, prep.mask)
+        partial = target.with_suffix(".partial.npz")
+        np.savez_compressed(
+            partial,
+            **{k: getattr(probs, k).astype(np.float16) for k in TaskProbabilities._fields},
+            normalisation=np.array(predictor.normalisation),
+            checkpoint=np.array(checkpoint),
+        )
+        partial.rename(target)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def combinations(
+    wt: list[float], core: list[float], et: list[float]
+) -> dict[str, SegmentationOptions]:
+    """Setting name -> options: the default inference, then the region rule at each
+    combination of lines (names as ``bench/accuracy.py`` levers)."""
+    out = {BASELINE: SegmentationOptions()}
+    for w, c, e in itertools.product(wt, core, et):
+        name = f"regions+wt{round(w * 100):02d}+core{round(c * 100):02d}+et{round(e * 100):02d}"
+        out[name] = SegmentationOptions(
+            fusion="regions", thresholds=RegionThresholds(whole=w, core=c, enhancing=e)
+        )
+    return out
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    both = int(pred.sum()) + int(ref.sum())
+    return 2.0 * int(np.count_nonzero(pred & ref)) / both if both else 1.0
+
+
+def sweep(
+    stored: Path, settings: dict[str, SegmentationOptions], data: list[Path]
+) -> dict[str, PerCase]:
+    """Setting -> case -> region -> {"dice": ...}, for every stored case."""
+    folders = find_cases_in(data)
+    out: dict[str, PerCase] = {name: {} for name in settings}
+    for path in sorted(stored.glob("*.npz")):
+        if path.name.endswith(".partial.npz"):
+            continue
+        name = path.name.removesuffix(".npz")
+        start = time.perf_counter()
+        saved = np.load(path)
+        case = load_case(folders[name])
+        prep = prepared(case, str(saved["normalisation"]))
+        probs = TaskProbabilities(*(saved[k].astype(np.float32) for k in TaskProbabilities._fields))
+        label_file = find_label_file(folders[name])
+        if label_file is None:
+            raise SystemExit(f"{name}: no reference label map under {folders[name]}")
+        reference = to_brats2018(load_labels(label_file, like=case))
+        for setting, options in settings.items():
+            labels = label_probabilities(probs, prep, case.affine, options).labels
+            out[setting][name] = {
+                r: {"dice": dice(region_mask(labels, r), region_mask(reference, r))}
+                for r in REGIONS
+            }
+        base = " ".join(f"{out[BASELINE][name][r]['dice']:.3f}" for r in REGIONS)
+        print(f"{name}: arg-max {base} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def mean_dice(per_case: PerCase, names: list[str]) -> float:
+    return float(np.mean([per_case[n][r]["dice"] for n in names for r in REGIONS]))
+
+
+def nested(scores: dict[str, PerCase], folds: dict[str, str]) -> tuple[PerCase, dict[str, str]]:
+    """Each fold's cases labelled with the setting chosen on the other folds alone (the
+    best mean Dice over the three regions; ties go to the earlier setting, the baseline
+    first); and fold -> the setting chosen for it."""
+    chosen: dict[str, str] = {}
+    out: PerCase = {}
+    cases = sorted(scores[BASELINE])
+    for fold in sorted({folds[n] for n in cases}):
+        rest = [n for n in cases if folds[n] != fold]
+        best = max(scores, key=lambda s: (mean_dice(scores[s], rest), -list(scores).index(s)))
+        chosen[fold] = best
+        out.update({n: scores[best][n] for n in cases if folds[n] == fold})
+    return out, chosen
+
+
+def report(scores: dict[str, PerCase], folds: dict[str, str]) -> dict[str, Any]:
+    names = sorted(scores[BASELINE])
+    print(f"\n{'setting':<36} " + " ".join(f"{r:>6}" for r in REGIONS) + "   mean  worst WT")
+    for setting, per_case in scores.items():
+        means = [np.mean([per_case[n][r]["dice"] for n in names]) for r in REGIONS]
+        worst = min(per_case[n]["WT"]["dice"] for n in names)
+        row = " ".join(f"{m:6.3f}" for m in means)
+        print(f"{setting:<36} {row} {np.mean(means):6.3f} {worst:6.3f}")
+    picked, chosen = nested(scores, folds)
+    print("\nchosen on the other folds: " + ", ".join(f"{f} {s}" for f, s in chosen.items()))
+    results: dict[str, Any] = {f"oof/{s}": {"per_case": c} for s, c in scores.items()}
+    results[f"oof/{NESTED}"] = {"per_case": picked, "chosen": chosen}
+    comparison = paired(results[f"oof/{BASELINE}"], results[f"oof/{NESTED}"])
+    for r in REGIONS:
+        d = comparison[r]
+        low, high = d["interval"]
+        print(
+            f"nested minus arg-max {r}: {d['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], "
+            f"won {d['second_wins']} / lost {d['first_wins']}, "
+            f"worst {d['worst'][0]:.3f} -> {d['worst'][1]:.3f}"
+        )
+    return {"folds": folds, "results": results, "comparison": comparison}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_dir = resolve_data_dir(os.environ.get("OMNET_DATA_DIR"))
+    data = [data_dir / "brats2018", data_dir / "brats-extra"]
+    p_dump = sub.add_parser("dump", help="keep the fold models' out-of-fold probabilities")
+    p_dump.add_argument("--crossval", type=Path, required=True, metavar="RUNS")
+    p_dump.add_argument("--folds", nargs="+", type=int)
+    p_dump.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration" / "landmarks")
+    p_sweep = sub.add_parser("sweep", help="label, score and choose the lines out of fold")
+    p_sweep.add_argument("stored", type=Path)
+    p_sweep.add_argument("--wt", nargs="+", type=float, default=[0.4, 0.45, 0.5])
+    p_sweep.add_argument("--core", nargs="+", type=float, default=[0.35, 0.4, 0.45, 0.5])
+    p_sweep.add_argument("--et", nargs="+", type=float, default=[0.5])
+    p_sweep.add_argument("--json", type=Path)
+    for p in (p_dump, p_sweep):
+        p.add_argument("--data", type=Path, nargs="+", default=data)
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump(args.crossval, args.folds, args.out, args.data)
+        return
+    scores = sweep(args.stored, combinations(args.wt, args.core, args.et), args.data)
+    document = report(scores, fold_of(sorted(scores[BASELINE])))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1))
+
+
+if __name__ == "__main__":
+    main()
