@@ -22,6 +22,7 @@ all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
 default is the product's ``auto`` precision), ``regions`` (task 2 decided region by
 region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class),
+``joint`` (the same with the whole tumour voted by task 1 and task 2 together),
 ``noshell`` (with ``lesion``: a shell along the brain's edge is not spared for its
 confident core while a component that is not a shell holds confident core; the
 product's default since the landmarks model, so ``wide+lesion+guard+mirror+noshell`` is
@@ -108,6 +109,7 @@ LEVERS = (
     "fp32",
     "mixed",
     "regions",
+    "joint",
     "noshell",
 )
 
@@ -144,7 +146,7 @@ class Setting:
             relabel_guard="guard" in levers,
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if {"lesion", "largest"} & set(levers) else None,
             main_lesion_guard="largest" not in levers,
-            fusion="regions" if "regions" in levers else "argmax",
+            fusion="joint" if "joint" in levers else "regions" if "regions" in levers else "argmax",
             spare_shells="noshell" not in levers,
             thresholds=thresholds,
         )

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import REGIONS, crossval_models, fold_of  # noqa: E402
+from accuracy import REGIONS, Setting, crossval_models, fold_of  # noqa: E402
 from compare import paired  # noqa: E402
 
 from model.defaults import DEFAULT_PRECISION, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
@@ -116,11 +116,14 @@ def dump(runs: Path, folds: list[int] | None, out: Path, data: list[Path]) -> No
 
 
 def combinations(
-    wt: list[float], core: list[float], et: list[float]
+    wt: list[float], core: list[float], et: list[float], settings: list[str] | tuple[str, ...] = ()
 ) -> dict[str, SegmentationOptions]:
-    """Setting name -> options: the default inference, then the region rule at each
-    combination of lines (names as ``bench/accuracy.py`` levers)."""
+    """Setting name -> options: the default inference, the ``bench/accuracy.py``
+    ``settings`` given (their fusion and post-processing; the network pass is the stored
+    one), then the region rule at each combination of lines (names as ``bench/accuracy.py``
+    levers)."""
     out = {BASELINE: SegmentationOptions()}
+    out |= {name: Setting.parse(name).options for name in settings}
     for w, c, e in itertools.product(wt, core, et):
         name = f"regions+wt{round(w * 100):02d}+core{round(c * 100):02d}+et{round(e * 100):02d}"
         out[name] = SegmentationOptions(
@@ -218,9 +221,16 @@ def main() -> None:
     p_dump.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration" / "landmarks")
     p_sweep = sub.add_parser("sweep", help="label, score and choose the lines out of fold")
     p_sweep.add_argument("stored", type=Path)
-    p_sweep.add_argument("--wt", nargs="+", type=float, default=[0.4, 0.45, 0.5])
-    p_sweep.add_argument("--core", nargs="+", type=float, default=[0.35, 0.4, 0.45, 0.5])
-    p_sweep.add_argument("--et", nargs="+", type=float, default=[0.5])
+    p_sweep.add_argument("--wt", nargs="*", type=float, default=[0.4, 0.45, 0.5])
+    p_sweep.add_argument("--core", nargs="*", type=float, default=[0.35, 0.4, 0.45, 0.5])
+    p_sweep.add_argument("--et", nargs="*", type=float, default=[0.5])
+    p_sweep.add_argument(
+        "--setting",
+        nargs="+",
+        default=[],
+        help="bench/accuracy.py settings to try besides the lines (only their fusion and "
+        "post-processing count)",
+    )
     p_sweep.add_argument("--json", type=Path)
     for p in (p_dump, p_sweep):
         p.add_argument("--data", type=Path, nargs="+", default=data)
@@ -228,7 +238,8 @@ def main() -> None:
     if args.command == "dump":
         dump(args.crossval, args.folds, args.out, args.data)
         return
-    scores = sweep(args.stored, combinations(args.wt, args.core, args.et), args.data)
+    settings = combinations(args.wt, args.core, args.et, args.setting)
+    scores = sweep(args.stored, settings, args.data)
     document = report(scores, fold_of(sorted(scores[BASELINE])))
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))

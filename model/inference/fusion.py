@@ -21,6 +21,11 @@ probability (NCR/NET + ET) exceeds the edema probability; task 3 as above. A vox
 tumour probability is split between classes (say 0.3 edema, 0.3 core, 0.4 background
 and normal tissue) is tumour under this rule and background under the arg-max.
 
+A third rule (``rule="joint"``) is the region rule with the whole tumour taken from both
+tasks: where the mean of task 1's and task 2's tumour probabilities exceeds 0.5 (inside
+the dilated coarse tumour, as always), so that the two passes vote on the tumour's
+extent; core and ET inside it as the region rule decides them.
+
 The region rule's lines can move (:class:`RegionThresholds`): whole tumour above another
 tumour probability, core where the core's share of the tumour probability exceeds
 another fraction, ET above another task-3 probability (the ET line holds for both
@@ -40,9 +45,10 @@ from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, EnhancingCla
 
 DILATION_VOXELS = 5
 
-#: How task 2's five probabilities become labels: its arg-max class (the paper's), or
-#: region by region (whole tumour, then core inside it); see the module's docstring.
-FusionRule = Literal["argmax", "regions"]
+#: How task 2's five probabilities become labels: its arg-max class (the paper's),
+#: region by region (whole tumour, then core inside it), or region by region with the
+#: whole tumour voted by tasks 1 and 2 together; see the module's docstring.
+FusionRule = Literal["argmax", "regions", "joint"]
 FUSION_RULES: tuple[FusionRule, ...] = get_args(FusionRule)
 
 
@@ -51,7 +57,8 @@ class RegionThresholds:
     """Where the fusion draws its lines (each a probability in (0, 1)).
 
     Attributes:
-        whole: region rule: whole tumour where task 2's tumour probability exceeds this.
+        whole: region rule: whole tumour where task 2's tumour probability exceeds this
+            (joint rule: the mean of task 1's and task 2's).
         core: region rule: core where the core's share of task 2's tumour probability,
             (NCR/NET + ET) / (NCR/NET + ED + ET), exceeds this (0.5: core above edema).
         enhancing: both rules: ET inside the core where task 3's P(ET) exceeds this.
@@ -141,7 +148,11 @@ def fuse(
     else:
         core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
         tumour_p = core_p + p2[TaskClass.EDEMA]
-        whole = region & (tumour_p > lines.whole)
+        if rule == "joint":
+            voted = 0.5 * (tumour_p + probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0))
+            whole = region & (voted > lines.whole)
+        else:
+            whole = region & (tumour_p > lines.whole)
         core = whole & (core_p > lines.core * tumour_p)
         edema = whole & ~core
     labels = np.zeros(p2.shape[1:], dtype=np.uint8)

@@ -360,7 +360,7 @@ def test_regions_rule_keeps_the_region_nesting_and_the_dilated_region(seed):
 
 
 def test_an_unknown_fusion_rule_is_refused():
-    assert FUSION_RULES == ("argmax", "regions")
+    assert FUSION_RULES == ("argmax", "regions", "joint")
     with pytest.raises(ValueError, match="fusion rule"):
         fuse(_random_probs(), rule="vote")  # type: ignore[arg-type]
 
@@ -421,3 +421,22 @@ def test_region_thresholds_must_lie_strictly_between_0_and_1(value):
     for field in ("whole", "core", "enhancing"):
         with pytest.raises(ValueError, match=field):
             RegionThresholds(**{field: value})
+
+
+def test_joint_rule_votes_the_whole_tumour_with_both_tasks():
+    """Whole tumour where the mean of task 1's and task 2's tumour probabilities exceeds
+    the line; core inside it as the region rule decides."""
+    probs = _probs((2, 2, 2))
+    p1, p2 = probs.coarse, probs.tumour
+    # Task 1 sure (0.75), task 2 unsure (0.375, all core): mean 0.5625, tumour.
+    _set(p1, (0, 0, 0), [0.25, 0.0, 0.25, 0.25, 0.25])
+    _set(p2, (0, 0, 0), [0.625, 0.0, 0.375, 0.0, 0.0])
+    # Task 2 says edema (0.625), task 1 says normal tissue (0.25 tumour): mean 0.4375.
+    _set(p1, (1, 1, 1), [0.0, 0.75, 0.0, 0.25, 0.0])
+    _set(p2, (1, 1, 1), [0.375, 0.0, 0.0, 0.625, 0.0])
+    regions, joint = fuse(probs, rule="regions"), fuse(probs, rule="joint")
+    assert regions[0, 0, 0] == 0 and joint[0, 0, 0] == NCR_NET
+    assert regions[1, 1, 1] == EDEMA and joint[1, 1, 1] == 0
+    lower = fuse(probs, rule="joint", thresholds=RegionThresholds(whole=0.375))
+    assert lower[1, 1, 1] == EDEMA
+    assert np.count_nonzero(joint) == 1 and np.count_nonzero(regions) == 1
