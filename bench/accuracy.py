@@ -21,13 +21,14 @@ lesion, the largest component, and no component spared), ``tta`` (flip averaging
 all eight mirrorings), ``mirror`` (the same over the left-right mirror only),
 ``mixed`` (autocast: bfloat16 on the CPU, float16 on CUDA) or ``fp32`` (no autocast; the
 default is the product's ``auto`` precision), ``regions`` (task 2 decided region by
-region, :data:`model.inference.fusion.FusionRule`; the default is its arg-max class),
-``joint`` (the same with the whole tumour voted by task 1 and task 2 together),
+region, :data:`model.defaults.FusionRule`; without it or ``joint``, the paper's arg-max
+class, which the documents before ``joint`` measured), ``joint`` (the same with the
+whole tumour voted by task 1 and task 2 together; the product's default fusion),
 ``noshell`` (with ``lesion``: a shell along the brain's edge is not spared for its
 confident core while a component that is not a shell holds confident core; the
-product's default since the landmarks model, so ``wide+lesion+guard+mirror+noshell`` is
-the default inference; without it, the earlier rule that the documents before it
-measured), and ``wtNN``, ``coreNN``, ``etNN`` (the fusion's lines moved to 0.NN,
+product's default since the landmarks model; without it, the earlier rule that the
+documents before it measured; ``wide+lesion+guard+mirror+noshell+joint`` is the default
+inference), and ``wtNN``, ``coreNN``, ``etNN`` (the fusion's lines moved to 0.NN,
 :class:`model.inference.fusion.RegionThresholds`: ``wt`` and ``core`` for the region
 rule, ``et`` for both).
 Prints Dice and HD95 (WT, TC, ET) per institution group (from the case name), the mean

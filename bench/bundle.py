@@ -2,8 +2,8 @@
 
     python bench/bundle.py bench/final-runs/landmarks \
         [--crossval bench/cv-runs-landmarks] \
-        [--oof bench/cv-runs-landmarks/oof/all-mirror.json] \
-        [--setting oof/wide+lesion+guard+mirror+noshell] [--out model/weights/omnet_cga.pt]
+        [--oof bench/cv-runs-landmarks/oof/all-joint.json] \
+        [--setting oof/wide+lesion+guard+mirror+noshell+joint] [--out model/weights/omnet_cga.pt]
 
 The run (``bench/crossval.py train --study final``) trained on every case, so no case
 can score it. Its expected accuracy on cases it never saw is what the cross-validation
@@ -54,8 +54,8 @@ from model.weights import BUNDLED_PATH  # noqa: E402
 #: The cross-validation of the bundled recipe (landmarks normalisation), and its
 #: out-of-fold document and result of the default inference.
 DEFAULT_CROSSVAL = ROOT / "bench" / "cv-runs-landmarks"
-DEFAULT_OOF = DEFAULT_CROSSVAL / "oof" / "all-mirror.json"
-DEFAULT_SETTING = "oof/wide+lesion+guard+mirror+noshell"
+DEFAULT_OOF = DEFAULT_CROSSVAL / "oof" / "all-joint.json"
+DEFAULT_SETTING = "oof/wide+lesion+guard+mirror+noshell+joint"
 
 #: The measures the shipped quality rule is chosen from (its nested count in the card).
 FLAG_MEASURES = ("task_agreement",)
@@ -164,7 +164,8 @@ def check_default_inference(setting: str) -> None:
         raise SystemExit(
             f"setting {setting!r} is not the default inference ({DEFAULT_TILING} tiling, "
             f"test-time augmentation {DEFAULT_TTA}, post-processing {DEFAULT_POSTPROCESS}, "
-            "precision auto); the card states the accuracy of the default"
+            f"fusion {default.fusion}, precision auto); the card states the accuracy of the "
+            "default"
         )
 
 

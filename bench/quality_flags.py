@@ -1,7 +1,7 @@
 """Chooses the quality flag's thresholds on some folds and measures them on the others.
 
     python bench/quality_flags.py bench/cv-runs-landmarks/oof/all-mirror.json \
-        [--setting oof/wide+lesion+guard+mirror+noshell] [--failure 0.70] \
+        [--setting oof/wide+lesion+guard+mirror+noshell+joint] [--failure 0.70] \
         [--max-false-alarms 0.10] [--max-tests 1] [--measures task_agreement ...]
 
 Reads ``bench/accuracy.py --crossval --json`` documents (each case's Dice and quality
@@ -189,7 +189,7 @@ def describe(rule: Rule) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("documents", nargs="+", type=Path)
-    parser.add_argument("--setting", default="oof/wide+lesion+guard+mirror+noshell")
+    parser.add_argument("--setting", default="oof/wide+lesion+guard+mirror+noshell+joint")
     parser.add_argument("--failure", type=float, default=FAILURE_WT)
     parser.add_argument("--max-false-alarms", type=float, default=MAX_FALSE_ALARMS)
     parser.add_argument("--max-tests", type=int, choices=(1, 2), default=2)

@@ -51,6 +51,33 @@ POSTPROCESS_MEANINGS: dict[PostprocessMode, str] = {
     "none": "no post-processing, the network's fused output as it is",
 }
 
+#: How the three tasks' probabilities become labels (see :mod:`model.inference.fusion`):
+#: task 2's arg-max class (the paper's), region by region, or region by region with the
+#: whole tumour voted by tasks 1 and 2 together.
+FusionRule = Literal["argmax", "regions", "joint"]
+FUSION_RULES: tuple[FusionRule, ...] = get_args(FusionRule)
+#: The product's fusion: measured best out of fold (docs/training.md, "Fusion with both
+#: tasks' whole tumour"): against the paper's arg-max, on all 34 cases scored by fold
+#: models that never trained on them, TC +0.021 [+0.007, +0.036] (19 cases won, 7
+#: lost), ET +0.008, WT +0.006, and the worst WT case no worse.
+DEFAULT_FUSION: FusionRule = "joint"
+#: Fusion of results stored before the rule was recorded: the arg-max was the only one.
+LEGACY_FUSION: FusionRule = "argmax"
+#: What each rule does, in one phrase (the settings page and the command line's help).
+FUSION_MEANINGS: dict[FusionRule, str] = {
+    "joint": "whole tumour where the mean of task 1's and task 2's tumour probabilities "
+    "exceeds 0.5, core inside it where core outweighs edema; measured best out of fold",
+    "regions": "whole tumour where task 2's tumour probability exceeds 0.5, core inside it "
+    "where core outweighs edema",
+    "argmax": "the paper's: task 2's most probable class inside task 1's dilated tumour",
+}
+
+
+def describe_fusion(mark: str = "`") -> str:
+    """The fusion rules and what each does, as one line of prose."""
+    return "; ".join(f"{mark}{rule}{mark} ({FUSION_MEANINGS[rule]})" for rule in FUSION_RULES)
+
+
 #: The tilings the product offers (see :data:`model.inference.tiling.TILINGS`).
 TilingName = Literal["wide", "paper"]
 TILING_NAMES: tuple[TilingName, ...] = get_args(TilingName)

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.defaults import (
+    DEFAULT_FUSION,
     DEFAULT_POSTPROCESS,
     DEFAULT_PRECISION,
     DEFAULT_TILING,
@@ -35,10 +36,12 @@ from model.defaults import (
     POSTPROCESS_MODES,
     PRECISIONS,
     TILING_NAMES,
+    FusionRule,
     PostprocessMode,
     Precision,
     TilingName,
     TtaMode,
+    describe_fusion,
     describe_postprocess,
     describe_tta,
     tiling_name,
@@ -144,6 +147,10 @@ class Settings(BaseSettings):
         DEFAULT_POSTPROCESS,
         description="post-processing of the jobs that ask for it (`postprocess=true`, the "
         f"API's default): {describe_postprocess(SERVICE_POSTPROCESS_MODES)}",
+    )
+    fusion: FusionRule = Field(
+        DEFAULT_FUSION,
+        description=f"how the worker's labels are made from the tasks: {describe_fusion()}",
     )
     tta: Annotated[TtaMode, BeforeValidator(tta_mode)] = Field(
         DEFAULT_TTA,

@@ -150,7 +150,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         source = inputs["image"] if "image" in inputs else {m: inputs[m] for m in MODALITIES}
     read_s = time.perf_counter() - started  # a study's conversion; NIfTI is read below
     mode = settings.postprocess if opts["postprocess"] else NO_POSTPROCESS
-    options = SegmentationOptions.for_postprocess(mode, opts["probabilities"])
+    options = SegmentationOptions.for_postprocess(mode, opts["probabilities"], settings.fusion)
     dicom = study_path is not None
     outputs = CaseOutputs(
         storage.output(job.id, "segmentation"),
@@ -168,6 +168,7 @@ def _segment(job: Job, settings: Settings, storage: Storage, hb: Heartbeat) -> d
         precision=predictor.precision,
         batch_size=predictor.batch_size,
         postprocess=mode,
+        fusion=settings.fusion,
     )
 
     def progress(done: int, total: int) -> None:

@@ -35,21 +35,15 @@ rules). At 0.5 each, the rule is as described above.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
 
+from model.defaults import FUSION_RULES, FusionRule
 from model.inference.tiling import TaskProbabilities
 from model.labels import EDEMA, ENHANCING, NCR_NET, TUMOUR_CLASSES, EnhancingClass, TaskClass
 
 DILATION_VOXELS = 5
-
-#: How task 2's five probabilities become labels: its arg-max class (the paper's),
-#: region by region (whole tumour, then core inside it), or region by region with the
-#: whole tumour voted by tasks 1 and 2 together; see the module's docstring.
-FusionRule = Literal["argmax", "regions", "joint"]
-FUSION_RULES: tuple[FusionRule, ...] = get_args(FusionRule)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from model.defaults import (
+    DEFAULT_FUSION,
     DEFAULT_PRECISION,
     DEFAULT_TTA,
     MAIN_LESION_GAP_MM,
@@ -80,8 +81,9 @@ class SegmentationOptions:
             :func:`model.inference.lesions.keep_main_lesion`).
         probabilities: also return the fused per-class probabilities.
         dilation: radius (voxels) of the dilation of task 1's coarse tumour.
-        fusion: how task 2's probabilities become labels
-            (:data:`model.inference.fusion.FusionRule`).
+        fusion: how the tasks' probabilities become labels
+            (:data:`model.defaults.FusionRule`; the product's is
+            :data:`model.defaults.DEFAULT_FUSION`, ``argmax`` is the paper's).
         thresholds: where the fusion draws its lines
             (:class:`model.inference.fusion.RegionThresholds`; 0.5 each by default).
     """
@@ -94,12 +96,15 @@ class SegmentationOptions:
     spare_shells: bool = False
     probabilities: bool = False
     dilation: float = DILATION_VOXELS
-    fusion: FusionRule = "argmax"
+    fusion: FusionRule = DEFAULT_FUSION
     thresholds: RegionThresholds = field(default_factory=RegionThresholds)
 
     @classmethod
-    def for_postprocess(cls, mode: str, probabilities: bool = False) -> SegmentationOptions:
-        """The options of a post-processing mode of :data:`POSTPROCESS_MODES`.
+    def for_postprocess(
+        cls, mode: str, probabilities: bool = False, fusion: FusionRule = DEFAULT_FUSION
+    ) -> SegmentationOptions:
+        """The options of a post-processing mode of :data:`POSTPROCESS_MODES`, with the
+        fusion rule ``fusion``.
 
         Raises:
             ValueError: an unknown mode.
@@ -114,6 +119,7 @@ class SegmentationOptions:
             relabel_guard=mode in ("guarded", "main-lesion-relabel"),
             main_lesion_gap_mm=MAIN_LESION_GAP_MM if main_lesion else None,
             probabilities=probabilities,
+            fusion=fusion,
         )
 
 

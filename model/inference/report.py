@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from typing_extensions import TypedDict
 
-from model.defaults import tta_mode
+from model.defaults import DEFAULT_FUSION, LEGACY_FUSION, tta_mode
 
 if TYPE_CHECKING:  # the API reads this module's types without loading the metrics' imports
     from model.evaluation.metrics import RegionMetrics
@@ -62,8 +62,8 @@ class InferenceDict(TypedDict):
     """How the result was made: the model (``name`` and ``sha256`` of the checkpoint, or
     of the ensemble joined by ``+``), tiling, mirrored test-time augmentation (``tta``:
     whether any; ``tta_mode``: ``off``, ``mirror`` or ``all``), device,
-    the network's arithmetic (``float32``, ``bfloat16`` or ``float16``), tiles per batch
-    and post-processing mode."""
+    the network's arithmetic (``float32``, ``bfloat16`` or ``float16``), tiles per batch,
+    post-processing mode and fusion rule (:data:`model.defaults.FusionRule`)."""
 
     model_name: str
     model_sha256: str
@@ -75,6 +75,7 @@ class InferenceDict(TypedDict):
     precision: str
     batch_size: int
     postprocess: str
+    fusion: str
 
 
 class QualityDict(TypedDict):
@@ -147,6 +148,7 @@ class InferenceInfo:
     precision: str
     batch_size: int
     postprocess: str
+    fusion: str = DEFAULT_FUSION
 
     @classmethod
     def describe(
@@ -159,6 +161,7 @@ class InferenceInfo:
         precision: str,
         batch_size: int,
         postprocess: str,
+        fusion: str = DEFAULT_FUSION,
     ) -> InferenceInfo:
         """From :func:`model.net.checkpoint.describe_checkpoints`'s account of the model
         and the predictor's settings (``tta`` as :class:`~model.inference.tiling.Predictor`
@@ -180,6 +183,7 @@ class InferenceInfo:
             precision,
             batch_size,
             postprocess,
+            fusion,
         )
 
     def to_dict(self) -> InferenceDict:
@@ -194,6 +198,7 @@ class InferenceInfo:
             precision=self.precision,
             batch_size=self.batch_size,
             postprocess=self.postprocess,
+            fusion=self.fusion,
         )
 
 
@@ -283,6 +288,9 @@ def upgrade_report(document: Mapping[str, Any]) -> dict[str, Any]:
             # Stored before the key existed: the predictor autocast on CUDA only.
             cuda = str(inference.get("device", "")).startswith("cuda")
             inference = {**inference, "precision": "float16" if cuda else "float32"}
+        if inference is not None and "fusion" not in inference:
+            # Stored before the fusion rule was recorded: the arg-max was the only one.
+            inference = {**inference, "fusion": LEGACY_FUSION}
         if inference is not None and "tta_mode" not in inference:
             # Stored before the modes: test-time augmentation was all eight or none.
             inference = {**inference, "tta_mode": "all" if inference.get("tta") else "off"}

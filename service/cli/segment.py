@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.defaults import (
+    DEFAULT_FUSION,
     DEFAULT_POSTPROCESS,
     DEFAULT_PRECISION,
     DEFAULT_TILING,
     DEFAULT_TTA,
+    FUSION_RULES,
     NO_POSTPROCESS,
     POSTPROCESS_MODES,
     PRECISIONS,
     TILING_NAMES,
     TTA_MODES,
+    describe_fusion,
     describe_postprocess,
     describe_tta,
 )
@@ -156,6 +159,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         const=NO_POSTPROCESS,
         dest="postprocess",
         help=f"same as --postprocess {NO_POSTPROCESS}",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=FUSION_RULES,
+        default=DEFAULT_FUSION,
+        help="how the tasks' probabilities become labels: "
+        + describe_fusion("").replace("%", "%%")
+        + " (default %(default)s)",
     )
     p.add_argument(
         "--tta-mode",
@@ -440,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
         tta=args.tta,
         precision=args.precision,
     )
-    options = SegmentationOptions.for_postprocess(args.postprocess, args.probabilities)
+    options = SegmentationOptions.for_postprocess(args.postprocess, args.probabilities, args.fusion)
     inference = InferenceInfo.describe(
         describe_checkpoints(loaded, metadata=False),
         tiling=args.tiling,
@@ -449,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
         precision=predictor.precision,
         batch_size=args.batch_size,
         postprocess=args.postprocess,
+        fusion=args.fusion,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []

@@ -43,7 +43,7 @@ def _run(folder: Path, config: dict, cases: list[str], held_out: list[str], step
 
 
 #: The default inference's accuracy setting.
-SETTING = "oof/wide+lesion+guard+mirror+noshell"
+SETTING = "oof/wide+lesion+guard+mirror+noshell+joint"
 
 
 def _oof(path: Path) -> Path:
@@ -119,10 +119,11 @@ def test_a_run_of_another_recipe_or_unfinished_is_refused(tmp_path, bundle_bench
     assert bundle_bench.DEFAULT_SETTING == SETTING
     run = _run(tmp_path / "run", CONFIG, sorted(CASES), [], 20)
     for setting in (
-        "oof/wide+lesion+guard+noshell",
-        "oof/paper+lesion+guard+mirror+noshell",
-        "oof/wide+lesion+noshell",
-        "oof/wide+lesion+guard+mirror",  # the earlier rule: shells spared for their core
+        "oof/wide+lesion+guard+noshell+joint",
+        "oof/paper+lesion+guard+mirror+noshell+joint",
+        "oof/wide+lesion+noshell+joint",
+        "oof/wide+lesion+guard+mirror+joint",  # the earlier rule: shells spared for their core
+        "oof/wide+lesion+guard+mirror+noshell",  # the paper's arg-max fusion
     ):
         with pytest.raises(SystemExit, match="is not the default inference"):
             bundle_bench.bundle(run, crossval, oof, setting, tmp_path / "d.pt")

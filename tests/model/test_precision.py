@@ -79,3 +79,10 @@ def test_a_version_1_report_stored_before_tta_modes_gains_its_mode() -> None:
         assert upgrade_report(old)["inference"]["tta_mode"] == mode
     now = {"report_version": 1, "inference": {"tta": True, "tta_mode": "mirror"}}
     assert upgrade_report(now)["inference"]["tta_mode"] == "mirror"
+
+
+def test_a_report_stored_before_the_fusion_rule_was_recorded_says_argmax() -> None:
+    old = {"report_version": 1, "inference": {"tta": True, "tta_mode": "mirror"}}
+    assert upgrade_report(old)["inference"]["fusion"] == "argmax"
+    now = {"report_version": 1, "inference": {"fusion": "joint"}}
+    assert upgrade_report(now)["inference"]["fusion"] == "joint"

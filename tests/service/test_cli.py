@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import weights
-from model.defaults import DEFAULT_TTA
+from model.defaults import DEFAULT_FUSION, DEFAULT_TTA
 from model.io.phantom import write_phantom
 from model.net.checkpoint import save_checkpoint
 from model.net.network import ArchConfig, build_model
@@ -164,6 +164,15 @@ def test_segment_folder_of_cases(cases, checkpoint, tmp_path, capsys):
     ("flags", "mode"),
     [((), DEFAULT_TTA), (("--tta",), "all"), (("--tta-mode", "off"), "off")],
 )
+@pytest.mark.parametrize(
+    ("flags", "rule"), [((), DEFAULT_FUSION), (("--fusion", "argmax"), "argmax")]
+)
+def test_segment_records_its_fusion_rule(cases, checkpoint, tmp_path, flags, rule):
+    assert _segment([cases / "alpha"], tmp_path, checkpoint, *flags) == 0
+    inference = json.loads((tmp_path / "alpha_metrics.json").read_text())["inference"]
+    assert inference["fusion"] == rule
+
+
 def test_segment_records_its_tta_mode(cases, checkpoint, tmp_path, flags, mode):
     assert _segment([cases / "alpha"], tmp_path, checkpoint, *flags) == 0
     inference = json.loads((tmp_path / "alpha_metrics.json").read_text())["inference"]

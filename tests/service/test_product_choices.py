@@ -12,9 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from model.defaults import (
+    DEFAULT_FUSION,
     DEFAULT_POSTPROCESS,
     DEFAULT_TILING,
     DEFAULT_TTA,
+    FUSION_MEANINGS,
+    FUSION_RULES,
     NO_POSTPROCESS,
     POSTPROCESS_MEANINGS,
     POSTPROCESS_MODES,
@@ -80,6 +83,18 @@ def test_the_settings_page_names_the_modes_and_tilings():
     fields = Settings.model_fields
     assert _named(fields["tiling"].description) == set(TILING_NAMES)
     assert _named(fields["postprocess"].description) == SERVICE_MODES
+    assert _named(fields["fusion"].description) == set(FUSION_RULES)
+
+
+def test_every_fusion_rule_has_its_meaning_and_the_settings_take_exactly_them(monkeypatch):
+    assert set(FUSION_MEANINGS) == set(FUSION_RULES) and DEFAULT_FUSION in FUSION_RULES
+    assert Settings().fusion == DEFAULT_FUSION
+    for rule in FUSION_RULES:
+        monkeypatch.setenv("OMNET_FUSION", rule)
+        assert Settings().fusion == rule
+    monkeypatch.setenv("OMNET_FUSION", "vote")
+    with pytest.raises(ValidationError, match="fusion"):
+        Settings()
 
 
 # --------------------------------------------------------------------------- command line
@@ -98,6 +113,7 @@ def _option(command: str, flag: str) -> argparse.Action:
         ("segment", "--postprocess", POSTPROCESS_MODES, DEFAULT_POSTPROCESS),
         ("train", "--val-tiling", TILING_NAMES, DEFAULT_TILING),
         ("segment", "--tta-mode", TTA_MODES, DEFAULT_TTA),
+        ("segment", "--fusion", FUSION_RULES, DEFAULT_FUSION),
     ],
 )
 def test_the_command_line_offers_exactly_the_names(command, flag, names, default):
