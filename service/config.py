@@ -8,13 +8,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
     BeforeValidator,
@@ -48,6 +45,7 @@ from model.defaults import (
     tta_mode,
 )
 from service.db import DATABASE_TIMEOUT_S
+from service.endpoints import DicomWebEndpoint, parse_destinations, parse_endpoint
 from service.redact import masked_url
 
 #: Heartbeats a running job's worker has, at least, before the job counts as stale.
@@ -434,67 +432,6 @@ def parse_webhook_secrets(value: str) -> dict[str, list[str]]:
         except ValueError as exc:
             raise ValueError(f"webhook secret of owner {owner!r}: {exc}") from None
         out.setdefault(owner, []).append(secret)
-    return out
-
-
-@dataclass(frozen=True)
-class DicomWebEndpoint:
-    """A DICOMweb server: its root URL (without credentials) and its HTTP basic
-    credentials, if any."""
-
-    name: str
-    url: str
-    username: str | None = None
-    password: str | None = None
-
-    def __repr__(self) -> str:  # never the password
-        return f"DicomWebEndpoint({self.name!r}, {self.url!r})"
-
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def parse_endpoint(name: str, text: str) -> DicomWebEndpoint:
-    """The endpoint of a DICOMweb root URL, ``http(s)://[user:password@]host[:port]/path``.
-
-    Raises:
-        ValueError: not an http(s) URL with a host (the message names ``name``, never
-            the URL, which may hold a password).
-    """
-    parts = urlsplit(text.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"DICOMweb endpoint {name!r} must be an http(s) URL with a host")
-    if parts.query or parts.fragment:
-        raise ValueError(f"DICOMweb endpoint {name!r} must have no query or fragment")
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return DicomWebEndpoint(name, url, username, password)
-
-
-def parse_destinations(value: str) -> dict[str, DicomWebEndpoint]:
-    """Name -> endpoint from ``name=url`` items separated by commas.
-
-    Raises:
-        ValueError: an item without a name or with a bad URL, or a name given twice.
-    """
-    out: dict[str, DicomWebEndpoint] = {}
-    for item in value.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, _, url = item.partition("=")
-        name = name.strip()
-        if not _NAME.fullmatch(name) or not url.strip():
-            raise ValueError(
-                "dicomweb_destinations items are 'name=url', names of letters, digits, "
-                "'_', '.' and '-'"
-            )
-        if name in out:
-            raise ValueError(f"DICOMweb destination {name!r} is named twice")
-        out[name] = parse_endpoint(name, url)
     return out
 
 
