@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.defaults import DEFAULT_TTA
+from model.defaults import DEFAULT_FUSION, DEFAULT_TTA
 from model.inference.case import CaseOutputs, process_case
 from model.inference.fusion import fuse, fused_probabilities
 from model.inference.pipeline import (
@@ -131,8 +131,12 @@ def test_raw_labels_are_the_fused_task_outputs(phantom, predictor, task_probs):
     images, _, affine = phantom
     prep, probs = task_probs
     raw = segment_images(images, affine, predictor, RAW)
-    np.testing.assert_array_equal(raw.labels, paste(fuse(probs, prep.mask), prep))
+    assert RAW.fusion == DEFAULT_FUSION
+    expected = fuse(probs, prep.mask, rule=DEFAULT_FUSION)
+    np.testing.assert_array_equal(raw.labels, paste(expected, prep))
     assert raw.probabilities is None  # only computed on request
+    paper = segment_images(images, affine, predictor, replace(RAW, fusion="argmax"))
+    np.testing.assert_array_equal(paper.labels, paste(fuse(probs, prep.mask), prep))
 
 
 class BrightFlairNet(nn.Module):

@@ -161,10 +161,6 @@ def test_segment_folder_of_cases(cases, checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("flags", "mode"),
-    [((), DEFAULT_TTA), (("--tta",), "all"), (("--tta-mode", "off"), "off")],
-)
-@pytest.mark.parametrize(
     ("flags", "rule"), [((), DEFAULT_FUSION), (("--fusion", "argmax"), "argmax")]
 )
 def test_segment_records_its_fusion_rule(cases, checkpoint, tmp_path, flags, rule):
@@ -173,6 +169,10 @@ def test_segment_records_its_fusion_rule(cases, checkpoint, tmp_path, flags, rul
     assert inference["fusion"] == rule
 
 
+@pytest.mark.parametrize(
+    ("flags", "mode"),
+    [((), DEFAULT_TTA), (("--tta",), "all"), (("--tta-mode", "off"), "off")],
+)
 def test_segment_records_its_tta_mode(cases, checkpoint, tmp_path, flags, mode):
     assert _segment([cases / "alpha"], tmp_path, checkpoint, *flags) == 0
     inference = json.loads((tmp_path / "alpha_metrics.json").read_text())["inference"]
