@@ -1,35 +1,38 @@
-"""Moves the fusion's lines (whole tumour, core, ET) and chooses them out of fold.
+"""Fusion rules and the fusion's lines (whole tumour, core, ET), chosen out of fold.
 
     python bench/calibration.py dump --crossval bench/cv-runs-landmarks [--folds 0 1] \
         [--out runs/calibration/landmarks]
     python bench/calibration.py sweep runs/calibration/landmarks \
-        [--wt 0.4 0.45 0.5] [--core 0.35 0.4 0.45 0.5] [--et 0.5] [--json out.json]
+        [--wt 0.4 0.45 0.5] [--core 0.35 0.4 0.45 0.5] [--et 0.5] \
+        [--setting wide+lesion+guard+mirror+noshell+regions ...] [--json out.json]
 
-The fused labels decide by task 2's arg-max class, and the out-of-fold results
-under-segment: the core most (mean sensitivity 0.63 against a precision of 0.79 on the 34
-landmarks results). The region rule with moved lines
-(:class:`model.inference.fusion.RegionThresholds`) trades one for the other. Which lines,
-if any, is chosen here on cases that do not report it.
+Everything after the network (fusion, post-processing) can be tried again on the same
+probabilities. The region rule with moved lines
+(:class:`model.inference.fusion.RegionThresholds`) trades sensitivity for precision, and
+other fusion rules use the tasks differently. Which, if any, is chosen here on cases
+that do not report it.
 
 ``dump`` runs every case of the cross-validation folds through the fold model that never
 trained on it, with the default tiling, test-time augmentation and precision, and keeps
 the network's probabilities (float16, on the brain's crop; ``runs/`` is not kept).
 
-``sweep`` labels every case under the arg-max rule (the baseline) and under the region
-rule at every combination of the lines given, through the product's own stages after the
-network (:func:`model.inference.pipeline.label_probabilities`, with the default
-post-processing), and scores Dice against the reference. Then, fold by fold, it chooses
-the combination with the best mean Dice (over the three regions) on the other folds
-alone and applies it to the fold left out: the ``nested`` result is what choosing the
-lines this way gives on cases that did not choose them, paired with the baseline as
-``bench/compare.py`` pairs two results. ``--json`` writes an ``accuracy.py``-shaped
-document (``oof/argmax``, ``oof/nested`` and one result per combination) that
-``bench/compare.py`` reads.
+``sweep`` labels every case with the default inference's fusion and post-processing (the
+baseline, ``default``), with each ``bench/accuracy.py`` setting given (only its fusion
+and post-processing count) and with the region rule at every combination of the lines
+given, through the product's own stages after the network
+(:func:`model.inference.pipeline.label_probabilities`), and scores Dice against the
+reference. Then, fold by fold, it chooses the candidate with the best mean Dice (over
+the three regions) on the other folds alone and applies it to the fold left out: the
+``nested`` result is what choosing this way gives on cases that did not choose it,
+paired with the baseline as ``bench/compare.py`` pairs two results. ``--json`` writes
+an ``accuracy.py``-shaped document (``oof/default``, ``oof/nested`` and one result per
+candidate) that ``bench/compare.py`` reads. (The documents written before the joint
+fusion became the default name the baseline ``oof/argmax``: it was the arg-max then.)
 
 Probabilities stored in float16 move a few borderline voxels against the run that
 stored them; the baseline is computed from the same stored probabilities, so the pairing
-is fair. The chosen lines are then confirmed through the real pipeline with
-``bench/accuracy.py --crossval ... --setting ...+regions+wtNN+coreNN``.
+is fair. A choice is then confirmed through the real pipeline with
+``bench/accuracy.py --crossval ... --setting ...``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import REGIONS, Setting, crossval_models, fold_of  # noqa: E402
-from compare import paired  # noqa: E402
+from compare import paired, summary  # noqa: E402
 
 from model.defaults import DEFAULT_PRECISION, DEFAULT_TILING, DEFAULT_TTA  # noqa: E402
 from model.inference.fusion import RegionThresholds  # noqa: E402
@@ -68,7 +71,8 @@ from model.io.volumes import Case  # noqa: E402
 from model.labels import region_mask, to_brats2018  # noqa: E402
 from model.training.data import find_cases_in, resolve_data_dir  # noqa: E402
 
-BASELINE = "argmax"
+#: The default inference's fusion and post-processing, against which the rest is paired.
+BASELINE = "default"
 NESTED = "nested"
 
 #: Case -> region -> {"dice": ...}, as ``bench/accuracy.py`` documents hold them.
@@ -163,7 +167,7 @@ def sweep(
                 for r in REGIONS
             }
         base = " ".join(f"{out[BASELINE][name][r]['dice']:.3f}" for r in REGIONS)
-        print(f"{name}: arg-max {base} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{name}: {BASELINE} {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     return out
 
 
@@ -199,14 +203,9 @@ def report(scores: dict[str, PerCase], folds: dict[str, str]) -> dict[str, Any]:
     results: dict[str, Any] = {f"oof/{s}": {"per_case": c} for s, c in scores.items()}
     results[f"oof/{NESTED}"] = {"per_case": picked, "chosen": chosen}
     comparison = paired(results[f"oof/{BASELINE}"], results[f"oof/{NESTED}"])
-    for r in REGIONS:
-        d = comparison[r]
-        low, high = d["interval"]
-        print(
-            f"nested minus arg-max {r}: {d['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}], "
-            f"won {d['second_wins']} / lost {d['first_wins']}, "
-            f"worst {d['worst'][0]:.3f} -> {d['worst'][1]:.3f}"
-        )
+    print(f"nested (second) against {BASELINE} (first), {len(names)} cases:")
+    for line in summary(comparison):
+        print(f"  {line}")
     return {"folds": folds, "results": results, "comparison": comparison}
 
 

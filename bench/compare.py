@@ -85,6 +85,21 @@ def paired(
     return out
 
 
+def summary(result: dict[str, Any]) -> list[str]:
+    """One line per region of :func:`paired`'s result: the mean difference (second minus
+    first) with its interval, the cases each side wins and each side's worst case."""
+    lines = []
+    for region in REGIONS:
+        r = result[region]
+        low, high = r["interval"]
+        lines.append(
+            f"{region}: mean {r['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            f"   wins {r['first_wins']} first / {r['second_wins']} second"
+            f"   worst {r['worst'][0]:.3f} / {r['worst'][1]:.3f}"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("first", help="PATH[:MODEL/SETTING]")
@@ -116,14 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{'-':>12s}")
         print(f"{case:26s} {' '.join(cells)}")
     print(f"\n{len(result['cases'])} cases; second minus first:")
-    for region in REGIONS:
-        r = result[region]
-        low, high = r["interval"]
-        print(
-            f"  {region}: mean {r['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
-            f"   wins {r['first_wins']} first / {r['second_wins']} second"
-            f"   worst {r['worst'][0]:.3f} / {r['worst'][1]:.3f}"
-        )
+    for line in summary(result):
+        print(f"  {line}")
     return 0
 
 

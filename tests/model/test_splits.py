@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model.inference.fusion import RegionThresholds
+from model.inference.pipeline import SegmentationOptions
 from model.io.phantom import write_phantom
 from model.training.data import SPLITS_DIR, find_cases_in, institution_group, read_split
 from model.training.splits import split_cases
@@ -373,7 +374,7 @@ def test_calibration_chooses_each_folds_lines_on_the_other_folds_alone():
 
     folds = {"a": "fold0", "b": "fold0", "c": "fold1", "d": "fold2"}
     by_setting = {
-        "argmax": scores({"a": 0.5, "b": 0.5, "c": 0.6, "d": 0.6}),
+        "default": scores({"a": 0.5, "b": 0.5, "c": 0.6, "d": 0.6}),
         "low": scores({"a": 0.9, "b": 0.9, "c": 0.5, "d": 0.5}),  # best on fold0 alone
         "high": scores({"a": 0.4, "b": 0.4, "c": 0.7, "d": 0.7}),
     }
@@ -381,6 +382,11 @@ def test_calibration_chooses_each_folds_lines_on_the_other_folds_alone():
     assert chosen == {"fold0": "high", "fold1": "low", "fold2": "low"}
     assert picked["a"] == by_setting["high"]["a"] and picked["c"] == by_setting["low"]["c"]
     names = list(calibration.combinations([0.4], [0.35, 0.5], [0.5]))
-    assert names == ["argmax", "regions+wt40+core35+et50", "regions+wt40+core50+et50"]
+    assert names == ["default", "regions+wt40+core35+et50", "regions+wt40+core50+et50"]
     options = calibration.combinations([0.4], [0.35], [0.5])["regions+wt40+core35+et50"]
     assert options.fusion == "regions" and options.thresholds.core == 0.35
+    # The baseline is the product's default; a named setting brings its own fusion.
+    named = calibration.combinations([], [], [], ["wide+lesion+guard+mirror+noshell"])
+    assert list(named) == ["default", "wide+lesion+guard+mirror+noshell"]
+    assert named["default"] == SegmentationOptions()
+    assert named["wide+lesion+guard+mirror+noshell"].fusion == "argmax"
