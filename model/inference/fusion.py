@@ -162,6 +162,7 @@ def fused_probabilities(
     brain: np.ndarray | None = None,
     dilation: float = DILATION_VOXELS,
     region: np.ndarray | None = None,
+    rule: FusionRule = "argmax",
 ) -> np.ndarray:
     """Per-voxel probabilities of background, NCR/NET, edema and ET (float32, 4 x grid).
 
@@ -170,14 +171,27 @@ def fused_probabilities(
     task 3 into ET (times P3(ET)) and NCR/NET (times 1 - P3(ET)). Outside it (and
     outside the brain) background is 1. The four channels sum to 1. The other arguments
     as in :func:`fuse`.
+
+    Under the ``joint`` rule the tumour probability is the vote the rule labels by (the
+    mean of task 1's and task 2's), shared between edema and core in task 2's
+    proportions, so that background below 0.5 is exactly the labelled whole tumour.
     """
     if region is None:
         region = fusion_region(probs, brain, dilation)
     p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]
     core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+    edema = p2[TaskClass.EDEMA]
+    background = p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL]
+    if rule == "joint":
+        tumour = core + edema
+        voted = 0.5 * (tumour + probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0))
+        share = np.divide(voted, tumour, out=np.zeros_like(tumour), where=tumour > 0)
+        # Where task 2 gives the tumour nothing, the rule labels the vote's tumour edema.
+        core, edema = core * share, np.where(tumour > 0, edema * share, voted)
+        background = 1.0 - voted
     out = np.zeros((4, *p2.shape[1:]), dtype=np.float32)
-    out[0] = np.where(region, p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL], 1.0)
+    out[0] = np.where(region, background, 1.0)
     out[1] = np.where(region, core * (1.0 - p_et), 0.0)
-    out[2] = np.where(region, p2[TaskClass.EDEMA], 0.0)
+    out[2] = np.where(region, edema, 0.0)
     out[3] = np.where(region, core * p_et, 0.0)
     return out

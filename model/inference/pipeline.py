@@ -209,7 +209,11 @@ def label_probabilities(
     coarse = coarse_tumour(probs)
     region = fusion_region(probs, prep.mask, options.dilation, coarse)
     labels = fuse(probs, region=region, rule=options.fusion, thresholds=options.thresholds)
-    fused = fused_probabilities(probs, region=region) if options.probabilities else None
+    fused = (
+        fused_probabilities(probs, region=region, rule=options.fusion)
+        if options.probabilities
+        else None
+    )
     del region
     core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
     whole = core + probs.tumour[TaskClass.EDEMA]

@@ -440,3 +440,34 @@ def test_joint_rule_votes_the_whole_tumour_with_both_tasks():
     lower = fuse(probs, rule="joint", thresholds=RegionThresholds(whole=0.375))
     assert lower[1, 1, 1] == EDEMA
     assert np.count_nonzero(joint) == 1 and np.count_nonzero(regions) == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_joint_probabilities_decode_to_the_joint_labels(seed):
+    """Under the joint rule the fused probabilities sum to 1 and their regions are the
+    labels: background below 0.5 is the whole tumour, core above edema the core, ET
+    above NCR/NET the enhancing tumour."""
+    probs = _random_probs(seed=seed, shape=(14, 13, 12))
+    probs.tumour[:, 0, 0, 0] = [0.5, 0.5, 0.0, 0.0, 0.0]  # task 2 sees no tumour at all
+    probs.coarse[:, 0, 0, 0] = [0.0, 0.0, 0.0, 1.0, 0.0]  # task 1 is sure: vote 0.5
+    probs.coarse[:, 0, 0, 1] = [0.0, 0.0, 0.0, 1.0, 0.0]
+    probs.tumour[:, 0, 0, 1] = [0.25, 0.5, 0.0, 0.0, 0.25]  # vote 0.625, all of it ET
+    region = fusion_region(probs)
+    labels = fuse(probs, region=region, rule="joint")
+    fused = fused_probabilities(probs, region=region, rule="joint")
+    np.testing.assert_allclose(fused.sum(axis=0), 1.0, atol=1e-6)
+    assert (fused >= -1e-7).all()
+    np.testing.assert_array_equal(labels > 0, fused[0] < 0.5)
+    core = fused[1] + fused[3]
+    np.testing.assert_array_equal(
+        np.isin(labels, (NCR_NET, ENHANCING)), (labels > 0) & (core > fused[2])
+    )
+    np.testing.assert_array_equal(
+        labels == ENHANCING, np.isin(labels, (NCR_NET, ENHANCING)) & (fused[3] > fused[1])
+    )
+    assert labels[0, 0, 0] == 0 and fused[0, 0, 0, 0] == 0.5
+    # The arg-max rule's probabilities are task 2's, as before.
+    np.testing.assert_array_equal(
+        fused_probabilities(probs, region=region),
+        fused_probabilities(probs, region=region, rule="argmax"),
+    )

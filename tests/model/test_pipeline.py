@@ -198,7 +198,7 @@ def test_probabilities_option(phantom, ras, task_probs):
     np.testing.assert_array_equal(probs[0][outside], 1.0)
     np.testing.assert_array_equal(probs[1:][:, outside], 0.0)
     prep, task = task_probs
-    expected = fused_probabilities(task, prep.mask)
+    expected = fused_probabilities(task, prep.mask, rule=DEFAULT_FUSION)
     np.testing.assert_array_equal(probs[(slice(None), *prep.bbox)], expected)
     assert (probs[0] < 0.5).any()  # some tumour probability, not background everywhere
 
