@@ -91,7 +91,18 @@ def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
 
 def coarse_tumour(probs: TaskProbabilities) -> np.ndarray:
     """Task 1's whole tumour: merged tumour probability > 0.5."""
-    return probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0) > 0.5
+    return coarse_tumour_probability(probs) > 0.5
+
+
+def coarse_tumour_probability(probs: TaskProbabilities) -> np.ndarray:
+    """Task 1's merged tumour probability (NCR/NET + ED + ET)."""
+    return probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0)
+
+
+def joint_tumour_probability(probs: TaskProbabilities, task2_tumour: np.ndarray) -> np.ndarray:
+    """The ``joint`` rule's vote: the mean of task 1's and task 2's tumour probabilities
+    (``task2_tumour``: task 2's NCR/NET + ED + ET, which the caller has)."""
+    return 0.5 * (task2_tumour + coarse_tumour_probability(probs))
 
 
 def fusion_region(
@@ -143,7 +154,7 @@ def fuse(
         core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
         tumour_p = core_p + p2[TaskClass.EDEMA]
         if rule == "joint":
-            voted = 0.5 * (tumour_p + probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0))
+            voted = joint_tumour_probability(probs, tumour_p)
             whole = region & (voted > lines.whole)
         else:
             whole = region & (tumour_p > lines.whole)
@@ -184,7 +195,7 @@ def fused_probabilities(
     background = p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL]
     if rule == "joint":
         tumour = core + edema
-        voted = 0.5 * (tumour + probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0))
+        voted = joint_tumour_probability(probs, tumour)
         share = np.divide(voted, tumour, out=np.zeros_like(tumour), where=tumour > 0)
         # Where task 2 gives the tumour nothing, the rule labels the vote's tumour edema.
         core, edema = core * share, np.where(tumour > 0, edema * share, voted)
