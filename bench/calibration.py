@@ -64,7 +64,7 @@ from model.inference.pipeline import (  # noqa: E402
     to_canonical,
 )
 from model.inference.preprocess import Preprocessed, preprocess  # noqa: E402
-from model.inference.tiling import LAYOUTS, TaskProbabilities  # noqa: E402
+from model.inference.tiling import LAYOUTS, TTA_PASSES, TaskProbabilities  # noqa: E402
 from model.io.nifti.files import find_label_file  # noqa: E402
 from model.io.nifti.read import load_case, load_labels  # noqa: E402
 from model.io.volumes import Case  # noqa: E402
@@ -84,7 +84,9 @@ def prepared(case: Case, normalisation: str) -> Preprocessed:
     return preprocess(to_canonical(case.images, case.affine), normalisation=normalisation)
 
 
-def dump(runs: Path, folds: list[int] | None, out: Path, data: list[Path]) -> None:
+def dump(
+    runs: Path, folds: list[int] | None, out: Path, data: list[Path], tta: str = DEFAULT_TTA
+) -> None:
     oof = crossval_models(runs, "last.pt", folds)
     if not oof:
         raise SystemExit(f"no finished fold run under {runs}")
@@ -101,7 +103,7 @@ def dump(runs: Path, folds: list[int] | None, out: Path, data: list[Path]) -> No
                 [checkpoint],
                 "cpu",
                 layout=LAYOUTS[DEFAULT_TILING],
-                tta=DEFAULT_TTA,
+                tta=tta,
                 precision=DEFAULT_PRECISION,
             )[0]
         predictor = predictors[checkpoint]
@@ -141,21 +143,38 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(pred & ref)) / both if both else 1.0
 
 
+def stored_probabilities(stores: list[Path], name: str) -> tuple[TaskProbabilities, str]:
+    """A case's stored probabilities, averaged per task over ``stores`` (an ensemble of
+    the models that stored them, as :class:`~model.inference.tiling.Predictor` averages
+    its members), and the first store's input normalisation."""
+    saved = [np.load(store / f"{name}.npz") for store in stores]
+    probs = TaskProbabilities(
+        *(
+            np.mean([s[k].astype(np.float32) for s in saved], axis=0)
+            for k in TaskProbabilities._fields
+        )
+    )
+    return probs, str(saved[0]["normalisation"])
+
+
 def sweep(
-    stored: Path, settings: dict[str, SegmentationOptions], data: list[Path]
+    stores: list[Path], settings: dict[str, SegmentationOptions], data: list[Path]
 ) -> dict[str, PerCase]:
-    """Setting -> case -> region -> {"dice": ...}, for every stored case."""
+    """Setting -> case -> region -> {"dice": ...}, for every case the first store holds
+    (with several stores, their probabilities averaged)."""
     folders = find_cases_in(data)
     out: dict[str, PerCase] = {name: {} for name in settings}
-    for path in sorted(stored.glob("*.npz")):
+    for path in sorted(stores[0].glob("*.npz")):
         if path.name.endswith(".partial.npz"):
             continue
         name = path.name.removesuffix(".npz")
+        missing = [str(s) for s in stores[1:] if not (s / path.name).exists()]
+        if missing:
+            raise SystemExit(f"{name}: not stored under {', '.join(missing)}")
         start = time.perf_counter()
-        saved = np.load(path)
+        probs, normalisation = stored_probabilities(stores, name)
         case = load_case(folders[name])
-        prep = prepared(case, str(saved["normalisation"]))
-        probs = TaskProbabilities(*(saved[k].astype(np.float32) for k in TaskProbabilities._fields))
+        prep = prepared(case, normalisation)
         label_file = find_label_file(folders[name])
         if label_file is None:
             raise SystemExit(f"{name}: no reference label map under {folders[name]}")
@@ -218,8 +237,16 @@ def main() -> None:
     p_dump.add_argument("--crossval", type=Path, required=True, metavar="RUNS")
     p_dump.add_argument("--folds", nargs="+", type=int)
     p_dump.add_argument("--out", type=Path, default=ROOT / "runs" / "calibration" / "landmarks")
+    p_dump.add_argument(
+        "--tta", choices=sorted(TTA_PASSES), default=DEFAULT_TTA, help="test-time augmentation"
+    )
     p_sweep = sub.add_parser("sweep", help="label, score and choose the lines out of fold")
-    p_sweep.add_argument("stored", type=Path)
+    p_sweep.add_argument(
+        "stored",
+        type=Path,
+        nargs="+",
+        help="stored probabilities; several are averaged, as an ensemble of their models",
+    )
     p_sweep.add_argument("--wt", nargs="*", type=float, default=[0.4, 0.45, 0.5])
     p_sweep.add_argument("--core", nargs="*", type=float, default=[0.35, 0.4, 0.45, 0.5])
     p_sweep.add_argument("--et", nargs="*", type=float, default=[0.5])
@@ -235,7 +262,7 @@ def main() -> None:
         p.add_argument("--data", type=Path, nargs="+", default=data)
     args = parser.parse_args()
     if args.command == "dump":
-        dump(args.crossval, args.folds, args.out, args.data)
+        dump(args.crossval, args.folds, args.out, args.data, args.tta)
         return
     settings = combinations(args.wt, args.core, args.et, args.setting)
     scores = sweep(args.stored, settings, args.data)

@@ -390,3 +390,26 @@ def test_calibration_chooses_each_folds_lines_on_the_other_folds_alone():
     assert list(named) == ["default", "wide+lesion+guard+mirror+noshell"]
     assert named["default"] == SegmentationOptions()
     assert named["wide+lesion+guard+mirror+noshell"].fusion == "argmax"
+
+
+def test_calibration_averages_several_stores_as_an_ensemble(tmp_path):
+    """bench/calibration.py: probabilities stored by two models are averaged per task, and
+    the first store's normalisation is the one the case is prepared with."""
+    calibration = bench_module("calibration.py", "calibration_bench")
+    fields = calibration.TaskProbabilities._fields
+    stores = [tmp_path / "landmarks", tmp_path / "zscore"]
+    for value, store, normalisation in zip(
+        (0.2, 0.6), stores, ("landmarks", "zscore"), strict=True
+    ):
+        store.mkdir()
+        np.savez_compressed(
+            store / "case.npz",
+            **{k: np.full((2, 3, 3, 3), value, dtype=np.float16) for k in fields},
+            normalisation=np.array(normalisation),
+        )
+    probs, normalisation = calibration.stored_probabilities(stores, "case")
+    assert normalisation == "landmarks"
+    for k in fields:
+        np.testing.assert_allclose(getattr(probs, k), 0.4, atol=1e-3)
+    alone, _ = calibration.stored_probabilities(stores[1:], "case")
+    np.testing.assert_allclose(alone.tumour, 0.6, atol=1e-3)
