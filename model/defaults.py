@@ -126,6 +126,12 @@ NORMALISATIONS: tuple[Normalisation, ...] = get_args(Normalisation)
 #: The paper's normalisation; checkpoints that do not name one were trained with it.
 DEFAULT_NORMALISATION: Normalisation = "zscore"
 
+#: Training loss per task: the paper's per-voxel cross-entropy (the default, and what
+#: runs that name none trained with), or that plus one minus a soft Dice over the regions
+#: the product reads from the task (see :func:`model.training.trainer.task_losses`).
+Loss = Literal["cross-entropy", "cross-entropy+dice"]
+LOSSES: tuple[Loss, ...] = get_args(Loss)
+
 
 #: Arithmetic of the network at inference: ``auto`` autocasts where the device computes
 #: in half width natively (float16 on CUDA; bfloat16 on CPUs with AVX512-BF16 or AMX) and

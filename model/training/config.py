@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, tiling_error
+from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, LOSSES, tiling_error
 from model.inference.tiling import TILINGS
 from model.net.network import ArchConfig
 
@@ -46,6 +46,7 @@ class TrainConfig:
     augment_preset: str = "default"  # "site": AugmentConfig.site_shift()
     normalisation: str = DEFAULT_NORMALISATION
     init_checkpoint: str | None = None
+    loss: str = LOSSES[0]
 
     def __post_init__(self) -> None:
         if len(self.stage_epochs) != 3 or any(e < 0 for e in self.stage_epochs):
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(
                 f"augment_preset must be one of {AUGMENT_PRESETS}; got {self.augment_preset!r}"
             )
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         if self.variant == "mc":
             raise ValueError("variant 'mc' is one network; train the MC baseline as 'mc_cascade'")
         self.arch  # noqa: B018 - checks the architecture and the normalisation

@@ -3,7 +3,9 @@
 Stages: task 1 alone, then tasks 1 + 2, then all three (1 / 1 / 18 epochs by default);
 per-task batches go through the shared backbone together and are sliced back per task
 (``forward_train``). SGD with momentum 0.99, weight decay 5e-4, learning rate 1e-3
-halved every 4 epochs; per-voxel cross-entropy per task, weights 1:1:1.
+halved every 4 epochs; per-voxel cross-entropy per task, weights 1:1:1 (with
+``loss="cross-entropy+dice"``, not in the paper, each task adds one minus a soft Dice
+over the regions the product reads from it).
 
 Ablations of Table I: ``curriculum=False`` trains every task from the first step
 (OM-Net0 without transfer, OM-Net^d with it); the ``mc_cascade`` variant trains three
@@ -33,10 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F_
 
+from model.defaults import LOSSES
 from model.evaluation.metrics import evaluate_case
 from model.inference.pipeline import SegmentationOptions, segment_case
 from model.inference.tiling import TILINGS, Predictor, to_network
 from model.io.volumes import Case
+from model.labels import CORE_CLASSES, TUMOUR_CLASSES, EnhancingClass
 from model.net.checkpoint import atomic_save, load_checkpoint, save_checkpoint
 from model.net.network import ArchConfig, MCCascade, OMNet, build_model
 from model.training.config import (
@@ -48,18 +52,62 @@ from model.training.config import (
 )
 from model.training.data import PatchSampler, TaskBatch, institution_group
 
+#: Per task, the regions (each a set of the task's classes) that the product reads from
+#: it: task 1's whole tumour (the gate, and half of the whole-tumour vote), task 2's whole
+#: tumour and core, task 3's enhancing tumour. The Dice term of the loss is theirs.
+DICE_REGIONS: tuple[tuple[tuple[int, ...], ...], ...] = (
+    (TUMOUR_CLASSES,),
+    (TUMOUR_CLASSES, CORE_CLASSES),
+    ((int(EnhancingClass.ENHANCING),),),
+)
+
+
+#: Keeps the soft Dice defined (1) where neither prediction nor target holds the region.
+DICE_SMOOTH = 1e-5
+
+
+def soft_region_dice(
+    scores: torch.Tensor, target: torch.Tensor, regions: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Mean over ``regions`` of the soft Dice between the softmax's probability of the
+    region (the sum of its classes') and the target's region, pooled over the whole batch
+    (so a patch without the region costs only its false positives).
+
+    Args:
+        scores: logits (B, C, ...).
+        target: class indices (B, ...).
+        regions: each a sequence of class indices.
+    """
+    probs = scores.float().softmax(1)
+    dices = []
+    for classes in regions:
+        index = torch.tensor(list(classes), device=target.device)
+        predicted = probs.index_select(1, index).sum(1)
+        truth = torch.isin(target, index).to(predicted.dtype)
+        overlap = (predicted * truth).sum()
+        dices.append((2 * overlap + DICE_SMOOTH) / (predicted.sum() + truth.sum() + DICE_SMOOTH))
+    return torch.stack(dices).mean()
+
 
 def task_losses(
-    outputs: Sequence[torch.Tensor | None], batch: TaskBatch, device: torch.device
+    outputs: Sequence[torch.Tensor | None],
+    batch: TaskBatch,
+    device: torch.device,
+    loss: str = LOSSES[0],
 ) -> list[torch.Tensor | None]:
-    """Per-voxel cross-entropy of each active task (network layout (B, C, Z, X, Y))."""
+    """Each active task's loss (network layout (B, C, Z, X, Y)): per-voxel cross-entropy
+    (the paper), plus ``1 - soft_region_dice`` over :data:`DICE_REGIONS` when ``loss`` is
+    ``"cross-entropy+dice"``."""
     losses: list[torch.Tensor | None] = []
-    for scores, target in zip(outputs, batch.targets, strict=True):
+    for scores, target, regions in zip(outputs, batch.targets, DICE_REGIONS, strict=True):
         if scores is None or target is None:
             losses.append(None)
             continue
         t = torch.from_numpy(target).to(device).permute(0, 3, 1, 2)  # (B, X, Y, Z) -> (B, Z, X, Y)
-        losses.append(F_.cross_entropy(scores.float(), t))
+        value = F_.cross_entropy(scores.float(), t)
+        if loss == "cross-entropy+dice":
+            value = value + (1 - soft_region_dice(scores, t, regions))
+        losses.append(value)
     return losses
 
 
@@ -235,7 +283,7 @@ class Trainer:
         self.model.train()
         inputs = [None if b is None else self._to_network(b) for b in batch.images]
         outputs = self.model.forward_train(inputs)
-        losses = task_losses(outputs, batch, self.device)
+        losses = task_losses(outputs, batch, self.device, self.config.loss)
         total = torch.stack([loss for loss in losses if loss is not None]).sum()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.defaults import DEFAULT_NORMALISATION, DEFAULT_TILING, NORMALISATIONS, TILING_NAMES
+from model.defaults import (
+    DEFAULT_NORMALISATION,
+    DEFAULT_TILING,
+    LOSSES,
+    NORMALISATIONS,
+    TILING_NAMES,
+)
 from service.cli.common import tiling_name
 
 if TYPE_CHECKING:
@@ -95,6 +101,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         "percentiles; 'landmarks': histogram standardisation); the checkpoints name it and "
         "inference follows it",
     )
+    p.add_argument(
+        "--loss",
+        default=LOSSES[0],
+        choices=LOSSES,
+        help="per-task loss: 'cross-entropy' (default, the paper's) or 'cross-entropy+dice' "
+        "(adds one minus a soft Dice over the regions the product reads from each task)",
+    )
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     p.add_argument(
         "--device",
@@ -132,6 +145,7 @@ def _new_run(args: argparse.Namespace) -> dict:
         augment=args.augment is not None,
         augment_preset=args.augment or "default",
         normalisation=args.normalisation,
+        loss=args.loss,
         init_checkpoint=str(args.init.resolve()) if args.init else None,
     )
     cases = list(find_cases_in(args.data).values())

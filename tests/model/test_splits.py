@@ -161,6 +161,9 @@ def test_site_study_holds_out_every_other_institution_and_varies_one_option(tmp_
     long = plan("--variant", "landmarks-long", "--folds", "0")
     assert str(long[0][1].relative_to(tmp_path)) == "runs-landmarks-long/fold0"
     assert crossval._normalisation(long[0][4]) == "landmarks"
+    dice = plan("--study", "sites", "--variant", "landmarks-dice")
+    assert dice[0][1].name == "landmarks-dice"
+    assert dice[0][4] == ("--normalisation", "landmarks", "--loss", "cross-entropy+dice")
 
 
 def test_out_of_fold_tables_combine_per_fold_documents(tmp_path, capsys):

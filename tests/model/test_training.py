@@ -15,13 +15,13 @@ import torch
 from model.io.nifti.files import find_label_file
 from model.io.nifti.read import load_case, load_labels
 from model.io.phantom import write_phantom
-from model.labels import TaskClass
+from model.labels import CORE_CLASSES, TaskClass
 from model.net.checkpoint import load_checkpoint
 from model.net.network import MCCascade
 from model.training.config import TASK_NAMES, TrainConfig, TrainingInterruptedError
 from model.training.data import HALF, PATCH, CachedCase, PatchSampler, TaskBatch
 from model.training.splits import split_cases
-from model.training.trainer import Trainer
+from model.training.trainer import DICE_REGIONS, Trainer, soft_region_dice, task_losses
 
 ALL = (True, True, True)
 
@@ -168,6 +168,7 @@ def test_paper_defaults():
         ("lr", -1e-3),
         ("momentum", 1.0),
         ("weight_decay", -1e-4),
+        ("loss", "dice"),
     ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value):
@@ -203,6 +204,50 @@ def test_training_steps_reduce_every_task_loss(cases, tmp_path):
         losses = [r[f"loss_{name}"] for r in records]
         assert np.isfinite(losses).all()
         assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), (name, losses)
+
+
+def test_soft_region_dice_scores_the_regions_the_product_reads():
+    """A sure, right prediction scores 1; a region neither side holds scores 1; a region
+    predicted where the batch has none scores about 0; and a region is the sum of its
+    classes, so confusing two classes of one region costs that region nothing."""
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[:, 1:3, 1:3, 1:3] = TaskClass.EDEMA
+    target[:, 2, 2, 2] = TaskClass.NCR_NET
+    sure = 40 * torch.nn.functional.one_hot(target, 5).permute(0, 4, 1, 2, 3).float()
+    whole, both = DICE_REGIONS[0], DICE_REGIONS[1]
+    assert soft_region_dice(sure, target, both).item() == pytest.approx(1.0, abs=1e-4)
+    no_core = target.clone()
+    no_core[no_core == TaskClass.NCR_NET] = TaskClass.EDEMA
+    absent = 40 * torch.nn.functional.one_hot(no_core, 5).permute(0, 4, 1, 2, 3).float()
+    assert soft_region_dice(absent, no_core, (CORE_CLASSES,)).item() == pytest.approx(1.0)
+    assert soft_region_dice(sure, no_core, (CORE_CLASSES,)).item() < 1e-3
+    swapped = target.clone()
+    swapped[target == TaskClass.EDEMA] = TaskClass.ENHANCING
+    assert soft_region_dice(sure, swapped, whole).item() == pytest.approx(1.0, abs=1e-4)
+    assert soft_region_dice(sure, swapped, both).item() < 0.7
+
+
+def test_dice_loss_adds_to_the_cross_entropy_and_trains(cases, tmp_path):
+    trainer = Trainer(_config(lr=3e-2, loss="cross-entropy+dice"), _sampler(cases), tmp_path)
+    batch = trainer.sampler.sample(ALL)
+    outputs = trainer.model.forward_train([trainer._to_network(b) for b in batch.images])
+    plain = task_losses(outputs, batch, trainer.device)
+    with_dice = task_losses(outputs, batch, trainer.device, "cross-entropy+dice")
+    for ce, total in zip(plain, with_dice, strict=True):
+        assert ce is not None and total is not None
+        assert ce.item() < total.item() <= ce.item() + 1
+    trainer.sampler.sample = lambda active: batch  # train on one fixed batch
+    records = [trainer.train_step(ALL) for _ in range(10)]
+    for name in TASK_NAMES:
+        losses = [r[f"loss_{name}"] for r in records]
+        assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), (name, losses)
+
+
+def test_runs_that_name_no_loss_trained_with_the_cross_entropy():
+    stored = TrainConfig(loss="cross-entropy+dice").to_dict()
+    assert TrainConfig.from_dict(stored).loss == "cross-entropy+dice"
+    del stored["loss"]
+    assert TrainConfig.from_dict(stored).loss == "cross-entropy" == TrainConfig().loss
 
 
 def test_inactive_tasks_get_no_loss(cases, tmp_path):

@@ -220,6 +220,24 @@ def test_normalisation_flag_reaches_the_cache_and_the_checkpoints(data, tmp_path
     metas = [json.loads(p.read_text()) for p in Path(run["cache"]).glob("*/meta.json")]
     assert metas and {m["normalisation"] for m in metas} == {"landmarks"}
     assert load_checkpoint(out / "last.pt").config.normalisation == "landmarks"
+    dice = tmp_path / "dice"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(dice),
+                *tiny,
+                "--loss",
+                "cross-entropy+dice",
+            ]
+        )
+        == 0
+    )
+    trained = load_checkpoint(dice / "last.pt").metadata["training"]["config"]
+    assert trained["loss"] == "cross-entropy+dice"
     bad = ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--normalisation", "z"]
     with pytest.raises(SystemExit) as exit_info:
         main(bad)
