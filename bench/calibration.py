@@ -1,8 +1,8 @@
 """Fusion rules and the fusion's lines (whole tumour, core, ET), chosen out of fold.
 
     python bench/calibration.py dump --crossval bench/cv-runs-landmarks [--folds 0 1] \
-        [--out runs/calibration/landmarks]
-    python bench/calibration.py sweep runs/calibration/landmarks \
+        [--out runs/calibration/landmarks] [--tta off|mirror|all]
+    python bench/calibration.py sweep runs/calibration/landmarks [runs/calibration/zscore] \
         [--wt 0.4 0.45 0.5] [--core 0.35 0.4 0.45 0.5] [--et 0.5] \
         [--setting wide+lesion+guard+mirror+noshell+regions ...] [--json out.json]
 
@@ -13,8 +13,14 @@ other fusion rules use the tasks differently. Which, if any, is chosen here on c
 that do not report it.
 
 ``dump`` runs every case of the cross-validation folds through the fold model that never
-trained on it, with the default tiling, test-time augmentation and precision, and keeps
+trained on it, with the default tiling and precision and the default test-time
+augmentation (or ``--tta``'s), and keeps
 the network's probabilities (float16, on the brain's crop; ``runs/`` is not kept).
+
+Several stores given to ``sweep`` are averaged per task, as the predictor averages an
+ensemble's members: models whose fold runs share the folds (``bench/cv-runs`` and
+``bench/cv-runs-landmarks``) make an out-of-fold ensemble, even across normalisations
+(the first store's normalisation prepares the case for the post-processing).
 
 ``sweep`` labels every case with the default inference's fusion and post-processing (the
 baseline, ``default``), with each ``bench/accuracy.py`` setting given (only its fusion
