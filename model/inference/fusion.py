@@ -99,6 +99,13 @@ def coarse_tumour_probability(probs: TaskProbabilities) -> np.ndarray:
     return probs.coarse[list(TUMOUR_CLASSES)].sum(axis=0)
 
 
+def task2_core_and_tumour(probs: TaskProbabilities) -> tuple[np.ndarray, np.ndarray]:
+    """Task 2's core probability (NCR/NET + ET) and tumour probability (core + ED)."""
+    p2 = probs.tumour
+    core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+    return core, core + p2[TaskClass.EDEMA]
+
+
 def joint_tumour_probability(probs: TaskProbabilities, task2_tumour: np.ndarray) -> np.ndarray:
     """The ``joint`` rule's vote: the mean of task 1's and task 2's tumour probabilities
     (``task2_tumour``: task 2's NCR/NET + ED + ET, which the caller has)."""
@@ -151,8 +158,7 @@ def fuse(
         edema = region & (task2 == TaskClass.EDEMA)
         core = region & np.isin(task2, (TaskClass.NCR_NET, TaskClass.ENHANCING))
     else:
-        core_p = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
-        tumour_p = core_p + p2[TaskClass.EDEMA]
+        core_p, tumour_p = task2_core_and_tumour(probs)
         if rule == "joint":
             voted = joint_tumour_probability(probs, tumour_p)
             whole = region & (voted > lines.whole)
@@ -190,11 +196,10 @@ def fused_probabilities(
     if region is None:
         region = fusion_region(probs, brain, dilation)
     p2, p_et = probs.tumour, probs.enhancing[EnhancingClass.ENHANCING]
-    core = p2[TaskClass.NCR_NET] + p2[TaskClass.ENHANCING]
+    core, tumour = task2_core_and_tumour(probs)
     edema = p2[TaskClass.EDEMA]
     background = p2[TaskClass.BACKGROUND] + p2[TaskClass.NORMAL]
     if rule == "joint":
-        tumour = core + edema
         voted = joint_tumour_probability(probs, tumour)
         share = np.divide(voted, tumour, out=np.zeros_like(tumour), where=tumour > 0)
         # Where task 2 gives the tumour nothing, the rule labels the vote's tumour edema.

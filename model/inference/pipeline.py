@@ -36,6 +36,7 @@ from model.inference.fusion import (
     fuse,
     fused_probabilities,
     fusion_region,
+    task2_core_and_tumour,
 )
 from model.inference.lesions import Quality, assess, keep_main_lesion
 from model.inference.postprocess import postprocess
@@ -51,7 +52,6 @@ from model.inference.tiling import (
 )
 from model.io.nifti.write import save_labels, save_probabilities
 from model.io.volumes import MODALITIES, Case
-from model.labels import TaskClass
 from model.net.checkpoint import Checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ def label_probabilities(
         else None
     )
     del region
-    core = probs.tumour[TaskClass.NCR_NET] + probs.tumour[TaskClass.ENHANCING]
-    whole = core + probs.tumour[TaskClass.EDEMA]
+    core, whole = task2_core_and_tumour(probs)
     del probs
     timings["fusion"] = time.perf_counter() - start
 
